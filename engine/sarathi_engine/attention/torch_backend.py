@@ -1,0 +1,88 @@
+"""Attention in plain PyTorch: the CPU path and the numerical reference.
+
+Prefill chunks attend one sequence at a time; all decodes attend in one padded call. Grouped
+query heads are folded into the query length so keys and values are never repeated.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sarathi_engine.attention import AttentionMetadata, write_to_cache
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
+        write_to_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        start = 0
+        for i in range(meta.num_prefills):
+            n, length = meta.query_lens[i], meta.context_lens[i]
+            if n == length:  # nothing cached yet: the chunk's own keys are the whole context
+                keys, values = k[start : start + n], v[start : start + n]
+            else:
+                keys, values = gather_context(k_cache, v_cache, meta.block_tables[i], length)
+            out[start : start + n] = attend_chunk(q[start : start + n], keys, values, scale, sliding_window)
+            start += n
+        if start < q.shape[0]:
+            out[start:] = attend_decodes(
+                q[start:], k_cache, v_cache, meta.block_tables[meta.num_prefills :],
+                meta.context_lens_tensor[meta.num_prefills :], scale, sliding_window,
+            )
+        return out
+
+
+def gather_context(k_cache, v_cache, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = block_table[: -(-length // k_cache.shape[1])]
+    return (
+        k_cache[blocks].flatten(0, 1)[:length],
+        v_cache[blocks].flatten(0, 1)[:length],
+    )
+
+
+def attend_chunk(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+    """q: [n, heads, dim], the last n positions of a context of keys/values [length, kv_heads, dim]."""
+    n, heads, dim = q.shape
+    length, kv_heads, _ = keys.shape
+    group = heads // kv_heads
+    qg = q.view(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * n, dim)
+    kt, vt = keys.transpose(0, 1), values.transpose(0, 1)
+    if n == length and window is None:
+        # One causal mask for every head group: fold the group back out so is_causal lines up.
+        out = F.scaled_dot_product_attention(
+            qg.view(kv_heads, group, n, dim), kt.unsqueeze(1), vt.unsqueeze(1), is_causal=True, scale=scale
+        )
+    else:
+        mask = chunk_mask(n, length, window, q.device).repeat(group, 1)
+        out = F.scaled_dot_product_attention(qg, kt, vt, attn_mask=mask, scale=scale)
+    return out.reshape(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads, dim)
+
+
+def chunk_mask(n: int, length: int, window: int | None, device) -> torch.Tensor:
+    """[n, length] bool: query i sits at position length - n + i and sees keys at or before it."""
+    q_pos = torch.arange(length - n, length, device=device)[:, None]
+    k_pos = torch.arange(length, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale: float, window: int | None) -> torch.Tensor:
+    """q: [batch, heads, dim], one query per sequence at position context_len - 1."""
+    batch, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    longest = int(context_lens.max())
+    blocks = block_tables[:, : -(-longest // k_cache.shape[1])]
+    keys = k_cache[blocks].flatten(1, 2).transpose(1, 2)  # [batch, kv_heads, L, dim]
+    values = v_cache[blocks].flatten(1, 2).transpose(1, 2)
+    k_pos = torch.arange(keys.shape[2], device=q.device)[None, :]
+    lens = context_lens[:, None].to(k_pos.dtype)
+    mask = k_pos < lens
+    if window is not None:
+        mask &= k_pos >= lens - window
+    qg = q.view(batch, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.reshape(batch, heads, dim)

@@ -1,0 +1,81 @@
+"""The `sarathi` command: model preparation, offline generation, serving, benchmarks, operator."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sarathi_engine.config import POLICIES
+from sarathi_engine.model_store import DEFAULT_MODEL
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} or a local Hugging Face folder")
+    parser.add_argument("--policy", default="sarathi", choices=POLICIES)
+    parser.add_argument("--token-budget", type=int, default=512, help="most tokens one iteration may hold")
+    parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--kv-cache-memory", default="1GiB", help="KV cache size on CPU, e.g. 512MiB, 2GiB")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        model=args.model, policy=args.policy, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
+        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, seed=args.seed,
+    )
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from sarathi_engine.model_store import prepare_default_model
+
+    print(prepare_default_model())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sarathi_engine import LLM, SamplingParams
+
+    llm = LLM(**engine_kwargs(args))
+    prompt = llm.chat_prompt(args.prompt) if args.chat else args.prompt
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.sampling_seed)
+    print(llm.generate(prompt, params)[0].text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sarathi", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="prepare the bundled model")
+    model.add_argument("action", choices=["prepare"])
+    model.set_defaults(func=cmd_model)
+
+    generate = sub.add_parser("generate", help="complete one prompt offline")
+    add_engine_args(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--sampling-seed", type=int, default=None)
+    generate.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"sarathi: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Engine settings: one dataclass per concern (model, cache, scheduler, parallel)."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+POLICIES = ("sarathi", "vllm", "orca", "fastertransformer")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a Llama-family decoder, read from a Hugging Face config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    sliding_window: int | None
+    dtype: torch.dtype
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, dtype: str = "auto") -> ModelConfig:
+        architecture = (hf.get("architectures") or ["?"])[0]
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        # transformers 5 writes rope settings under rope_parameters; older configs use rope_theta/rope_scaling.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        num_heads = hf["num_attention_heads"]
+        sliding_window = hf.get("sliding_window")
+        if architecture == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
+            sliding_window = None
+        return cls(
+            architecture=architecture,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=architecture == "Qwen2ForCausalLM" or hf.get("attention_bias", False),
+            sliding_window=sliding_window,
+            dtype=resolve_dtype(dtype, hf.get("dtype") or hf.get("torch_dtype")),
+        )
+
+    @classmethod
+    def from_folder(cls, folder: Path, dtype: str = "auto") -> ModelConfig:
+        return cls.from_hf_config(json.loads((folder / "config.json").read_text()), dtype)
+
+
+def resolve_dtype(requested: str, config_dtype: str | None) -> torch.dtype:
+    if requested == "auto":
+        return DTYPES.get(config_dtype or "float32", torch.float32)
+    if requested not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {requested!r}")
+    return DTYPES[requested]
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache: block size and how much memory it may take."""
+
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30  # bytes, on CPU
+    gpu_memory_utilization: float = 0.9  # fraction of free memory after loading weights, on CUDA
+    watermark: float = 0.01  # share of blocks kept free when admitting new requests
+
+
+@dataclass
+class SchedulerConfig:
+    """Batching policy and its limits. The token budget may change while the engine runs."""
+
+    policy: str = "sarathi"
+    token_budget: int = 512
+    max_num_seqs: int = 128
+    max_model_len: int | None = None  # None: the model's own context length
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        check_token_budget(self.token_budget)
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+
+    @property
+    def max_batched_tokens_unchunked(self) -> int:
+        """Per-iteration limit for policies that never split a prompt: a whole prompt must fit."""
+        return max(self.token_budget, self.max_model_len or 0)
+
+
+def check_token_budget(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"token_budget must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor- and pipeline-parallel degrees."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass
+class EngineConfig:
+    """Everything an engine needs to start."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_memory_size(text: str | int) -> int:
+    """'2GiB', '512M', '1073741824' -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"memory size must look like 512MiB or 2GiB, got {text!r}")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper().rstrip("B").rstrip("I")
+    return int(number * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit])

@@ -1,0 +1,46 @@
+"""The offline API: `LLM(model=...).generate(prompts, params)` runs the engine to completion."""
+from __future__ import annotations
+
+from sarathi_engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_memory_size
+from sarathi_engine.engine import LLMEngine, RequestOutput
+from sarathi_engine.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str, policy: str = "sarathi", token_budget: int = 512, max_num_seqs: int = 128,
+                 max_model_len: int | None = None, dtype: str = "auto", device: str = "auto",
+                 kv_cache_memory: str | int = "1GiB", block_size: int = 16, seed: int = 0,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:
+        self.engine = LLMEngine(EngineConfig(
+            model=model,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_memory_size(kv_cache_memory)),
+            scheduler=SchedulerConfig(policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
+                                      max_model_len=max_model_len),
+            parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size),
+        ))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        token_ids = [self.engine.tokenize(p) for p in prompts]  # all valid before any is queued
+        ids = [f"offline-{i}" for i in range(len(prompts))]
+        for request_id, prompt, p in zip(ids, token_ids, params):
+            self.engine.add_request(request_id, prompt, p)
+        finished: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        return [finished[i] for i in ids]
+
+    def chat_prompt(self, message: str) -> list[int]:
+        """Token ids of a one-message chat, in the model's own chat template."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False)

@@ -1,0 +1,1 @@
+"""Llama-family decoders (Llama, Mistral, Qwen2) and their weight loader."""

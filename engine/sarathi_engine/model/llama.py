@@ -1,0 +1,109 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2): one class, configured by ModelConfig.
+
+forward() takes the flat token run of a mixed batch; under pipeline parallelism a stage holds
+only its own layers and passes hidden states (and the residual) to the next.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sarathi_engine.attention import AttentionBackend, AttentionMetadata
+from sarathi_engine.config import ModelConfig
+from sarathi_engine.distributed import parallel_state
+from sarathi_engine.model.layers import (
+    ParallelLMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    ShardedLinear,
+    VocabParallelEmbedding,
+    column_parts,
+    qkv_parts,
+)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+        super().__init__()
+        parts, self.num_heads, self.num_kv_heads = qkv_parts(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.head_dim = cfg.head_dim
+        self.qkv_proj = ShardedLinear(cfg.hidden_size, parts, bias=cfg.qkv_bias)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+        self.rotary = rotary
+        self.backend = backend
+        self.scale = cfg.head_dim**-0.5
+        self.sliding_window = cfg.sliding_window
+        self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner once memory is sized
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        return self.o_proj(out.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = ShardedLinear(cfg.hidden_size, column_parts([cfg.intermediate_size] * 2), bias=False)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rotary, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, positions, hidden, meta):
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
+    """Contiguous layers of one pipeline stage; earlier stages take the remainder."""
+    if pp_size > num_layers:
+        raise ValueError(f"pipeline-parallel size {pp_size} is larger than the model's {num_layers} layers")
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (1 if pp_rank < extra else 0))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        state = parallel_state()
+        self.cfg = cfg
+        self.layer_ids = stage_layers(cfg.num_layers, state.pp_size, state.pp_rank)
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if state.is_first_stage else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend) for _ in self.layer_ids)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if state.is_last_stage else None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size) if state.is_last_stage else None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids on the first stage, the previous stage's hidden states on the others."""
+        if self.embed_tokens is not None:
+            hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden, meta)
+        return hidden if self.norm is None else self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.layers]

@@ -1,0 +1,124 @@
+"""Runs one scheduled batch through the model: flattens the chunks into token ids, positions and
+cache slots, builds the attention metadata, runs the forward pass, and samples a token for every
+sequence whose chunk reached the end of its known tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sarathi_engine.attention import AttentionMetadata, select_backend
+from sarathi_engine.attention.flash_backend import FLASH_BLOCK_SIZE
+from sarathi_engine.config import CacheConfig, ModelConfig
+from sarathi_engine.kv_cache import BlockManager, allocate_kv_cache, bytes_per_block
+from sarathi_engine.model.llama import LlamaForCausalLM
+from sarathi_engine.model.loader import load_weights
+from sarathi_engine.sampler import sample
+from sarathi_engine.scheduler import ScheduledChunk
+
+
+@dataclass
+class BatchInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    chunks: list[ScheduledChunk]  # prefills first, then decodes: the order of the token run
+    sample_rows: list[int]  # index of the last token of each chunk that completes its sequence
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, folder: Path, cache: CacheConfig, device: torch.device, seed: int) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.backend = select_backend(device)
+        if self.backend.name == "flash-attn":
+            cache.block_size = FLASH_BLOCK_SIZE
+        self.block_size = cache.block_size
+        torch.manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(cfg.dtype)
+        try:
+            with torch.device(device):
+                self.model = LlamaForCausalLM(cfg, self.backend)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_weights(self.model, folder)
+        self.model.eval()
+        attention = self.model.attention_layers()
+        kv_heads = attention[0].num_kv_heads
+        self.num_blocks = self.size_cache(cache, bytes_per_block(cfg, len(attention), kv_heads, cache.block_size))
+        self.kv_cache = allocate_kv_cache(cfg, len(attention), kv_heads, self.num_blocks, cache.block_size, device)
+        for layer, module in enumerate(attention):
+            module.k_cache, module.v_cache = self.kv_cache[layer, 0], self.kv_cache[layer, 1]
+
+    def size_cache(self, cache: CacheConfig, block_bytes: int) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * cache.gpu_memory_utilization) // block_bytes
+        return cache.kv_cache_memory // block_bytes
+
+    def prepare(self, chunks: list[ScheduledChunk], blocks: BlockManager) -> BatchInputs:
+        chunks = sorted(chunks, key=lambda c: c.num_tokens == 1)  # prefills first, stable
+        ids, positions, slots, sample_rows = [], [], [], []
+        for chunk in chunks:
+            seq, start = chunk.seq, chunk.seq.num_computed_tokens
+            end = start + chunk.num_tokens
+            ids.extend(seq.token_ids(start, end))
+            positions.extend(range(start, end))
+            slots.extend(blocks.slot(seq, p) for p in range(start, end))
+            if completes(chunk):
+                sample_rows.append(len(ids) - 1)
+        query_lens = [c.num_tokens for c in chunks]
+        context_lens = [c.seq.num_computed_tokens + c.num_tokens for c in chunks]
+        widest = max(len(c.seq.block_table) for c in chunks)
+        tables = [c.seq.block_table + [0] * (widest - len(c.seq.block_table)) for c in chunks]
+        device = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            query_lens=query_lens,
+            context_lens=context_lens,
+            block_tables=torch.tensor(tables, dtype=torch.long, device=device),
+            num_prefills=sum(1 for n in query_lens if n > 1),
+            context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor([0, *_cumsum(query_lens)], dtype=torch.int32, device=device),
+        )
+        return BatchInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            meta=meta,
+            chunks=chunks,
+            sample_rows=sample_rows,
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: BatchInputs) -> list[int | None]:
+        """The sampled token of each chunk (in batch order), None for chunks mid-prefill."""
+        hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+        tokens: list[int | None] = [None] * len(batch.chunks)
+        if batch.sample_rows:
+            logits = self.model.compute_logits(hidden[batch.sample_rows]).cpu()
+            finishing = [i for i, c in enumerate(batch.chunks) if completes(c)]
+            sampled = sample(logits, [batch.chunks[i].seq for i in finishing], self.generator)
+            for i, token in zip(finishing, sampled):
+                tokens[i] = token
+        return tokens
+
+
+def completes(chunk: ScheduledChunk) -> bool:
+    return chunk.seq.num_computed_tokens + chunk.num_tokens == chunk.seq.num_tokens
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    total, out = 0, []
+    for v in values:
+        total += v
+        out.append(total)
+    return out

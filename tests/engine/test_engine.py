@@ -1,0 +1,113 @@
+"""The engine under pressure and misuse: preemption with a small KV cache, a live token-budget
+change, and bad requests that must fail alone."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sarathi_engine import LLM, SamplingParams
+from sarathi_engine.config import EngineConfig, SchedulerConfig
+from sarathi_engine.engine import LLMEngine
+
+
+def run_to_completion(engine: LLMEngine) -> dict:
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    return finished
+
+
+def test_64_mixed_requests_in_a_small_cache_preempt_and_still_match_running_alone(tiny_models):
+    rng = random.Random(3)
+    lengths = [1, 1500] + [rng.randint(1, 1500) for _ in range(62)]
+    prompts = [[rng.randrange(3, 49152) for _ in range(n)] for n in lengths]
+    params = [SamplingParams(max_tokens=rng.randint(1, 40), ignore_eos=True) for _ in prompts]
+    folder = str(tiny_models["llama"])
+
+    alone = LLM(folder, dtype="float32", token_budget=512, kv_cache_memory="64MiB")
+    expected = [alone.generate(p, sp)[0].token_ids for p, sp in zip(prompts, params)]
+
+    # 8 KiB a block: 100 blocks hold 1600 tokens, one long prompt and a few short ones at a time.
+    small = LLM(folder, dtype="float32", token_budget=256, kv_cache_memory=100 * 8192, max_model_len=1600)
+    engine = small.engine
+    assert engine.blocks.num_blocks == 100
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{i}", p, sp)
+    finished = run_to_completion(engine)
+
+    assert [finished[f"r{i}"].token_ids for i in range(len(prompts))] == expected
+    assert engine.scheduler.num_preemptions > 0
+    assert sum(out.num_preemptions for out in finished.values()) == engine.scheduler.num_preemptions
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_a_token_budget_change_takes_effect_on_the_next_iteration(tiny_models):
+    engine = LLM(str(tiny_models["qwen2"]), dtype="float32", token_budget=64, kv_cache_memory="64MiB").engine
+    for i in range(4):
+        engine.add_request(f"long{i}", list(range(100, 700)), SamplingParams(max_tokens=4))
+    for _ in range(3):
+        engine.step()
+    engine.set_token_budget(200)
+    engine.step()
+    engine.set_token_budget(32)
+    engine.step()
+    tokens = [it.num_tokens for it in engine.iterations]
+    assert tokens == [64, 64, 64, 200, 32]
+    assert [it.token_budget for it in engine.iterations] == tokens
+    with pytest.raises(ValueError, match="token_budget must be a positive integer"):
+        engine.set_token_budget(0)
+    run_to_completion(engine)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_aborting_requests_frees_their_blocks(tiny_models):
+    engine = LLM(str(tiny_models["llama"]), dtype="float32", token_budget=64, kv_cache_memory="64MiB").engine
+    for i in range(6):
+        engine.add_request(f"r{i}", list(range(5, 300)), SamplingParams(max_tokens=50))
+    for _ in range(8):
+        engine.step()
+    assert engine.blocks.num_free_blocks < engine.blocks.num_blocks
+    for i in range(6):
+        engine.abort_request(f"r{i}")
+    outputs = engine.step()
+    assert {o.request_id: o.finish_reason for o in outputs} == {f"r{i}": "abort" for i in range(6)}
+    assert not engine.has_unfinished_requests()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("prompt,params,message", [
+    ("", {}, "prompt is empty"),
+    ([], {}, "prompt is empty"),
+    (list(range(3, 3 + 600)), {}, "prompt has 600 tokens; max_model_len is 512"),
+    ([1, 2, 10**6], {}, "outside the vocabulary"),
+    ("hello", {"max_tokens": 0}, "max_tokens must be at least 1"),
+    ("hello", {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ("hello", {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ("hello", {"temperature": -1}, "temperature must be >= 0"),
+])
+def test_bad_input_raises_a_clear_error_and_the_engine_keeps_serving(tiny_models, prompt, params, message):
+    engine = LLM(str(tiny_models["mistral"]), dtype="float32", max_model_len=512, kv_cache_memory="64MiB").engine
+    engine.add_request("good", "The quick brown fox", SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("bad", prompt, SamplingParams(**params))
+    finished = run_to_completion(engine)
+    assert list(finished) == ["good"] and len(finished["good"].token_ids) == 8
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_unknown_model_path_names_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model '.*nowhere' not found"):
+        LLMEngine(EngineConfig(model=str(tmp_path / "nowhere")))
+
+
+def test_impossible_settings_are_refused_at_start(tiny_models):
+    with pytest.raises(ValueError, match="policy must be one of"):
+        SchedulerConfig(policy="fifo")
+    with pytest.raises(ValueError, match="exceeds the model's context of 2048"):
+        LLM(str(tiny_models["llama"]), max_model_len=4096)
+    with pytest.raises(ValueError, match="KV cache holds 160 tokens, fewer than max_model_len 1000"):
+        LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory=10 * 8192, max_model_len=1000)
