@@ -1,0 +1,128 @@
+"""The load generator against a scripted OpenAI-style SSE server on 127.0.0.1."""
+import asyncio
+import json
+
+import pytest
+from aiohttp import web
+
+from sarathi_engine.bench.loadgen import Load, TokenClock, run_load, served_model, supports_continuous_usage
+from sarathi_engine.bench.records import RequestRecord
+
+
+def sse(obj) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+def make_app(tokens_per_chunk, gap=0.02, reject_continuous=False, report_delay=None, fail_status=None):
+    """Streams max_tokens tokens, grouped per chunk as tokens_per_chunk says, gap seconds apart."""
+    seen = []
+
+    async def completions(request):
+        body = await request.json()
+        seen.append(body)
+        options = body.get("stream_options") or {}
+        if reject_continuous and "continuous_usage_stats" in options:
+            return web.json_response({"error": {"message": "unknown field"}}, status=400)
+        if fail_status:
+            return web.json_response({"error": {"message": "busy"}}, status=fail_status)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        total, sent, i = body["max_tokens"], 0, 0
+        while sent < total:
+            await asyncio.sleep(gap)
+            n = min(tokens_per_chunk[i % len(tokens_per_chunk)], total - sent)
+            sent, i = sent + n, i + 1
+            chunk = {"object": "text_completion", "choices": [{"index": 0, "text": "ab" * n, "finish_reason": None}]}
+            if options.get("continuous_usage_stats"):
+                chunk["usage"] = {"prompt_tokens": len(body["prompt"]), "completion_tokens": sent}
+            if report_delay is not None and i == 1:
+                chunk["sarathi"] = {"scheduling_delay": report_delay}
+            await response.write(sse(chunk))
+        if options.get("include_usage"):
+            await response.write(sse({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]),
+                                                               "completion_tokens": sent}}))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def models(request):
+        return web.json_response({"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    return app, seen
+
+
+async def with_server(app, body):
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        return await body(f"http://127.0.0.1:{port}")
+    finally:
+        await runner.cleanup()
+
+
+def run(app, load, continuous=True):
+    return asyncio.run(with_server(app, lambda url: run_load(url, "tiny", load, continuous)))
+
+
+def test_counts_every_token_when_chunks_carry_several():
+    app, seen = make_app(tokens_per_chunk=[1, 3, 2])
+    (record,), duration = run(app, Load([[5, 6, 7]], [10], [0.0]))
+    assert record.ok and record.output_tokens == 10 and len(record.token_times) == 10
+    gaps = record.tbts
+    assert (gaps == 0).sum() == 5  # 3 chunks of 3, 2, 3 tokens: 2 + 1 + 2 tokens ride with another
+    assert gaps.max() == pytest.approx(0.02, abs=0.015)
+    assert duration >= record.e2e
+    assert seen[0]["prompt"] == [5, 6, 7] and seen[0]["ignore_eos"] is True and seen[0]["stream"] is True
+
+
+def test_without_continuous_usage_counts_chunks_and_keeps_the_final_usage():
+    app, seen = make_app(tokens_per_chunk=[2])
+    (record,), _ = run(app, Load([[1]], [6], [0.0]), continuous=False)
+    assert "continuous_usage_stats" not in seen[0]["stream_options"]
+    assert len(record.token_times) == 3 and record.output_tokens == 6
+
+
+def test_warm_up_detects_a_server_that_refuses_continuous_usage():
+    async def check(url):
+        return await supports_continuous_usage(url, "tiny", [1, 2]), await served_model(url)
+
+    assert asyncio.run(with_server(make_app([1])[0], check)) == (True, "tiny")
+    assert asyncio.run(with_server(make_app([1], reject_continuous=True)[0], check)) == (False, "tiny")
+
+
+def test_requests_leave_at_their_send_times_and_record_server_delay():
+    app, _ = make_app(tokens_per_chunk=[1], gap=0.005, report_delay=0.125)
+    records, _ = run(app, Load([[1], [2], [3]], [2, 2, 2], [0.0, 0.2, 0.4]))
+    assert [r.send_time for r in records] == pytest.approx([0.0, 0.2, 0.4], abs=0.05)
+    assert all(r.server_scheduling_delay == 0.125 for r in records)
+
+
+def test_http_errors_are_recorded_not_raised():
+    app, _ = make_app(tokens_per_chunk=[1], fail_status=429)
+    (record,), _ = run(app, Load([[1]], [3], [0.0]))
+    assert not record.ok and record.error.startswith("HTTP 429")
+
+
+def test_unreachable_server_is_an_error():
+    load = Load([[1]], [3], [0.0])
+    (record,), _ = asyncio.run(run_load("http://127.0.0.1:9", "tiny", load))
+    assert not record.ok and "ClientConnectorError" in record.error
+
+
+def test_token_clock_ignores_usage_only_and_empty_chunks():
+    record = RequestRecord(0, 1, 5, 0.0)
+    clock = TokenClock(record)
+    clock.on_chunk(0.1, {"choices": [{"text": ""}]})
+    clock.on_chunk(0.2, {"choices": [{"text": "x"}]})
+    clock.on_chunk(0.3, {"choices": [], "usage": {"completion_tokens": 4}})
+    assert record.token_times == [0.2] and record.output_tokens == 4
+
+
+def test_load_lengths_must_agree():
+    with pytest.raises(ValueError):
+        Load([[1]], [1, 2], [0.0])
