@@ -4,30 +4,63 @@ the decode-only iteration time (the base of a `5x` TBT SLO: Sarathi-Serve measur
 in its length, which scheduling delay is estimated against when the server does not report it."""
 from __future__ import annotations
 
+import asyncio
+import time
+
 import numpy as np
 
-from sarathi_engine.bench.loadgen import Load, run_load
+from sarathi_engine.bench.loadgen import Load, client_session, completion_payload, run_load, stream_completion
 from sarathi_engine.bench.metrics import PrefillModel
 from sarathi_engine.bench.records import RequestRecord
 from sarathi_engine.bench.workloads import RequestSpec, prompt_token_ids
 
-SKIP_GAPS = 4  # the first gaps of a request may still share iterations with other prompts' prefills
 
-def decode_time_from(records: list[RequestRecord]) -> float:
-    """Median gap between tokens once every request is decoding."""
-    gaps = np.concatenate([r.tbts[SKIP_GAPS:] for r in records if r.ok])
+def decode_gaps(token_times: list[list[float]], after: float, until: float) -> np.ndarray:
+    """Gaps between consecutive tokens of each request that both arrived within [after, until]."""
+    gaps = [np.diff([t for t in times if after <= t <= until]) for times in token_times]
+    return np.concatenate(gaps) if gaps else np.zeros(0)
+
+
+async def measure_decode_time(url: str, model: str, batch: int, context: int, max_model_len: int,
+                              num_gaps: int = 16, continuous_usage: bool = True, seed: int = 0,
+                              timeout_s: float = 600) -> float:
+    """Median gap while all `batch` requests decode together: streams start at once, and once every
+    one has its first token (whatever order the policy prefilled them in) each gives num_gaps more,
+    then all are cancelled, which the server sees as disconnects."""
+    prompts = prompt_token_ids([RequestSpec(context, 1)] * batch, seed)
+    max_tokens = max_model_len - context
+    if max_tokens < num_gaps + 1:
+        raise ValueError(f"decode calibration needs room for {num_gaps + 1} tokens after a {context}-token prompt")
+    records = [RequestRecord(i, context, max_tokens, 0.0) for i in range(batch)]
+    async with client_session(timeout_s) as session:
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(stream_completion(session, url, completion_payload(model, p, max_tokens,
+                                                                                      continuous_usage), r))
+                 for p, r in zip(prompts, records)]
+        try:
+            while not all(r.token_times for r in records):
+                await wait_or_fail(tasks, records)
+            after = time.perf_counter() - start
+            counts = [len(r.token_times) for r in records]
+            while not all(len(r.token_times) >= c + num_gaps for r, c in zip(records, counts)):
+                await wait_or_fail(tasks, records)
+            until = min(r.token_times[-1] for r in records)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    gaps = decode_gaps([r.token_times for r in records], after, until)
     if gaps.size == 0:
-        raise RuntimeError("decode calibration produced no token gaps")
+        raise RuntimeError("decode calibration saw no gaps with every request decoding")
     return float(np.median(gaps))
 
-async def measure_decode_time(url: str, model: str, batch: int, context: int, output: int = 32,
-                              continuous_usage: bool = True, seed: int = 0) -> float:
-    prompts = prompt_token_ids([RequestSpec(context, output)] * batch, seed)
-    records, _ = await run_load(url, model, Load(prompts, [output] * batch, [0.0] * batch), continuous_usage)
-    failed = [r.error for r in records if r.error]
-    if failed:
-        raise RuntimeError(f"decode calibration failed: {failed[0]}")
-    return decode_time_from(records)
+
+async def wait_or_fail(tasks: list[asyncio.Task], records: list[RequestRecord]) -> None:
+    await asyncio.sleep(0.02)
+    for task, record in zip(tasks, records):
+        if task.done():
+            raise RuntimeError(f"decode calibration request ended early: {record.error or 'finished'}")
+
 
 async def measure_prefill(url: str, model: str, prompt_lens: list[int], repeats: int = 2,
                           continuous_usage: bool = True, seed: int = 0) -> PrefillModel:
@@ -44,9 +77,9 @@ async def measure_prefill(url: str, model: str, prompt_lens: list[int], repeats:
         best.append(min(ttfts))
     return PrefillModel.fit(prompt_lens, best)
 
+
 def calibration_lengths(specs: list[RequestSpec], count: int = 4) -> list[int]:
     """Prompt lengths spread over the workload's range (its 10th to 95th percentiles)."""
     lens = np.array([s.prompt_len for s in specs])
     points = np.percentile(lens, np.linspace(10, 95, count)).round().astype(int)
     return sorted(set(int(p) for p in points.clip(1)))
-

@@ -32,7 +32,10 @@ class PrefillModel:
 
     @classmethod
     def fit(cls, prompt_lens, ttfts) -> PrefillModel:
-        per_token, intercept = np.polyfit(np.asarray(prompt_lens, float), np.asarray(ttfts, float), 1)
+        lens, ttfts = np.asarray(prompt_lens, float), np.asarray(ttfts, float)
+        if np.unique(lens).size < 2:  # a single length fixes no slope: all of TTFT is per token
+            return cls(0.0, float(ttfts.mean() / lens.mean()))
+        per_token, intercept = np.polyfit(lens, ttfts, 1)
         return cls(float(intercept), float(per_token))
 
 
