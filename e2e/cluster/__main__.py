@@ -33,9 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             say(f"binaries in {build.build(force=args.force)}")
         elif args.command == "up":
-            cluster.up(layout, args.timeout)
+            with cluster.locked(layout):
+                cluster.up(layout, args.timeout)
         elif args.command == "down":
-            cluster.down(layout)
+            with cluster.locked(layout):
+                cluster.down(layout)
         elif args.command == "gpu-nodes":
             print(yaml.safe_dump_all(gpu_nodes(args.gpu_nodes), sort_keys=False), end="")
         else:

@@ -6,6 +6,7 @@ since k8s.io/kubernetes cannot be required without replacing its staging modules
 helm are plain `go install`s at their tags. A binary already in the cache is not rebuilt.
 """
 
+import fcntl
 import json
 import os
 import re
@@ -157,8 +158,8 @@ def prepare_wrapper(workdir: Path, log: Path) -> tuple[list[str], str]:
 def build_kube(workdir: Path, log: Path) -> None:
     with step(f"kubernetes {versions.KUBERNETES} + etcd {versions.ETCD}: resolving modules"):
         packages, release_time = prepare_wrapper(workdir, log)
-        # -mod=mod records go.sum for exactly the packages built here (linux only, no tests).
-        run_go(["go", "mod", "download", "k8s.io/kubernetes", "go.etcd.io/etcd/server/v3"], workdir, log)
+        # -mod=mod resolves and records go.sum for exactly the packages built here (linux, no
+        # tests), where `go mod tidy` would fetch every platform's and every test's modules.
         deps = run_go(["go", "list", "-mod=mod", "-tags", "selinux,notest", "-deps", *packages], workdir, log)
     total = len(deps.split())
     out = workdir / "out"
@@ -185,12 +186,23 @@ def go_install(name: str, module_pkg: str, version: str, ldflags: str, workdir: 
 
 def build(force: bool = False) -> Path:
     """Build whatever binary is missing from the cache; return the bin directory."""
-    if force:
-        shutil.rmtree(bin_dir(), ignore_errors=True)
-    missing = missing_binaries()
-    if not missing:
+    if not force and not missing_binaries():
         return bin_dir()
     bin_dir().mkdir(parents=True, exist_ok=True)
+    # One build at a time per cache: a second caller waits, then finds the binaries there.
+    with open(cache_root() / versions.KEY / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if force:
+            for name in BINARIES:
+                binary(name).unlink(missing_ok=True)
+        _build_missing()
+    return bin_dir()
+
+
+def _build_missing() -> None:
+    missing = missing_binaries()
+    if not missing:
+        return
     workdir = cache_root() / versions.KEY / "gomod"
     workdir.mkdir(parents=True, exist_ok=True)
     log = cache_root() / versions.KEY / "build.log"
@@ -204,4 +216,3 @@ def build(force: bool = False) -> Path:
         if name in missing:
             go_install(name, pkg, version, ldflags, workdir, log)
     say(f"built {len(missing)} binaries in {fmt_duration(time.monotonic() - start)}")
-    return bin_dir()

@@ -5,6 +5,7 @@ Layout's state directory; `up` starts from a clean one, `down` stops every recor
 and checks that none is left.
 """
 
+import fcntl
 import json
 import shutil
 import socket
@@ -12,6 +13,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 
 from . import build, components, pki
 from .layout import HOST, Layout
@@ -86,6 +88,23 @@ def _write_procs(layout: Layout, procs: list[Proc]) -> None:
     layout.processes.write_text(json.dumps([p.to_json() for p in procs], indent=1))
 
 
+@contextmanager
+def locked(layout: Layout):
+    """Hold the cluster's start/stop lock, so concurrent `up`s and `down`s take turns."""
+    path = layout.side_file("lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def owner(layout: Layout) -> str | None:
+    try:
+        return layout.owner.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
 def running(layout: Layout) -> bool:
     procs = read_procs(layout)
     return bool(procs) and all(alive(p) for p in procs) and healthy(layout, "kube-apiserver")
@@ -147,8 +166,11 @@ def _populate(layout: Layout, procs: list[Proc], timeout: float) -> None:
                      by_name["kube-controller-manager"], layout)
 
 
-def up(layout: Layout, timeout: float = 120) -> Layout:
-    """Build if needed and start the cluster; a healthy running one is left as it is."""
+def up(layout: Layout, timeout: float = 120, started_by: str = "cli") -> Layout:
+    """Build if needed and start the cluster; a healthy running one is left as it is.
+
+    Callers that may race with others hold locked(layout) around it.
+    """
     bin_dir = build.build()
     if running(layout):
         say(f"cluster already running at {layout.server}")
@@ -166,6 +188,7 @@ def up(layout: Layout, timeout: float = 120) -> Layout:
         stop(list(reversed(procs)))
         layout.processes.unlink(missing_ok=True)
         raise
+    layout.owner.write_text(started_by)
     say(f"cluster up in {fmt_duration(time.monotonic() - start)}; to use it:\n"
         f"  export KUBECONFIG={layout.kubeconfig}\n  export PATH={bin_dir}:$PATH")
     return layout

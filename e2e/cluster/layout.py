@@ -55,6 +55,15 @@ class Layout:
     def processes(self) -> Path:
         return self.state / "processes.json"
 
+    @property
+    def owner(self) -> Path:
+        """Who started the cluster: "cli" (make cluster-up) or "pytest"."""
+        return self.state / "owner"
+
+    def side_file(self, kind: str) -> Path:
+        """A file beside the state directory, so it survives `up` wiping the state."""
+        return self.state.parent / f".{self.state.name}.{kind}"
+
     def log(self, name: str) -> Path:
         return self.state / "logs" / f"{name}.log"
 

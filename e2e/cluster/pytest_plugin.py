@@ -1,11 +1,13 @@
 """pytest plugin: the session-scoped `kube_cluster` fixture and the `cluster` marker.
 
 With $KUBECONFIG set, tests use that cluster (kind, a real one) and never stop it. Otherwise
-they use the local cluster in the default state directory: one already running (make
-cluster-up) is reused and left running; if none is, the session starts it and stops it at
-the end.
+they use the local cluster in the default state directory: one already running is reused; if
+none is, the session starts it. At the end a session stops the cluster only if a pytest
+session started it and no other session still uses it (each holds a shared lock on a file
+beside the state); one started by `make cluster-up` is left running.
 """
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -23,7 +25,7 @@ from .layout import Layout
 class KubeCluster:
     kubeconfig: Path
     local: bool  # built from source by e2e.cluster (so its server version is the pinned one)
-    started: bool  # this pytest session started it and will stop it
+    started: bool  # this pytest session started it
 
     def api_client(self):
         """A new kubernetes.client.ApiClient for this cluster; close it (or use `with`)."""
@@ -91,16 +93,30 @@ def kube_cluster(request) -> KubeCluster:
         yield KubeCluster(kubeconfig, local=False, started=False)
         return
     layout = Layout.default()
-    if cluster.running(layout):
-        yield KubeCluster(layout.kubeconfig, local=True, started=False)
-        return
-    with _uncaptured(request.config):
-        cluster.up(layout)
+    layout.state.parent.mkdir(parents=True, exist_ok=True)
+    with open(layout.side_file("users"), "a") as users:
+        with cluster.locked(layout):
+            started = not cluster.running(layout)
+            if started:
+                with _uncaptured(request.config):
+                    cluster.up(layout, started_by="pytest")
+            fcntl.flock(users, fcntl.LOCK_SH)
+        try:
+            yield KubeCluster(layout.kubeconfig, local=True, started=started)
+        finally:
+            with cluster.locked(layout):
+                if _last_user(users) and cluster.owner(layout) == "pytest":
+                    with _uncaptured(request.config):
+                        cluster.down(layout)
+
+
+def _last_user(users) -> bool:
+    """Turn our shared lock exclusive: that succeeds only when no other session holds one."""
     try:
-        yield KubeCluster(layout.kubeconfig, local=True, started=True)
-    finally:
-        with _uncaptured(request.config):
-            cluster.down(layout)
+        fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _check_reachable(kubeconfig: Path) -> None:
