@@ -86,13 +86,13 @@ def _uncaptured(config):
 
 @pytest.fixture(scope="session")
 def kube_cluster(request) -> KubeCluster:
+    layout = Layout.default()
     external = os.environ.get("KUBECONFIG")
     if external:
         kubeconfig = Path(external.split(os.pathsep)[0])
         _check_reachable(kubeconfig)
-        yield KubeCluster(kubeconfig, local=False, started=False)
+        yield KubeCluster(kubeconfig, local=kubeconfig.resolve() == layout.kubeconfig.resolve(), started=False)
         return
-    layout = Layout.default()
     layout.state.parent.mkdir(parents=True, exist_ok=True)
     with open(layout.side_file("users"), "a") as users:
         with cluster.locked(layout):
