@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sarathi_engine.bench.cli import add_bench_parser
 from sarathi_engine.config import POLICIES
 from sarathi_engine.model_store import DEFAULT_MODEL
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--sampling-seed", type=int, default=None)
     generate.set_defaults(func=cmd_generate)
+    add_bench_parser(sub)
     return parser
 
 

@@ -23,6 +23,13 @@ def make_app(tokens_per_chunk, gap=0.02, reject_continuous=False, report_delay=N
             return web.json_response({"error": {"message": "busy"}}, status=fail_status)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        try:
+            await stream(body, options, response)
+        except ConnectionResetError:  # the client went away, as decode calibration does on purpose
+            pass
+        return response
+
+    async def stream(body, options, response):
         total, sent, i = body["max_tokens"], 0, 0
         while sent < total:
             await asyncio.sleep(gap)
@@ -38,7 +45,6 @@ def make_app(tokens_per_chunk, gap=0.02, reject_continuous=False, report_delay=N
             await response.write(sse({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]),
                                                                "completion_tokens": sent}}))
         await response.write(b"data: [DONE]\n\n")
-        return response
 
     async def models(request):
         return web.json_response({"object": "list", "data": [{"id": "tiny", "object": "model"}]})
@@ -59,3 +65,27 @@ async def with_server(app, body):
         return await body(f"http://127.0.0.1:{port}")
     finally:
         await runner.cleanup()
+
+
+class ThreadedServer:
+    """The scripted app served from its own thread and event loop, for code that runs asyncio.run itself."""
+
+    def __init__(self, app):
+        import threading
+
+        self.app, self.loop = app, asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        self.runner = web.AppRunner(self.app)
+        asyncio.run_coroutine_threadsafe(self.runner.setup(), self.loop).result()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        asyncio.run_coroutine_threadsafe(site.start(), self.loop).result()
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    def __exit__(self, *exc):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()

@@ -4,7 +4,7 @@ import asyncio
 import pytest
 from bench_fake_server import make_app, with_server
 
-from sarathi_engine.bench.loadgen import Load, TokenClock, run_load, served_model, supports_continuous_usage
+from sarathi_engine.bench.loadgen import Load, TokenClock, run_load, ServerTraits, probe_server, served_model
 from sarathi_engine.bench.records import RequestRecord
 
 
@@ -30,12 +30,15 @@ def test_without_continuous_usage_counts_chunks_and_keeps_the_final_usage():
     assert len(record.token_times) == 3 and record.output_tokens == 6
 
 
-def test_warm_up_detects_a_server_that_refuses_continuous_usage():
+def test_warm_up_detects_what_the_server_offers():
     async def check(url):
-        return await supports_continuous_usage(url, "tiny", [1, 2]), await served_model(url)
+        return await probe_server(url, "tiny", [1, 2]), await served_model(url)
 
-    assert asyncio.run(with_server(make_app([1])[0], check)) == (True, "tiny")
-    assert asyncio.run(with_server(make_app([1], reject_continuous=True)[0], check)) == (False, "tiny")
+    assert asyncio.run(with_server(make_app([1])[0], check)) == (ServerTraits(True, False), "tiny")
+    refusing = make_app([1], reject_continuous=True, report_delay=0.1)[0]
+    assert asyncio.run(with_server(refusing, check)) == (ServerTraits(False, True), "tiny")
+    with pytest.raises(RuntimeError, match="HTTP 429"):
+        asyncio.run(with_server(make_app([1], fail_status=429)[0], check))
 
 
 def test_requests_leave_at_their_send_times_and_record_server_delay():

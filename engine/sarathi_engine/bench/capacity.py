@@ -28,6 +28,9 @@ class TbtSlo:
     def __str__(self) -> str:
         return f"{self.multiple:g}x decode" if self.multiple is not None else f"{self.seconds * 1000:g} ms"
 
+    def as_arg(self) -> str:
+        return f"{self.multiple:g}x" if self.multiple is not None else f"{self.seconds * 1000:g}ms"
+
 
 _SLO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|x)?\s*$")
 

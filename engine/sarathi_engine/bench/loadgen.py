@@ -129,14 +129,21 @@ async def served_model(url: str, timeout_s: float = 30) -> str:
             return (await response.json())["data"][0]["id"]
 
 
-async def supports_continuous_usage(url: str, model: str, prompt: list[int]) -> bool:
+@dataclass(frozen=True)
+class ServerTraits:
+    continuous_usage: bool  # usage in every chunk, so tokens are counted exactly
+    reports_scheduling_delay: bool
+
+
+async def probe_server(url: str, model: str, prompt: list[int]) -> ServerTraits:
     """One short request asking for usage in every chunk; a server that refuses the field (400)
     is counted by chunks instead. Doubles as the warm-up request."""
     async with client_session(120) as session:
-        record = await stream_completion(session, url, completion_payload(model, prompt, 2, True),
-                                         RequestRecord(0, len(prompt), 2, 0.0))
-        if record.error and record.error.startswith("HTTP 400"):
-            return False
-        if record.error:
-            raise RuntimeError(f"warm-up request to {url} failed: {record.error}")
-        return True
+        for continuous in (True, False):
+            record = await stream_completion(session, url, completion_payload(model, prompt, 2, continuous),
+                                             RequestRecord(0, len(prompt), 2, 0.0))
+            if record.ok:
+                return ServerTraits(continuous, record.server_scheduling_delay is not None)
+            if not (continuous and record.error.startswith("HTTP 400")):
+                break
+    raise RuntimeError(f"warm-up request to {url} failed: {record.error}")

@@ -1,0 +1,106 @@
+"""Results out: the JSON document, a markdown table, and the figure (TBT CDF per target, P99 TBT
+and median TTFT against request rate, capacity bars). Reads only the results dict, so a saved
+results.json can be re-plotted."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value * 1000:.0f}"
+
+
+def _s(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+COLUMNS = ["target", "req/s", "TTFT P50 (s)", "TTFT P99 (s)", "TBT P50 (ms)", "TBT P99 (ms)", "TBT max (ms)",
+           "sched. delay P50 (s)", "output tok/s", "SLO attainment", "failed"]
+
+
+def point_row(label: str, point: dict) -> list[str]:
+    s = point["summary"]
+    attainment = s.get("slo_attainment")
+    return [label, f"{point['qps']:g}", _s(s["ttft_p50"]), _s(s["ttft_p99"]), _ms(s["tbt_p50"]), _ms(s["tbt_p99"]),
+            _ms(s["tbt_max"]), _s(s["scheduling_delay_p50"]), f"{s['output_token_throughput'] or 0:.1f}",
+            "–" if attainment is None else f"{attainment:.0%}", str(s["num_failed"])]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def points_table(results: dict) -> str:
+    return markdown_table(COLUMNS, [point_row(t["label"], p) for t in results["targets"] for p in t["points"]])
+
+
+def capacity_table(results: dict) -> str:
+    targets = [t for t in results["targets"] if t.get("capacity")]
+    if not targets:
+        return ""
+    base = next((t["capacity"]["capacity"] for t in targets if t.get("policy") == "vllm"), None)
+    rows = []
+    for t in targets:
+        cap = t["capacity"]
+        ratio = f"{cap['capacity'] / base:.2f}x" if base else "–"
+        probes = ", ".join(f"{p['qps']:.3g}{'✓' if p['passed'] else '✗'}" for p in cap["probes"])
+        rows.append([t["label"], f"{cap['capacity']:.3g}", ratio, _ms(cap["tbt_slo"]), probes])
+    return markdown_table(["target", "capacity (req/s)", "vs vllm policy", "P99 TBT SLO (ms)", "probes (req/s)"],
+                          rows)
+
+
+def tbt_values(point: dict) -> np.ndarray:
+    gaps = [np.diff(r["token_times"]) for r in point.get("records", []) if r["error"] is None]
+    return np.concatenate(gaps) if gaps else np.zeros(0)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = results["targets"]
+    slo = results["meta"].get("tbt_slo_s")
+    has_capacity = any(t.get("capacity") for t in targets)
+    fig, axes = plt.subplots(1, 4 if has_capacity else 3, figsize=(20 if has_capacity else 15, 4.2))
+    cdf, p99, ttft = axes[0], axes[1], axes[2]
+    for t in targets:
+        if t["points"]:
+            values = np.sort(tbt_values(t["points"][0])) * 1000
+            if values.size:
+                cdf.plot(values, np.arange(1, values.size + 1) / values.size,
+                         label=f"{t['label']} @ {t['points'][0]['qps']:g} req/s")
+        qps = [p["qps"] for p in t["points"]]
+        p99.plot(qps, [(p["summary"]["tbt_p99"] or np.nan) * 1000 for p in t["points"]], "o-", label=t["label"])
+        ttft.plot(qps, [p["summary"]["ttft_p50"] or np.nan for p in t["points"]], "o-", label=t["label"])
+    cdf.set(xscale="log", xlabel="time between tokens (ms)", ylabel="fraction of gaps", title="TBT CDF")
+    p99.set(yscale="log", xlabel="request rate (req/s)", ylabel="P99 TBT (ms)", title="P99 TBT vs load")
+    ttft.set(yscale="log", xlabel="request rate (req/s)", ylabel="median TTFT (s)", title="Median TTFT vs load")
+    if slo:
+        for ax, value in ((cdf, slo * 1000), (p99, slo * 1000)):
+            (ax.axvline if ax is cdf else ax.axhline)(value, color="grey", linestyle="--", label="SLO")
+    if has_capacity:
+        with_cap = [t for t in targets if t.get("capacity")]
+        bars = axes[3].bar([t["label"] for t in with_cap], [t["capacity"]["capacity"] for t in with_cap],
+                           color=[f"C{targets.index(t)}" for t in with_cap])
+        axes[3].bar_label(bars, fmt="%.3g")
+        axes[3].set(ylabel="req/s", title=f"Capacity (P99 TBT <= {_ms(slo)} ms)")
+        axes[3].tick_params(axis="x", rotation=20)
+    for ax in axes[:3]:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(results["meta"].get("title", ""))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
