@@ -9,7 +9,8 @@ from .build import REPO
 DEFAULT_BASE_PORT = 26443
 HOST = "127.0.0.1"
 POD_CIDR = "127.1.0.0/16"
-SERVICE_CIDR = "10.96.0.0/16"
+# Loopback too: nothing routes ClusterIPs here, and a stray connection to one stays on this machine.
+SERVICE_CIDR = "127.2.0.0/16"
 # Offsets from the base port; the API server takes the base port itself.
 PORT_OFFSETS = {"kube-apiserver": 0, "etcd": 1, "etcd-peer": 2, "kube-controller-manager": 3,
                 "kube-scheduler": 4, "kwok": 5}
