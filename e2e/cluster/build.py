@@ -121,8 +121,10 @@ def go_env(**extra: str) -> dict[str, str]:
 
 def run_go(argv: list[str], cwd: Path, log: Path, status=None, total: int = 0, **env: str) -> str:
     """Run a go command, counting the packages `-v` reports into `status`; raise with the log tail."""
-    if shutil.which("go") is None:
-        raise BuildError("`go` is not on PATH; install Go 1.26 or newer")
+    go = shutil.which("go") or shutil.which("go", path="/usr/local/go/bin")
+    if go is None:
+        raise BuildError("`go` is neither on PATH nor in /usr/local/go/bin; install Go 1.26 or newer")
+    argv = [go, *argv[1:]]
     tail: deque[str] = deque(maxlen=40)
     out: list[str] = []
     with open(log, "a") as logf:
