@@ -1,0 +1,353 @@
+"""Pure functions that turn a SarathiDeployment into the manifests of its children.
+
+Every child is named after the resource and controlled by it, so deleting the resource
+deletes them all:
+
+  <name>-engine  ConfigMap            engine settings as rendered, mounted at /etc/sarathi
+  <name>-admin   Secret               the admin API token (generated once, by the caller)
+  <name>-ranks   Service (headless)   rank discovery, only when a replica spans pods
+  <name>         Service              the OpenAI API on the serving (rank-0) pods
+  <name>         PodDisruptionBudget  at most one engine pod evicted at a time
+  <name>         Deployment           when a replica is one pod
+  <name>-<i>     StatefulSet          one per replica when a replica spans pods
+
+`spec` is always the defaulted spec (spec.with_defaults).
+"""
+
+import base64
+import hashlib
+import json
+
+from . import names
+from .names import CONTAINER, DIST_PORT, HTTP_PORT
+from .spec import GPU_RESOURCE, MODEL_DIR, Layout, layout, model_source, statefulset_name
+
+# Long enough for the engine to drain in-flight requests after SIGTERM.
+TERMINATION_GRACE_SECONDS = 120
+CONFIG_DIR = "/etc/sarathi"
+
+
+def plan(sdep: dict, spec: dict, *, token: str, template_budget: int) -> list[dict]:
+    """Every child of the resource, workloads last."""
+    lay = layout(spec["parallelism"])
+    children = [
+        build_config_map(sdep, spec, template_budget),
+        build_secret(sdep, token),
+    ]
+    if lay.multi_pod:
+        children.append(build_ranks_service(sdep))
+    children += [build_service(sdep, lay), build_pdb(sdep)]
+    return children + build_workloads(sdep, spec, token_digest(token), template_budget)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def digest(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def engine_args(spec: dict, model_path: str, token_budget: int) -> list[str]:
+    """The `sarathi serve` arguments; extraArgs come last so they can add flags we do not model."""
+    engine, par = spec["engine"], spec["parallelism"]
+    args = [
+        "serve",
+        "--model", model_path,
+        "--served-model-name", spec["model"]["name"],
+        "--host", "0.0.0.0",
+        "--port", str(HTTP_PORT),
+        "--policy", engine["policy"],
+        "--token-budget", str(token_budget),
+    ]
+    for key, flag in (("maxNumSeqs", "--max-num-seqs"), ("maxModelLen", "--max-model-len")):
+        if key in engine:
+            args += [flag, str(engine[key])]
+    args += [
+        "--dtype", engine["dtype"],
+        "--tensor-parallel-size", str(par["tensor"]),
+        "--pipeline-parallel-size", str(par["pipeline"]),
+    ]
+    return args + list(engine["extraArgs"])
+
+
+def _metadata(sdep: dict, name: str, **extra: dict) -> dict:
+    meta = sdep["metadata"]
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": names.labels(meta["name"]),
+        "ownerReferences": [names.owner_reference(sdep)],
+        **extra,
+    }
+
+
+def build_config_map(sdep: dict, spec: dict, template_budget: int) -> dict:
+    name = sdep["metadata"]["name"]
+    lay = layout(spec["parallelism"])
+    settings = {
+        "servedModelName": spec["model"]["name"],
+        "modelSource": spec["model"]["source"],
+        "modelPath": model_source(spec["model"]["source"]).path,
+        "engine": {**spec["engine"], "tokenBudget": template_budget},
+        "parallelism": {
+            **spec["parallelism"],
+            "podsPerReplica": lay.pods_per_replica,
+            "gpusPerPod": lay.gpus_per_pod,
+        },
+        "slo": spec.get("slo", {}),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(sdep, names.config_map(name)),
+        "data": {"engine.json": json.dumps(settings, indent=2, sort_keys=True) + "\n"},
+    }
+
+
+def build_secret(sdep: dict, token: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _metadata(sdep, names.admin_secret(sdep["metadata"]["name"])),
+        "data": {names.ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
+
+def build_service(sdep: dict, lay: Layout) -> dict:
+    name = sdep["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(sdep, name),
+        "spec": {
+            "selector": names.serving_selector(name, lay),
+            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http"}],
+        },
+    }
+
+
+def build_ranks_service(sdep: dict) -> dict:
+    name = sdep["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(sdep, names.ranks_service(name)),
+        "spec": {
+            "clusterIP": "None",
+            # Ranks find rank 0 while starting up, before any of them is ready.
+            "publishNotReadyAddresses": True,
+            "selector": names.pod_selector(name),
+            "ports": [{"name": "dist", "port": DIST_PORT, "targetPort": "dist"}],
+        },
+    }
+
+
+def build_pdb(sdep: dict) -> dict:
+    name = sdep["metadata"]["name"]
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(sdep, name),
+        "spec": {
+            # One pod at a time: in a multi-pod replica one pod takes the whole replica down,
+            # so this also bounds voluntary disruption to one replica.
+            "maxUnavailable": 1,
+            # A pod that is not ready serves nothing; never let it block a node drain.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+            "selector": {"matchLabels": names.pod_selector(name)},
+        },
+    }
+
+
+def build_workloads(sdep: dict, spec: dict, admin_digest: str, template_budget: int) -> list[dict]:
+    lay = layout(spec["parallelism"])
+    if lay.multi_pod:
+        return [
+            build_statefulset(sdep, spec, lay, admin_digest, template_budget, replica)
+            for replica in range(spec["replicas"])
+        ]
+    return [build_deployment(sdep, spec, lay, admin_digest, template_budget)]
+
+
+def rollout_hashes(sdep: dict, spec: dict, admin_digest: str) -> dict[str, str]:
+    """Per workload name, the digest of its pod template without the token budget: equal
+    digests mean nothing but the budget would change in the pods."""
+    return {
+        w["metadata"]["name"]: w["metadata"]["annotations"][names.ROLLOUT_HASH]
+        for w in build_workloads(sdep, spec, admin_digest, template_budget=0)
+    }
+
+
+def _workload_metadata(sdep: dict, name: str, template: dict, template_budget: int) -> dict:
+    without_budget = _without_budget(template)
+    return _metadata(
+        sdep,
+        name,
+        annotations={
+            names.ROLLOUT_HASH: digest(without_budget),
+            names.TOKEN_BUDGET: str(template_budget),
+        },
+    )
+
+
+def _without_budget(template: dict) -> dict:
+    """The template with the token budget blanked out of its args and annotations."""
+    clean = json.loads(json.dumps(template))
+    clean["metadata"]["annotations"].pop(names.TOKEN_BUDGET)
+    args = clean["spec"]["containers"][0]["args"]
+    args[args.index("--token-budget") + 1] = ""
+    return clean
+
+
+def build_deployment(sdep: dict, spec: dict, lay: Layout, admin_digest: str, template_budget: int) -> dict:
+    name = sdep["metadata"]["name"]
+    template = build_pod_template(sdep, spec, lay, admin_digest, template_budget)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _workload_metadata(sdep, name, template, template_budget),
+        "spec": {
+            "replicas": spec["replicas"],
+            "selector": {"matchLabels": names.pod_selector(name)},
+            # A rollout never lowers serving capacity: a new replica must be ready before an
+            # old one goes. This needs one replica's worth of spare GPUs.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "revisionHistoryLimit": 3,
+            "template": template,
+        },
+    }
+
+
+def build_statefulset(
+    sdep: dict, spec: dict, lay: Layout, admin_digest: str, template_budget: int, replica: int
+) -> dict:
+    name = sdep["metadata"]["name"]
+    sts_name = statefulset_name(name, replica)
+    template = build_pod_template(sdep, spec, lay, admin_digest, template_budget, replica)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _workload_metadata(sdep, sts_name, template, template_budget),
+        "spec": {
+            "replicas": lay.pods_per_replica,
+            "serviceName": names.ranks_service(name),
+            # All ranks start together: rank 0 waits for the others to join its process group.
+            "podManagementPolicy": "Parallel",
+            # A rank cannot rejoin a running process group, so pods are never replaced one by
+            # one: the operator restarts all ranks of a replica together (rollout.py).
+            "updateStrategy": {"type": "OnDelete"},
+            "selector": {"matchLabels": {**names.pod_selector(name), names.REPLICA_LABEL: str(replica)}},
+            "template": template,
+        },
+    }
+
+
+def build_pod_template(
+    sdep: dict, spec: dict, lay: Layout, admin_digest: str, template_budget: int, replica: int | None = None
+) -> dict:
+    name = sdep["metadata"]["name"]
+    source = model_source(spec["model"]["source"])
+    pod_labels = {**names.labels(name), **names.pod_selector(name)}
+    if replica is not None:
+        pod_labels[names.REPLICA_LABEL] = str(replica)
+
+    volumes = [
+        {"name": "config", "configMap": {"name": names.config_map(name)}},
+        # NCCL and torch's shared-memory transport outgrow the container runtime's 64 MiB /dev/shm.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    init_containers = []
+    if source.pvc_claim:
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": source.pvc_claim, "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+    elif source.hf_repo:
+        volumes.append({"name": "model", "emptyDir": {}})
+        mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
+        init_containers.append({
+            "name": "model-download",
+            "image": spec["image"],
+            "imagePullPolicy": spec["imagePullPolicy"],
+            "command": ["hf", "download", source.hf_repo, "--local-dir", source.path],
+            "env": list(spec["env"]),
+            "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}],
+        })
+
+    container = {
+        "name": CONTAINER,
+        "image": spec["image"],
+        "imagePullPolicy": spec["imagePullPolicy"],
+        "command": ["sarathi"],
+        "args": engine_args(spec, source.path, template_budget),
+        "ports": [{"name": "http", "containerPort": HTTP_PORT}]
+        + ([{"name": "dist", "containerPort": DIST_PORT}] if lay.multi_pod else []),
+        "env": _engine_env(name, lay, replica) + list(spec["env"]),
+        "resources": _resources(spec["resources"], lay.gpus_per_pod),
+        # Loading weights can take many minutes; liveness only starts once /health answers.
+        "startupProbe": _probe("/health", period=10, failures=180),
+        "livenessProbe": _probe("/health", period=10, failures=3),
+        "readinessProbe": _probe("/ready", period=5, failures=2),
+        "volumeMounts": mounts,
+    }
+    pod_spec = {
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
+    if spec["nodeSelector"]:
+        pod_spec["nodeSelector"] = dict(spec["nodeSelector"])
+    if spec["tolerations"]:
+        pod_spec["tolerations"] = list(spec["tolerations"])
+    return {
+        "metadata": {
+            "labels": pod_labels,
+            "annotations": {
+                names.TOKEN_BUDGET: str(template_budget),
+                # A new admin token (the Secret was recreated) must reach the pods: roll them.
+                names.ADMIN_TOKEN_DIGEST: admin_digest,
+            },
+        },
+        "spec": pod_spec,
+    }
+
+
+def _engine_env(name: str, lay: Layout, replica: int | None) -> list[dict]:
+    env = [{
+        "name": "SARATHI_ADMIN_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": names.admin_secret(name), "key": names.ADMIN_TOKEN_KEY}},
+    }]
+    if lay.multi_pod:
+        rank0 = f"{statefulset_name(name, replica)}-0"
+        env += [
+            {"name": "RANK", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{names.POD_INDEX_LABEL}']"}}},
+            {"name": "WORLD_SIZE", "value": str(lay.pods_per_replica)},
+            {"name": "MASTER_ADDR", "value": f"{rank0}.{names.ranks_service(name)}"},
+            {"name": "MASTER_PORT", "value": str(DIST_PORT)},
+        ]
+    return env
+
+
+def _resources(overrides: dict, gpus: int) -> dict:
+    # Extended resources cannot be overcommitted: requests must equal limits.
+    return {
+        "requests": {**overrides.get("requests", {}), GPU_RESOURCE: gpus},
+        "limits": {**overrides.get("limits", {}), GPU_RESOURCE: gpus},
+    }
+
+
+def _probe(path: str, *, period: int, failures: int) -> dict:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 3,
+        "failureThreshold": failures,
+    }

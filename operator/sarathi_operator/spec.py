@@ -1,0 +1,139 @@
+"""The SarathiDeployment spec as the operator reads it: defaults, pod layout, model location,
+and the checks the CRD schema leaves to the operator.
+
+The schema (crds/sarathideployments.yaml) rejects what a single field or a simple cross-field
+rule can express. What is left here concerns what the operator renders: flags and env vars it
+owns, the GPU count it derives, and the names of the children it creates.
+"""
+
+import copy
+import re
+from dataclasses import dataclass
+
+GROUP = "serving.sarathi.dev"
+VERSION = "v1alpha1"
+KIND = "SarathiDeployment"
+PLURAL = "sarathideployments"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+BUILTIN_MODEL = "smollm2-135m-instruct"
+MODEL_DIR = "/models"
+
+# Mirrors the CRD's `default:` values (a unit test keeps them equal), so that an object stored
+# before a default was added still renders the same.
+DEFAULTS = {
+    "imagePullPolicy": "IfNotPresent",
+    "replicas": 1,
+    "parallelism": {"tensor": 1, "pipeline": 1, "gpusPerNode": 8},
+    "engine": {"policy": "sarathi", "tokenBudget": 512, "dtype": "auto", "extraArgs": []},
+    "autotune": {"enabled": False, "intervalSeconds": 30},
+    "resources": {},
+    "nodeSelector": {},
+    "tolerations": [],
+    "env": [],
+}
+
+MANAGED_FLAGS = (
+    "--model", "--served-model-name", "--host", "--port", "--policy", "--token-budget",
+    "--max-num-seqs", "--max-model-len", "--dtype", "--tensor-parallel-size",
+    "--pipeline-parallel-size",
+)
+RESERVED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SARATHI_ADMIN_TOKEN")
+GPU_RESOURCE = "nvidia.com/gpu"
+
+# A Service name is a DNS-1035 label; the longest Service suffix is "-ranks".
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+MAX_NAME = 63 - len("-ranks")
+# A StatefulSet's pods carry `controller-revision-hash: <statefulset>-<10-char hash>`, a label
+# value of at most 63 characters.
+MAX_STATEFULSET_NAME = 52
+
+
+def with_defaults(spec: dict) -> dict:
+    """The spec with every defaulted field filled in; the input is left untouched."""
+    merged = copy.deepcopy(DEFAULTS)
+    for key, value in spec.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **copy.deepcopy(value)}
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one replica's GPUs are spread over pods."""
+
+    gpus_per_replica: int
+    pods_per_replica: int
+    gpus_per_pod: int
+
+    @property
+    def multi_pod(self) -> bool:
+        return self.pods_per_replica > 1
+
+
+def layout(parallelism: dict) -> Layout:
+    """A replica that fits one node is one pod; otherwise it fills whole nodes, one pod each."""
+    gpus = parallelism["tensor"] * parallelism["pipeline"]
+    per_node = parallelism["gpusPerNode"]
+    if gpus <= per_node:
+        return Layout(gpus, 1, gpus)
+    return Layout(gpus, gpus // per_node, per_node)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the engine finds its weights: `path` is what `--model` receives."""
+
+    path: str
+    pvc_claim: str | None = None
+    hf_repo: str | None = None
+
+
+def model_source(source: str) -> ModelSource:
+    if source.startswith("pvc://"):
+        claim, _, path = source.removeprefix("pvc://").partition("/")
+        return ModelSource(path=f"{MODEL_DIR}/{path}", pvc_claim=claim)
+    if source.startswith("hf://"):
+        repo = source.removeprefix("hf://")
+        return ModelSource(path=f"{MODEL_DIR}/{repo}", hf_repo=repo)
+    return ModelSource(path=source)
+
+
+def statefulset_name(name: str, replica: int) -> str:
+    return f"{name}-{replica}"
+
+
+def validate(name: str, spec: dict) -> list[str]:
+    """Problems with a (defaulted) spec that the schema cannot see; empty when it can run."""
+    problems = []
+    if not _DNS1035.match(name) or len(name) > MAX_NAME:
+        problems.append(
+            f"metadata.name {name!r} must be a DNS-1035 label (lower-case letters, digits and "
+            f"'-', starting with a letter) of at most {MAX_NAME} characters, because it names "
+            f"the Services the operator creates"
+        )
+    if layout(spec["parallelism"]).multi_pod:
+        longest = statefulset_name(name, max(spec["replicas"] - 1, 0))
+        if len(longest) > MAX_STATEFULSET_NAME:
+            problems.append(
+                f"metadata.name {name!r} is too long for a multi-pod replica: StatefulSet name "
+                f"{longest!r} exceeds {MAX_STATEFULSET_NAME} characters"
+            )
+    managed = [a for a in spec["engine"]["extraArgs"] if a.split("=", 1)[0] in MANAGED_FLAGS]
+    if managed:
+        problems.append(
+            f"spec.engine.extraArgs must not set flags the operator manages: {', '.join(managed)}; "
+            f"use the matching spec fields instead"
+        )
+    reserved = [e["name"] for e in spec["env"] if e["name"] in RESERVED_ENV]
+    if reserved:
+        problems.append(f"spec.env must not set {', '.join(reserved)}: the operator sets them")
+    for kind in ("limits", "requests"):
+        if GPU_RESOURCE in spec["resources"].get(kind, {}):
+            problems.append(
+                f"spec.resources.{kind} must not set {GPU_RESOURCE}: it follows from "
+                f"spec.parallelism (tensor x pipeline GPUs per replica)"
+            )
+    return problems

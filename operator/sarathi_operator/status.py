@@ -1,0 +1,143 @@
+"""The status of a SarathiDeployment, computed from its workloads: phase, replica counts,
+the token budget in force, and the Ready / Progressing / Degraded conditions.
+
+Phases:
+  Pending      nothing has been ready since creation: first pods starting
+  Progressing  a change is rolling out (template, scale, or a live token budget)
+  Ready        every desired replica is ready and the spec is fully applied
+  Degraded     replicas that were ready at this generation are lost
+  Failed       the spec cannot be applied (the message says why)
+"""
+
+from dataclasses import dataclass, field
+
+from .rollout import ReplicaGroup
+
+MANAGED_CONDITIONS = ("Ready", "Progressing", "Degraded")
+MAX_POD_PROBLEMS = 3
+
+
+@dataclass(frozen=True)
+class Observation:
+    replicas: int  # replicas that exist
+    ready: int  # replicas ready to serve
+    rolling: bool  # the workloads have not caught up with the latest template or scale
+    token_budget: int  # in force on the serving engines
+    budget_pending: list[str] = field(default_factory=list)  # why the target budget is not everywhere yet
+    pod_problems: list[str] = field(default_factory=list)  # why pods are not running, when known
+
+
+def observe_deployment(deployment: dict) -> tuple[int, int, bool]:
+    """(replicas, ready, rolling) of a Deployment whose pods are each one replica."""
+    status = deployment.get("status", {})
+    desired = deployment["spec"]["replicas"]
+    updated = status.get("updatedReplicas", 0)
+    rolling = (
+        status.get("observedGeneration", 0) < deployment["metadata"].get("generation", 1)
+        or updated < desired
+        or status.get("replicas", 0) > updated
+    )
+    return status.get("replicas", 0), status.get("readyReplicas", 0), rolling
+
+
+def observe_statefulsets(statefulsets: list[dict], groups: list[ReplicaGroup], desired: int) -> tuple[int, int, bool]:
+    """(replicas, ready, rolling) of multi-pod replicas, one StatefulSet each."""
+    unobserved = any(
+        s.get("status", {}).get("observedGeneration", 0) < s["metadata"].get("generation", 1)
+        for s in statefulsets
+    )
+    rolling = unobserved or len(statefulsets) != desired or any(g.stale or not g.settled for g in groups)
+    return len(statefulsets), sum(g.ready for g in groups), rolling
+
+
+def phase(previous: dict, generation: int, desired: int, obs: Observation) -> str:
+    prev_phase = previous.get("phase")
+    if obs.ready >= desired and not obs.rolling and not obs.budget_pending:
+        return "Ready"
+    if prev_phase in (None, "Pending") or (prev_phase == "Failed" and obs.ready == 0):
+        return "Pending"
+    if obs.rolling or obs.budget_pending:
+        return "Progressing"
+    if prev_phase in ("Ready", "Degraded") and previous.get("observedGeneration") == generation:
+        return "Degraded"
+    return "Progressing"
+
+
+def compute_status(
+    *, previous: dict, generation: int, desired: int, obs: Observation, selector: str, now: str
+) -> dict:
+    current = phase(previous, generation, desired, obs)
+    counts = f"{obs.ready}/{desired} replicas ready"
+    reason, message = {
+        "Ready": ("ReplicasReady", counts),
+        "Pending": ("ReplicasStarting", counts),
+        "Degraded": ("ReplicasUnavailable", counts),
+        "Progressing": ("RollingOut", counts),
+    }[current]
+    if current == "Progressing" and not obs.rolling and obs.budget_pending:
+        reason = "TokenBudgetPending"
+    if obs.budget_pending:
+        message += "; " + "; ".join(obs.budget_pending)
+    if current != "Ready" and obs.pod_problems:
+        message += "; " + "; ".join(obs.pod_problems[:MAX_POD_PROBLEMS])
+    in_progress = current in ("Pending", "Progressing")
+    conditions = [
+        _condition("Ready", current == "Ready", reason, message),
+        _condition("Progressing", in_progress, reason if in_progress else "RolloutComplete", message),
+        _condition("Degraded", current == "Degraded", reason if current == "Degraded" else "AsExpected", message),
+    ]
+    return {
+        "phase": current,
+        "replicas": obs.replicas,
+        "readyReplicas": obs.ready,
+        "tokenBudget": obs.token_budget,
+        "selector": selector,
+        "observedGeneration": generation,
+        "conditions": merge_conditions(previous.get("conditions", []), conditions, generation, now),
+    }
+
+
+def failed_status(*, previous: dict, generation: int, reason: str, message: str, now: str) -> dict:
+    """Failed keeps the last known counts: the children of the last good spec keep running."""
+    conditions = [
+        _condition("Ready", False, reason, message),
+        _condition("Progressing", False, reason, message),
+        _condition("Degraded", True, reason, message),
+    ]
+    return {
+        **{k: v for k, v in previous.items() if k not in ("phase", "observedGeneration", "conditions")},
+        "phase": "Failed",
+        "observedGeneration": generation,
+        "conditions": merge_conditions(previous.get("conditions", []), conditions, generation, now),
+    }
+
+
+def transition_event(previous: dict, current: dict) -> tuple[str, str, str] | None:
+    """(type, reason, message) of the Event for a phase change or a new reason to fail."""
+    message = _ready_message(current)
+    if previous.get("phase") == current["phase"] and (
+        current["phase"] != "Failed" or _ready_message(previous) == message
+    ):
+        return None
+    kind = "Warning" if current["phase"] in ("Degraded", "Failed") else "Normal"
+    return kind, current["phase"], message
+
+
+def _ready_message(st: dict) -> str | None:
+    return next((c.get("message") for c in st.get("conditions", []) if c["type"] == "Ready"), None)
+
+
+def _condition(kind: str, true: bool, reason: str, message: str) -> dict:
+    return {"type": kind, "status": "True" if true else "False", "reason": reason, "message": message}
+
+
+def merge_conditions(previous: list[dict], managed: list[dict], generation: int, now: str) -> list[dict]:
+    """Managed conditions replace their predecessors, keeping lastTransitionTime while the
+    status is unchanged; conditions of other types (set by other writers) are kept."""
+    before = {c["type"]: c for c in previous}
+    merged = []
+    for cond in managed:
+        old = before.get(cond["type"])
+        since = old["lastTransitionTime"] if old and old["status"] == cond["status"] else now
+        merged.append({**cond, "observedGeneration": generation, "lastTransitionTime": since})
+    return merged + [c for c in previous if c["type"] not in MANAGED_CONDITIONS]

@@ -1,0 +1,220 @@
+import base64
+import json
+
+from sdeps import make_sdep
+
+from sarathi_operator import build, names
+from sarathi_operator.spec import layout
+
+TOKEN = "s3cret"
+
+
+def children(obj, template_budget=None):
+    budget = obj["spec"]["engine"]["tokenBudget"] if template_budget is None else template_budget
+    return {(c["kind"], c["metadata"]["name"]): c for c in build.plan(obj, obj["spec"], token=TOKEN, template_budget=budget)}
+
+
+def engine(workload):
+    [container] = workload["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def env(container):
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def flag(args, name):
+    return args[args.index(name) + 1]
+
+
+def test_single_pod_replica_is_a_deployment_with_its_services():
+    plan = children(make_sdep(replicas=3))
+    assert set(plan) == {
+        ("ConfigMap", "chat-engine"), ("Secret", "chat-admin"), ("Service", "chat"),
+        ("PodDisruptionBudget", "chat"), ("Deployment", "chat"),
+    }
+    assert list(plan)[-1] == ("Deployment", "chat"), "workloads are applied last"
+    assert plan[("Deployment", "chat")]["spec"]["replicas"] == 3
+
+
+def test_every_child_is_owned_labelled_and_namespaced():
+    for child in build.plan(make_sdep(), make_sdep()["spec"], token=TOKEN, template_budget=512):
+        meta = child["metadata"]
+        assert meta["namespace"] == "ml"
+        assert meta["ownerReferences"] == [{
+            "apiVersion": "serving.sarathi.dev/v1alpha1", "kind": "SarathiDeployment", "name": "chat",
+            "uid": "uid-chat", "controller": True, "blockOwnerDeletion": True,
+        }]
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "sarathi-operator"
+        assert meta["labels"]["app.kubernetes.io/instance"] == "chat"
+        assert meta["labels"][names.DEPLOYMENT_LABEL] == "chat"
+
+
+def test_tp2_pod_requests_two_gpus_and_gets_the_engine_flags():
+    obj = make_sdep(parallelism={"tensor": 2}, engine={"tokenBudget": 1024, "maxNumSeqs": 64})
+    container = engine(children(obj)[("Deployment", "chat")])
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 2
+    assert container["command"] == ["sarathi"]
+    args = container["args"]
+    assert args[0] == "serve"
+    assert flag(args, "--tensor-parallel-size") == "2"
+    assert flag(args, "--pipeline-parallel-size") == "1"
+    assert flag(args, "--token-budget") == "1024"
+    assert flag(args, "--max-num-seqs") == "64"
+    assert "--max-model-len" not in args
+    assert flag(args, "--model") == "smollm2-135m-instruct"
+    assert flag(args, "--served-model-name") == "chat"
+    assert (flag(args, "--host"), flag(args, "--port"), flag(args, "--policy")) == ("0.0.0.0", "8000", "sarathi")
+
+
+def test_extra_args_come_after_the_managed_flags():
+    obj = make_sdep(engine={"extraArgs": ["--enable-prefix-caching"]})
+    assert engine(children(obj)[("Deployment", "chat")])["args"][-1] == "--enable-prefix-caching"
+
+
+def test_pod_has_probes_admin_token_and_drain_time():
+    workload = children(make_sdep())[("Deployment", "chat")]
+    pod = workload["spec"]["template"]["spec"]
+    container = engine(workload)
+    assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    assert container["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert env(container)["SARATHI_ADMIN_TOKEN"] == {"secretKeyRef": {"name": "chat-admin", "key": "token"}}
+    assert "RANK" not in env(container)
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_user_env_resources_node_selector_and_tolerations_reach_the_pod():
+    toleration = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
+    obj = make_sdep(
+        env=[{"name": "HF_TOKEN", "value": "x"}],
+        resources={"limits": {"memory": "32Gi"}, "requests": {"cpu": "4"}},
+        nodeSelector={"gpu": "a100"},
+        tolerations=[toleration],
+    )
+    workload = children(obj)[("Deployment", "chat")]
+    container = engine(workload)
+    assert env(container)["HF_TOKEN"] == "x"
+    assert container["resources"] == {
+        "requests": {"cpu": "4", "nvidia.com/gpu": 1},
+        "limits": {"memory": "32Gi", "nvidia.com/gpu": 1},
+    }
+    assert workload["spec"]["template"]["spec"]["nodeSelector"] == {"gpu": "a100"}
+    assert workload["spec"]["template"]["spec"]["tolerations"] == [toleration]
+
+
+def test_deployment_rolls_without_losing_capacity():
+    strategy = children(make_sdep())[("Deployment", "chat")]["spec"]["strategy"]
+    assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+def test_service_targets_the_openai_port_of_engine_pods():
+    plan = children(make_sdep())
+    service = plan[("Service", "chat")]
+    template_labels = plan[("Deployment", "chat")]["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http"}]
+    assert service["spec"]["selector"].items() <= template_labels.items()
+
+
+def test_secret_holds_the_given_token():
+    secret = children(make_sdep())[("Secret", "chat-admin")]
+    assert base64.b64decode(secret["data"]["token"]).decode() == TOKEN
+
+
+def test_config_map_records_the_rendered_settings():
+    obj = make_sdep(parallelism={"tensor": 4, "pipeline": 4}, slo={"tbtP99Ms": 100})
+    settings = json.loads(children(obj, template_budget=256)[("ConfigMap", "chat-engine")]["data"]["engine.json"])
+    assert settings["engine"]["tokenBudget"] == 256
+    assert settings["parallelism"]["podsPerReplica"] == 2 and settings["parallelism"]["gpusPerPod"] == 8
+    assert settings["slo"] == {"tbtP99Ms": 100}
+
+
+def test_tp4_pp4_on_8_gpu_nodes_is_a_statefulset_per_replica_with_ranks_wired():
+    obj = make_sdep(parallelism={"tensor": 4, "pipeline": 4, "gpusPerNode": 8}, replicas=2)
+    plan = children(obj)
+    assert ("Deployment", "chat") not in plan
+    assert ("Service", "chat-ranks") in plan
+    for replica in (0, 1):
+        sts = plan[("StatefulSet", f"chat-{replica}")]
+        assert sts["spec"]["replicas"] == 2
+        assert sts["spec"]["serviceName"] == "chat-ranks"
+        assert sts["spec"]["podManagementPolicy"] == "Parallel"
+        assert sts["spec"]["updateStrategy"] == {"type": "OnDelete"}
+        container = engine(sts)
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert flag(container["args"], "--tensor-parallel-size") == "4"
+        assert flag(container["args"], "--pipeline-parallel-size") == "4"
+        wired = env(container)
+        assert wired["RANK"] == {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+        assert wired["WORLD_SIZE"] == "2"
+        assert wired["MASTER_ADDR"] == f"chat-{replica}-0.chat-ranks"
+        assert wired["MASTER_PORT"] == "29500"
+        assert {"name": "dist", "containerPort": 29500} in container["ports"]
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        assert sts["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert labels[names.REPLICA_LABEL] == str(replica)
+
+
+def test_multi_pod_service_selects_only_rank_zero():
+    obj = make_sdep(parallelism={"tensor": 4, "pipeline": 4})
+    plan = children(obj)
+    assert plan[("Service", "chat")]["spec"]["selector"][names.POD_INDEX_LABEL] == "0"
+    ranks = plan[("Service", "chat-ranks")]["spec"]
+    assert ranks["clusterIP"] == "None" and ranks["publishNotReadyAddresses"] is True
+    assert names.POD_INDEX_LABEL not in ranks["selector"]
+
+
+def test_pvc_source_mounts_the_claim_read_only():
+    obj = make_sdep(model={"name": "llama", "source": "pvc://weights/llama-3-8b"})
+    workload = children(obj)[("Deployment", "chat")]
+    pod = workload["spec"]["template"]["spec"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in pod["volumes"]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in engine(workload)["volumeMounts"]
+    assert flag(engine(workload)["args"], "--model") == "/models/llama-3-8b"
+    assert "initContainers" not in pod
+
+
+def test_hf_source_downloads_in_an_init_container():
+    obj = make_sdep(model={"name": "smol", "source": "hf://HuggingFaceTB/SmolLM2-135M"}, env=[{"name": "HF_TOKEN", "value": "t"}])
+    workload = children(obj)[("Deployment", "chat")]
+    [init] = workload["spec"]["template"]["spec"]["initContainers"]
+    target = "/models/HuggingFaceTB/SmolLM2-135M"
+    assert init["command"] == ["hf", "download", "HuggingFaceTB/SmolLM2-135M", "--local-dir", target]
+    assert init["env"] == [{"name": "HF_TOKEN", "value": "t"}]
+    assert flag(engine(workload)["args"], "--model") == target
+
+
+def test_pdb_allows_one_disruption_and_never_blocks_on_unready_pods():
+    pdb = children(make_sdep())[("PodDisruptionBudget", "chat")]["spec"]
+    assert pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert pdb["selector"]["matchLabels"] == names.pod_selector("chat")
+
+
+def test_rollout_hash_ignores_the_token_budget_only():
+    obj = make_sdep()
+    base = build.rollout_hashes(obj, obj["spec"], "d")
+    budget_changed = make_sdep(engine={"tokenBudget": 4096})
+    seqs_changed = make_sdep(engine={"maxNumSeqs": 8})
+    assert build.rollout_hashes(budget_changed, budget_changed["spec"], "d") == base
+    assert build.rollout_hashes(seqs_changed, seqs_changed["spec"], "d") != base
+    assert build.rollout_hashes(obj, obj["spec"], "other-token") != base
+
+
+def test_workload_annotations_record_hash_and_template_budget():
+    obj = make_sdep()
+    workload = children(obj, template_budget=300)[("Deployment", "chat")]
+    annotations = workload["metadata"]["annotations"]
+    assert annotations[names.TOKEN_BUDGET] == "300"
+    assert annotations[names.ROLLOUT_HASH] == build.rollout_hashes(obj, obj["spec"], build.token_digest(TOKEN))["chat"]
+    assert workload["spec"]["template"]["metadata"]["annotations"][names.TOKEN_BUDGET] == "300"
+    assert flag(engine(workload)["args"], "--token-budget") == "300"
+
+
+def test_plan_is_deterministic():
+    obj = make_sdep(parallelism={"tensor": 4, "pipeline": 4}, replicas=3)
+    assert build.plan(obj, obj["spec"], token=TOKEN, template_budget=512) == build.plan(
+        obj, obj["spec"], token=TOKEN, template_budget=512)
+    assert layout(obj["spec"]["parallelism"]).pods_per_replica == 2
