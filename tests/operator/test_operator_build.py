@@ -218,3 +218,20 @@ def test_plan_is_deterministic():
     assert build.plan(obj, obj["spec"], token=TOKEN, template_budget=512) == build.plan(
         obj, obj["spec"], token=TOKEN, template_budget=512)
     assert layout(obj["spec"]["parallelism"]).pods_per_replica == 2
+
+
+def test_the_engine_cli_accepts_the_rendered_arguments():
+    """The contract with `sarathi serve`, checked against the engine's own parser."""
+    from sarathi_engine.cli import build_parser
+
+    obj = make_sdep(
+        parallelism={"tensor": 4, "pipeline": 4},
+        engine={"policy": "vllm", "tokenBudget": 2048, "maxNumSeqs": 128, "maxModelLen": 8192, "dtype": "bfloat16"},
+    )
+    args = engine(children(obj)[("StatefulSet", "chat-0")])["args"]
+    parsed = build_parser().parse_args(args)
+    assert (parsed.command, parsed.model, parsed.served_model_name, parsed.host, parsed.port) == (
+        "serve", "smollm2-135m-instruct", "chat", "0.0.0.0", 8000)
+    assert (parsed.policy, parsed.token_budget, parsed.max_num_seqs, parsed.max_model_len, parsed.dtype) == (
+        "vllm", 2048, 128, 8192, "bfloat16")
+    assert (parsed.tensor_parallel_size, parsed.pipeline_parallel_size) == (4, 4)
