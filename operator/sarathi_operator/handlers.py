@@ -32,6 +32,9 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     # The CRD is installed before the operator starts, so no list/watch of CRDs or namespaces
     # (and no RBAC for them) is needed.
     settings.scanning.disabled = True
+    # Watch only our children, filtered by the API server rather than in the operator.
+    for api_version, plural in CHILDREN:
+        settings.watching.label_selectors[api_version, plural] = f"{MANAGED_BY_LABEL}={OPERATOR}"
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -53,4 +56,4 @@ async def child_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, **_) -
 
 
 for _api_version, _plural in CHILDREN:
-    kopf.on.event(_api_version, _plural, labels={MANAGED_BY_LABEL: OPERATOR})(child_changed)
+    kopf.on.event(_api_version, _plural)(child_changed)
