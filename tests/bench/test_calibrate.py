@@ -20,7 +20,7 @@ def test_decode_time_of_a_server_with_fixed_iterations_and_streams_cancelled():
     async def body(url):
         return await measure_decode_time(url, "tiny", batch=4, context=8, max_model_len=4096, num_gaps=5)
 
-    assert asyncio.run(with_server(app, body)) == pytest.approx(0.02, abs=0.01)
+    assert 0.015 <= asyncio.run(with_server(app, body)) < 0.1
     assert len(seen) == 4 and all(b["max_tokens"] == 4088 and len(b["prompt"]) == 8 for b in seen)
 
 
@@ -33,7 +33,7 @@ def test_prefill_model_from_the_fastest_ttft_per_length():
     app, seen = make_app(tokens_per_chunk=[1], gap=0.01)
     model = asyncio.run(with_server(app, lambda url: measure_prefill(url, "tiny", [10, 50], repeats=2)))
     assert len(seen) == 4 and all(b["max_tokens"] == 1 for b in seen)
-    assert model(30) == pytest.approx(0.01, abs=0.01)
+    assert 0.005 <= model(30) < 0.1
 
 
 def test_prefill_model_fits_a_line_and_one_length_goes_through_the_origin():

@@ -18,7 +18,7 @@ def test_counts_every_token_when_chunks_carry_several():
     assert record.ok and record.output_tokens == 10 and len(record.token_times) == 10
     gaps = record.tbts
     assert (gaps == 0).sum() == 5  # 3 chunks of 3, 2, 3 tokens: 2 + 1 + 2 tokens ride with another
-    assert gaps.max() == pytest.approx(0.02, abs=0.015)
+    assert gaps[gaps > 0].min() >= 0.015  # the server's 20 ms between chunks; a busy machine only adds
     assert duration >= record.e2e
     assert seen[0]["prompt"] == [5, 6, 7] and seen[0]["ignore_eos"] is True and seen[0]["stream"] is True
 
@@ -44,7 +44,7 @@ def test_warm_up_detects_what_the_server_offers():
 def test_requests_leave_at_their_send_times_and_record_server_delay():
     app, _ = make_app(tokens_per_chunk=[1], gap=0.005, report_delay=0.125)
     records, _ = run(app, Load([[1], [2], [3]], [2, 2, 2], [0.0, 0.2, 0.4]))
-    assert [r.send_time for r in records] == pytest.approx([0.0, 0.2, 0.4], abs=0.05)
+    assert [r.send_time for r in records] == pytest.approx([0.0, 0.2, 0.4], abs=0.1)
     assert all(r.server_scheduling_delay == 0.125 for r in records)
 
 

@@ -154,7 +154,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         shutil.copyfile(out / "figure.png", figure)
         update_doc(args.doc, args.doc_section, results, figure)
         print(f"updated {args.doc} (section {args.doc_section}) and {figure}")
-    return 0
+    return 1 if any(t["error"] for t in results["targets"]) else 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import contextlib
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def target_server(plan: Plan, target: Target, out: Path):
 
 
 async def execute(plan: Plan, out: Path, progress: BenchProgress) -> dict:
+    """Run every target in turn; a target that fails is recorded with its error and the rest go on."""
     w = plan.workload
     results = {"meta": {"command": plan.command, "machine": machine(), "load_before": os.getloadavg(),
                         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "workload": asdict(w),
@@ -95,37 +97,60 @@ async def execute(plan: Plan, out: Path, progress: BenchProgress) -> dict:
                "targets": []}
     for target in plan.targets:
         progress.prefix = f"{target.label}: "
-        progress.note(f"{target.label}: {'starting server' if target.policy else 'connecting to ' + target.url}")
-        async with target_server(plan, target, out) as url:
-            endpoint = await connect(url, w)
-            meta = results["meta"]
-            if plan.slo and plan.slo.needs_decode_time and meta["decode_time_s"] is None:
-                context = max(1, round(plan.decode_context * w.scale))
-                meta["decode_time_s"] = await measure_decode_time(
-                    url, endpoint.model, plan.decode_batch, context, w.max_model_len,
-                    continuous_usage=endpoint.traits.continuous_usage, seed=w.seed)
-                meta.update(decode_batch=plan.decode_batch, decode_context=context)
-                progress.note(f"decode-only iteration at batch {plan.decode_batch}, context {context}: "
-                              f"{meta['decode_time_s'] * 1000:.1f} ms")
-            tbt_slo = plan.slo.resolve(meta["decode_time_s"]) if plan.slo else None
-            meta["tbt_slo_s"] = tbt_slo
-            entry = {**asdict(target), "model": endpoint.model, "traits": asdict(endpoint.traits),
-                     "prefill_model": asdict(endpoint.prefill) if endpoint.prefill else None,
-                     "points": [], "capacity": None}
-            results["targets"].append(entry)
-            for qps in plan.qps:
-                point = await run_point(endpoint, w, qps, tbt_slo, plan.ttft_slo, hooks=progress.hooks)
-                entry["points"].append(point.to_dict())
-                write_json(out / "results.json", results)
-            if plan.capacity:
-                entry["capacity"] = await find_capacity(
-                    endpoint, w, tbt_slo, plan.delay_bound, plan.start_qps, plan.tolerance, plan.max_probes,
-                    plan.probe_seconds, hooks=progress.hooks)
-                progress.note(f"{target.label}: capacity {entry['capacity']['capacity']:.3g} req/s")
+        entry = {**asdict(target), "points": [], "capacity": None, "error": None}
+        results["targets"].append(entry)
+        try:
+            await run_target(plan, target, entry, results["meta"], out, progress,
+                             save=lambda: write_json(out / "results.json", results))
+        except (OSError, RuntimeError, ValueError, TimeoutError) as error:
+            entry["error"] = f"{type(error).__name__}: {error}"
+            progress.note(f"[red]{target.label} failed: {entry['error']}")
         write_json(out / "results.json", results)
     results["meta"]["load_after"] = os.getloadavg()
     write_outputs(results, out)
     return results
+
+
+async def run_target(plan: Plan, target: Target, entry: dict, meta: dict, out: Path, progress: BenchProgress,
+                     save: Callable[[], None]) -> None:
+    w = plan.workload
+    progress.note(f"{target.label}: {'starting server' if target.policy else 'connecting to ' + target.url}")
+    async with target_server(plan, target, out) as url:
+        endpoint = await connect(url, w)
+        entry.update(model=endpoint.model, traits=asdict(endpoint.traits),
+                     prefill_model=asdict(endpoint.prefill) if endpoint.prefill else None)
+        if plan.slo and plan.slo.needs_decode_time and meta["decode_time_s"] is None:
+            context = max(1, round(plan.decode_context * w.scale))
+            meta["decode_time_s"] = await measure_decode_time(
+                url, endpoint.model, plan.decode_batch, context, w.max_model_len,
+                continuous_usage=endpoint.traits.continuous_usage, seed=w.seed)
+            meta.update(decode_batch=plan.decode_batch, decode_context=context)
+            progress.note(f"decode-only iteration at batch {plan.decode_batch}, context {context}: "
+                          f"{meta['decode_time_s'] * 1000:.1f} ms")
+        tbt_slo = plan.slo.resolve(meta["decode_time_s"]) if plan.slo else None
+        meta["tbt_slo_s"] = tbt_slo
+        for qps in plan.qps:
+            point = await run_point(endpoint, w, qps, tbt_slo, plan.ttft_slo, hooks=progress.hooks)
+            entry["points"].append(point.to_dict())
+            progress.note(f"{target.label} @ {qps:g} req/s: {brief(point.summary)}")
+            save()
+        if plan.capacity:
+            entry["capacity"] = await find_capacity(
+                endpoint, w, tbt_slo, plan.delay_bound, plan.start_qps, plan.tolerance, plan.max_probes,
+                plan.probe_seconds, hooks=progress.hooks,
+                on_probe=lambda probe: progress.note(
+                    f"{target.label} probe {probe['qps']:.3g} req/s {'passed' if probe['passed'] else 'failed'}: "
+                    f"{brief(probe['summary'])}"))
+            progress.note(f"{target.label}: capacity {entry['capacity']['capacity']:.3g} req/s")
+
+
+def brief(summary: dict) -> str:
+    def ms(key):
+        return "–" if summary[key] is None else f"{summary[key] * 1000:.0f} ms"
+
+    delay = summary["scheduling_delay_p50"]
+    return (f"P99 TBT {ms('tbt_p99')}, median TTFT {ms('ttft_p50')}, median delay "
+            f"{'–' if delay is None else f'{delay:.2f} s'}, {summary['num_failed']} failed")
 
 
 def write_outputs(results: dict, out: Path) -> None:

@@ -94,7 +94,7 @@ def probe_size(qps: float, probe_seconds: float | None, minimum: int, maximum: i
 async def find_capacity(endpoint: Endpoint, workload: WorkloadSpec, tbt_slo: float, delay_bound: float,
                         start_qps: float, tolerance: float = 0.1, max_probes: int = 8,
                         probe_seconds: float | None = None, min_requests: int = 20,
-                        hooks: Hooks | None = None) -> dict:
+                        hooks: Hooks | None = None, on_probe: Callable[[dict], None] | None = None) -> dict:
     search = Bisection(start_qps, tolerance, max_probes)
     probes = []
     while (qps := search.next_qps()) is not None:
@@ -103,4 +103,6 @@ async def find_capacity(endpoint: Endpoint, workload: WorkloadSpec, tbt_slo: flo
         passed = passes(point.summary, tbt_slo, delay_bound)
         search.record(qps, passed)
         probes.append({"qps": qps, "passed": passed, "summary": point.summary})
+        if on_probe:
+            on_probe(probes[-1])
     return {"capacity": search.capacity, "tbt_slo": tbt_slo, "delay_bound": delay_bound, "probes": probes}

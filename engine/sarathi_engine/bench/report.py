@@ -40,7 +40,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def points_table(results: dict) -> str:
-    return markdown_table(COLUMNS, [point_row(t["label"], p) for t in results["targets"] for p in t["points"]])
+    rows = [point_row(t["label"], p) for t in results["targets"] for p in t["points"]]
+    rows += [[t["label"], f"failed: {t['error']}"] + [""] * (len(COLUMNS) - 2)
+             for t in results["targets"] if t.get("error")]
+    return markdown_table(COLUMNS, rows)
 
 
 def capacity_table(results: dict) -> str:
