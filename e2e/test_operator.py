@@ -302,6 +302,10 @@ def test_tp2_replica_is_one_pod_with_two_gpus_and_the_engine_flags(k, namespace,
     assert status["observedGeneration"] == obj["metadata"]["generation"]
     assert condition(obj, "Ready")["status"] == "True"
     assert {"Pending", "Ready"} <= {e["reason"] for e in k.events(namespace, "tp2")}
+    header, row = k.run("get", "sdep", "tp2", "-n", namespace).stdout.splitlines()
+    assert header.split() == ["NAME", "MODEL", "TP", "PP", "REPLICAS", "READY", "BUDGET", "P99-TBT-MS", "PHASE", "AGE"]
+    assert row.split()[:6] + row.split()[-2:-1] == ["tp2", "tp2", "2", "1", "1", "1", "Ready"]
+    assert row.split()[6] == "768"
 
     children = owned_children(k, namespace, "tp2")
     assert {kind: len(v) for kind, v in children.items()} == {
