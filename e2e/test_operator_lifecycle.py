@@ -10,7 +10,6 @@ import statistics
 import threading
 import time
 
-import pytest
 from aiohttp import web
 from kubernetes import client, watch
 
