@@ -26,7 +26,8 @@ def render(results: dict, figure: str, section: str) -> str:
     lines = [
         begin,
         f"Run {meta['started']} on {m['cpu'] or 'an unnamed CPU'}, {m['cores']} cores, {m['memory_gib']} GiB, "
-        f"Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads), {m['platform']}.",
+        f"Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads), {m['platform']}; "
+        f"engine at commit {m.get('commit') or 'unknown'}.",
         f"Load average (1/5/15 min) before: {_load(meta['load_before'])}, after: {_load(meta.get('load_after'))}.",
         "",
         "```sh",

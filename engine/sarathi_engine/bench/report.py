@@ -86,7 +86,8 @@ def plot(results: dict, path: Path) -> None:
         qps = [p["qps"] for p in t["points"]]
         p99.plot(qps, [(p["summary"]["tbt_p99"] or np.nan) * 1000 for p in t["points"]], "o-", label=t["label"])
         ttft.plot(qps, [p["summary"]["ttft_p50"] or np.nan for p in t["points"]], "o-", label=t["label"])
-    cdf.set(xscale="log", xlabel="time between tokens (ms)", ylabel="fraction of gaps", title="TBT CDF")
+    # Gaps of 0 (tokens that arrived together) would stretch a log axis to nothing useful.
+    cdf.set(xscale="log", xlim=(1, None), xlabel="time between tokens (ms)", ylabel="fraction of gaps", title="TBT CDF")
     p99.set(yscale="log", xlabel="request rate (req/s)", ylabel="P99 TBT (ms)", title="P99 TBT vs load")
     ttft.set(yscale="log", xlabel="request rate (req/s)", ylabel="median TTFT (s)", title="Median TTFT vs load")
     if slo:
