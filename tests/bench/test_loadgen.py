@@ -60,13 +60,22 @@ def test_unreachable_server_is_an_error():
     assert not record.ok and "ClientConnectorError" in record.error
 
 
-def test_token_clock_ignores_usage_only_and_empty_chunks():
+def test_token_clock_without_usage_counts_a_token_per_choice_chunk_even_with_held_back_text():
     record = RequestRecord(0, 1, 5, 0.0)
     clock = TokenClock(record)
     clock.on_chunk(0.1, {"choices": [{"text": ""}]})
     clock.on_chunk(0.2, {"choices": [{"text": "x"}]})
     clock.on_chunk(0.3, {"choices": [], "usage": {"completion_tokens": 4}})
-    assert record.token_times == [0.2] and record.output_tokens == 4
+    assert record.token_times == [0.1, 0.2] and record.output_tokens == 4
+
+
+def test_token_clock_with_usage_in_every_chunk_counts_its_growth():
+    record = RequestRecord(0, 1, 5, 0.0)
+    clock = TokenClock(record)
+    clock.on_chunk(0.1, {"choices": [{"text": ""}], "usage": {"completion_tokens": 1}})
+    clock.on_chunk(0.2, {"choices": [{"text": "xyz"}], "usage": {"completion_tokens": 4}})
+    clock.on_chunk(0.3, {"choices": [], "usage": {"completion_tokens": 4}})
+    assert record.token_times == [0.1, 0.2, 0.2, 0.2] and record.output_tokens == 4
 
 
 def test_load_lengths_must_agree():

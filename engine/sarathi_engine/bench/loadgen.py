@@ -4,8 +4,10 @@ request at its arrival time, and records when every output token arrived.
 
 Token counting: each request asks for `stream_options.continuous_usage_stats` (vLLM's extension:
 `usage` in every chunk), so a chunk carries `completion_tokens - tokens seen` tokens, exact even
-when one chunk holds several. A server that ignores it is counted one token per chunk with text;
-the final `usage` (include_usage) is kept as the request's output token count either way.
+when one chunk holds several. A server that refuses it is counted one token per chunk that carries
+a choice, even with empty text (a token whose text is held back, e.g. half a UTF-8 character):
+our server and vLLM send one chunk per token. The final `usage` (include_usage) is kept as the
+request's output token count either way, so a mismatch shows.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class TokenClock:
             record.output_tokens = int(usage["completion_tokens"])
             new = record.output_tokens - len(record.token_times) if choices else 0
         else:
-            new = 1 if choices and choices[0].get("text") else 0
+            new = 1 if choices else 0
         record.token_times.extend([t] * max(0, new))
 
 
