@@ -20,6 +20,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", default="1GiB", help="KV cache size on CPU, e.g. 512MiB, 2GiB")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -27,6 +29,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         model=args.model, policy=args.policy, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
         kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
     )
 
 
@@ -48,6 +51,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sarathi_engine.server.main import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sarathi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--sampling-seed", type=int, default=None)
     generate.set_defaults(func=cmd_generate)
+
+    from sarathi_engine.server.main import add_serve_args
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    add_engine_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
     add_bench_parser(sub)
     return parser
 

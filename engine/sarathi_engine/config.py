@@ -144,6 +144,20 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
+def make_engine_config(model: str, policy: str = "sarathi", token_budget: int = 512, max_num_seqs: int = 128,
+                       max_model_len: int | None = None, dtype: str = "auto", device: str = "auto",
+                       kv_cache_memory: str | int = "1GiB", block_size: int = 16, seed: int = 0,
+                       tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> EngineConfig:
+    """The engine settings from the flat keyword arguments that LLM(...) and the CLI share."""
+    return EngineConfig(
+        model=model, dtype=dtype, device=device, seed=seed,
+        cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_memory_size(kv_cache_memory)),
+        scheduler=SchedulerConfig(policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
+                                  max_model_len=max_model_len),
+        parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size),
+    )
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
 

@@ -1,26 +1,16 @@
 """The offline API: `LLM(model=...).generate(prompts, params)` runs the engine to completion."""
 from __future__ import annotations
 
-from sarathi_engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, parse_memory_size
+from sarathi_engine.config import make_engine_config
 from sarathi_engine.engine import LLMEngine, RequestOutput
 from sarathi_engine.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str, policy: str = "sarathi", token_budget: int = 512, max_num_seqs: int = 128,
-                 max_model_len: int | None = None, dtype: str = "auto", device: str = "auto",
-                 kv_cache_memory: str | int = "1GiB", block_size: int = 16, seed: int = 0,
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:
-        self.engine = LLMEngine(EngineConfig(
-            model=model,
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_memory_size(kv_cache_memory)),
-            scheduler=SchedulerConfig(policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
-                                      max_model_len=max_model_len),
-            parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size),
-        ))
+    def __init__(self, model: str, **settings) -> None:
+        """settings: policy, token_budget, max_num_seqs, max_model_len, dtype, device,
+        kv_cache_memory, block_size, seed, tensor_parallel_size, pipeline_parallel_size."""
+        self.engine = LLMEngine(make_engine_config(model, **settings))
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],

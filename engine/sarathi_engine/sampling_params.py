@@ -22,7 +22,8 @@ class SamplingParams:
         check(_is_number(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
         check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
         check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        check(self.seed is None or _is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),
+              f"seed must be a 64-bit integer, got {self.seed!r}")
         check(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
         check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers")
 

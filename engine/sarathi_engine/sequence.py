@@ -35,7 +35,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
-        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed % 2**64)
 
     @property
     def num_tokens(self) -> int:

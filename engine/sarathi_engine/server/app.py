@@ -1,0 +1,256 @@
+"""The aiohttp application: OpenAI routes, probes, /metrics and the admin API.
+
+Handlers turn bodies into engine requests through `protocol` and stream what `AsyncEngine`
+yields. Every failure leaves as an OpenAI-style JSON error; nothing a client sends can take the
+server down.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sarathi_engine.config import check_token_budget
+from sarathi_engine.server import protocol
+from sarathi_engine.server.async_engine import AsyncEngine, EngineDead, Overloaded
+from sarathi_engine.server.openapi import openapi_document
+from sarathi_engine.server.protocol import GenerationRequest, RequestError
+
+log = logging.getLogger("sarathi.server")
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine | None  # None while the model loads
+    served_model_name: str
+    max_model_len: int
+    admin_token: str | None
+    draining: bool = False
+
+
+STATE = web.AppKey("state", ServerState)
+
+
+def json_error(status: int, message: str, kind: str, param: str | None = None) -> web.Response:
+    return web.json_response(protocol.error_body(message, kind, param), status=status)
+
+
+ERROR_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 503: "service_unavailable"}
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except RequestError as e:
+        return web.json_response(e.body(), status=e.status)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return json_error(e.status, e.reason if e.status != 413 else f"request body too large: {e.text}",
+                          ERROR_KINDS.get(e.status, "invalid_request_error"))
+    except Overloaded as e:
+        return json_error(429, str(e), "rate_limit_error")
+    except EngineDead as e:
+        return json_error(503, str(e), "service_unavailable")
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return json_error(500, "internal error; the server logged the details", "internal_error")
+
+
+async def read_json(request: web.Request) -> object:
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+
+
+def loaded(state: ServerState) -> AsyncEngine:
+    if state.engine is None:
+        raise RequestError("the model is still loading", status=503, kind="service_unavailable")
+    return state.engine
+
+
+def check_serving(state: ServerState, request: GenerationRequest) -> None:
+    loaded(state)
+    if state.draining:
+        raise RequestError("the server is shutting down", status=503, kind="service_unavailable")
+    if request.model is not None and request.model != state.served_model_name:
+        raise RequestError(f"The model `{request.model}` does not exist.", status=404, param="model",
+                           kind="not_found_error")
+
+
+def prepare(state: ServerState, request: GenerationRequest, tokenize) -> list[tuple[list[int], object]]:
+    """(prompt token ids, sampling params) per prompt, or the first RequestError."""
+    prepared = []
+    for prompt in request.prompts:
+        try:
+            ids = tokenize(prompt)
+        except ValueError as e:
+            raise RequestError(str(e), param="prompt") from None
+        try:
+            prepared.append((ids, request.sampling_params(len(ids), state.max_model_len)))
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+    return prepared
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    parsed = protocol.parse_completion(await read_json(request))
+    check_serving(state, parsed)
+    return await generate(request, state, parsed, state.engine.engine.tokenize, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    parsed = protocol.parse_chat(await read_json(request))
+    check_serving(state, parsed)
+    tokenizer = state.engine.engine.tokenizer
+
+    def tokenize(messages):
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        except Exception as e:  # templates reject some role orders with their own exceptions
+            raise ValueError(f"the chat template rejected these messages: {e}") from None
+        return state.engine.engine.tokenize(list(ids))
+
+    return await generate(request, state, parsed, tokenize, chat=True)
+
+
+async def generate(request: web.Request, state: ServerState, parsed: GenerationRequest, tokenize, chat: bool):
+    prepared = prepare(state, parsed, tokenize)
+    request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    submission = state.engine.submit(prepared, request_id)
+    prompt_tokens = sum(len(ids) for ids, _ in prepared)
+    try:
+        if parsed.stream:
+            return await stream_response(request, request_id, state.served_model_name, submission, prompt_tokens,
+                                         parsed.include_usage, chat)
+        finals = {}
+        async for index, out in submission.outputs():
+            if out.finished:
+                finals[index] = out
+    finally:
+        submission.abort()  # a no-op once everything finished; otherwise the client left
+    choices = [protocol.choice(i, finals[i].text, finals[i].finish_reason, chat) for i in sorted(finals)]
+    completion_tokens = sum(len(out.token_ids) for out in finals.values())
+    return web.json_response(protocol.completion_response(
+        request_id, state.served_model_name, choices, protocol.usage(prompt_tokens, completion_tokens), chat))
+
+
+async def stream_response(request, request_id, model, submission, prompt_tokens, include_usage, chat):
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    if chat:
+        for index in range(len(submission.index)):
+            await send(response, protocol.chunk(request_id, model, index, None, None, chat, role=True))
+    completion_tokens = 0
+    try:
+        # One event per token, even when its text is still held back, so clients can time every token.
+        async for index, out in submission.outputs():
+            completion_tokens += len(out.new_token_ids)
+            await send(response, protocol.chunk(request_id, model, index, out.new_text, out.finish_reason, chat))
+    except EngineDead as e:
+        await send(response, protocol.error_body(str(e), "service_unavailable"))
+        return response
+    if include_usage:
+        await send(response, protocol.usage_chunk(request_id, model, protocol.usage(prompt_tokens, completion_tokens), chat))
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+async def send(response: web.StreamResponse, payload: dict) -> None:
+    await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response({"object": "list", "data": [{
+        "id": state.served_model_name, "object": "model", "created": int(time.time()), "owned_by": "sarathi",
+        "max_model_len": state.max_model_len,
+    }]})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.engine is None:
+        return web.json_response({"status": "loading"}, status=503)
+    if state.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    if not state.engine.alive:
+        return web.json_response({"status": "engine stopped"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(loaded(request.app[STATE]).metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def check_admin(request: web.Request) -> None:
+    token = request.app[STATE].admin_token
+    if not token:
+        raise RequestError("admin API disabled: set SARATHI_ADMIN_TOKEN to enable it", status=403,
+                           kind="permission_error")
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise RequestError("missing or wrong admin bearer token", status=401, kind="authentication_error")
+
+
+def live_config(state: ServerState) -> dict:
+    engine = loaded(state).engine
+    return {"token_budget": engine.token_budget, "policy": engine.config.scheduler.policy,
+            "max_num_seqs": engine.config.scheduler.max_num_seqs, "max_model_len": state.max_model_len,
+            "max_waiting": state.engine.max_waiting, "served_model_name": state.served_model_name}
+
+
+async def get_admin_config(request: web.Request) -> web.Response:
+    check_admin(request)
+    return web.json_response(live_config(request.app[STATE]))
+
+
+async def patch_admin_config(request: web.Request) -> web.Response:
+    check_admin(request)
+    body = await read_json(request)
+    if not isinstance(body, dict) or set(body) != {"token_budget"}:
+        raise RequestError('the body must be {"token_budget": N}: only the token budget can change live')
+    try:
+        loaded(request.app[STATE]).engine.set_token_budget(check_token_budget(body["token_budget"]))
+    except ValueError as e:
+        raise RequestError(str(e), param="token_budget") from None
+    log.info("token budget set to %s", body["token_budget"])
+    return web.json_response(live_config(request.app[STATE]))
+
+
+async def openapi(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response(openapi_document(state.served_model_name, loaded(state).engine.model_config.vocab_size))
+
+
+def build_app(state: ServerState, max_request_bytes: int) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json], client_max_size=max_request_bytes)
+    app[STATE] = state
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/config", get_admin_config)
+    app.router.add_patch("/admin/config", patch_admin_config)
+    app.router.add_get("/openapi.json", openapi)
+    return app

@@ -1,0 +1,69 @@
+"""The server's Prometheus metrics: latency histograms fine enough to read a P99 anywhere between
+a few milliseconds and tens of seconds, and gauges read live from the engine at scrape time."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+def latency_buckets(low: float = 0.001, high: float = 60.0, ratio: float = 1.15) -> list[float]:
+    """Geometric buckets: each about 15% wider than the last, so a percentile read from them is off
+    by at most that much."""
+    buckets, edge = [], low
+    while edge < high:
+        buckets.append(float(f"{edge:.4g}"))
+        edge *= ratio
+    return buckets + [high]
+
+
+def token_buckets(high: int = 65536) -> list[float]:
+    edges, edge = [], 1
+    while edge <= high:
+        edges.extend([edge, edge * 1.5] if edge >= 4 else [edge])
+        edge *= 2
+    return [float(e) for e in edges]
+
+
+class ServerMetrics:
+    def __init__(self, engine, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r, lat = self.registry, latency_buckets()
+
+        def histogram(name, doc, buckets=lat):
+            return Histogram(name, doc, labels, registry=r, buckets=buckets).labels(model_name)
+
+        def counter(name, doc):
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def gauge(name, doc, read):
+            g = Gauge(name, doc, labels, registry=r)
+            g.labels(model_name).set_function(read)
+
+        self.ttft = histogram("sarathi_time_to_first_token_seconds", "Time from arrival to the first output token.")
+        self.tbt = histogram("sarathi_time_between_tokens_seconds", "Time between consecutive output tokens of a request.")
+        self.e2e = histogram("sarathi_e2e_request_latency_seconds", "Time from arrival to the last output token.")
+        self.queue = histogram("sarathi_request_queue_time_seconds", "Time from arrival to first being scheduled.")
+        self.iteration_tokens = histogram("sarathi_iteration_tokens", "Tokens (prefill + decode) per engine iteration.",
+                                          buckets=token_buckets())
+        self.iteration_seconds = histogram("sarathi_iteration_seconds", "Wall time of one engine iteration.")
+        self.preemptions = counter("sarathi_num_preemptions", "Sequences preempted (recomputed later) for lack of KV blocks.")
+        self.prompt_tokens = counter("sarathi_prompt_tokens", "Prompt tokens of requests admitted.")
+        self.generation_tokens = counter("sarathi_generation_tokens", "Output tokens generated.")
+        self.requests = Counter("sarathi_requests", "Finished requests by finish reason.", labels + ["finish_reason"],
+                                registry=r)
+        self.model_name = model_name
+        gauge("sarathi_num_requests_running", "Requests holding KV blocks (prefilling or decoding).",
+              lambda: engine.num_running)
+        gauge("sarathi_num_requests_waiting", "Requests waiting to be admitted.", lambda: engine.num_waiting)
+        gauge("sarathi_kv_cache_usage_ratio", "Share of KV cache blocks in use.", lambda: engine.blocks.usage)
+        gauge("sarathi_token_budget", "The token budget in force for the next iteration.", lambda: engine.token_budget)
+        self._preemptions_seen = 0
+
+    def observe_iteration(self, stats, total_preemptions: int) -> None:
+        self.iteration_tokens.observe(stats.num_tokens)
+        self.iteration_seconds.observe(stats.duration)
+        self.preemptions.inc(total_preemptions - self._preemptions_seen)
+        self._preemptions_seen = total_preemptions
+
+    def finished(self, reason: str) -> None:
+        self.requests.labels(self.model_name, reason).inc()

@@ -1,0 +1,84 @@
+"""/metrics tells the truth about what was served, and the admin API turns the token budget live."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from serving import ADMIN_TOKEN, count, get, post, scrape
+
+
+def admin(server, body: dict | None = None, token: str | None = ADMIN_TOKEN) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if body is None:
+        return get(server.url + "/admin/config", headers)
+    return post(server.url + "/admin/config", body, method="PATCH", headers=headers)
+
+
+def test_latency_histogram_counts_match_requests_and_tokens(smol_server):
+    before = scrape(smol_server.url)
+    lengths = [1, 5, 17, 32, 9, 24]
+    with ThreadPoolExecutor(len(lengths)) as pool:
+        results = list(pool.map(lambda n: post(smol_server.url + "/v1/completions", {
+            "prompt": f"Count to {n}:", "max_tokens": n, "ignore_eos": True, "temperature": 0}), lengths))
+    assert [r[1]["usage"]["completion_tokens"] for r in results] == lengths
+    after = scrape(smol_server.url)
+
+    def delta(name, **labels):
+        return count(after, name, **labels) - count(before, name, **labels)
+
+    assert delta("sarathi_time_to_first_token_seconds_count") == len(lengths)
+    assert delta("sarathi_time_between_tokens_seconds_count") == sum(n - 1 for n in lengths)
+    assert delta("sarathi_e2e_request_latency_seconds_count") == len(lengths)
+    assert delta("sarathi_request_queue_time_seconds_count") == len(lengths)
+    assert delta("sarathi_generation_tokens_total") == sum(lengths)
+    assert delta("sarathi_requests_total", finish_reason="length") == len(lengths)
+    assert delta("sarathi_iteration_tokens_count") >= max(lengths)
+    tbt_buckets = [k for k in after if k[0] == "sarathi_time_between_tokens_seconds_bucket"]
+    edges = sorted(float(dict(k[1])["le"]) for k in tbt_buckets)
+    assert edges[0] <= 0.005 and edges[-2] >= 10 and all(b / a < 1.2 for a, b in zip(edges[:-2], edges[1:-1]))
+    for name in ("sarathi_num_requests_running", "sarathi_num_requests_waiting", "sarathi_kv_cache_usage_ratio",
+                 "sarathi_num_preemptions_total", "sarathi_prompt_tokens_total"):
+        assert (name, ()) in after, name
+
+
+def test_patching_the_budget_changes_the_gauge_and_the_iterations(smol_server):
+    status, config = admin(smol_server)
+    assert status == 200 and config["policy"] == "sarathi" and config["max_num_seqs"] == 128
+    long_prompt = {"prompt": [100 + i for i in range(600)], "max_tokens": 2, "temperature": 0}
+    for budget, chunk_bucket, smaller_bucket in ((64, "64.0", "48.0"), (128, "128.0", "96.0")):
+        status, config = admin(smol_server, {"token_budget": budget})
+        assert status == 200 and config["token_budget"] == budget
+        assert count(scrape(smol_server.url), "sarathi_token_budget") == budget
+        before = scrape(smol_server.url)
+        assert post(smol_server.url + "/v1/completions", long_prompt)[0] == 200
+        after = scrape(smol_server.url)
+
+        def delta(le):
+            key = "sarathi_iteration_tokens_bucket"
+            return count(after, key, le=le) - count(before, key, le=le)
+
+        iterations = count(after, "sarathi_iteration_tokens_count") - count(before, "sarathi_iteration_tokens_count")
+        assert delta(chunk_bucket) == iterations  # no iteration above the budget
+        assert iterations - delta(smaller_bucket) >= 600 // budget  # full chunks of exactly the budget
+    admin(smol_server, {"token_budget": 256})
+
+
+@pytest.mark.parametrize("body,token,status,message", [
+    (None, None, 401, "missing or wrong admin bearer token"),
+    (None, "wrong", 401, "missing or wrong admin bearer token"),
+    ({"token_budget": 64}, "wrong", 401, "missing or wrong admin bearer token"),
+    ({"token_budget": 0}, ADMIN_TOKEN, 400, "token_budget must be a positive integer"),
+    ({"token_budget": "64"}, ADMIN_TOKEN, 400, "token_budget must be a positive integer"),
+    ({"token_budget": 64, "policy": "vllm"}, ADMIN_TOKEN, 400, "only the token budget can change live"),
+    ([], ADMIN_TOKEN, 400, "only the token budget can change live"),
+])
+def test_admin_api_refuses_bad_tokens_and_values(smol_server, body, token, status, message):
+    code, error = admin(smol_server, body, token)
+    assert code == status and message in error["error"]["message"]
+    assert admin(smol_server)[1]["token_budget"] == 256
+
+
+def test_admin_api_is_disabled_without_a_token(tiny_server):
+    server = tiny_server(env={"SARATHI_ADMIN_TOKEN": ""})
+    code, error = admin(server, {"token_budget": 64})
+    assert code == 403 and "admin API disabled" in error["error"]["message"]
