@@ -83,10 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
     add_bench_parser(sub)
+
+    # Listed for --help only: main() hands `sarathi operator ...` to the operator's own parser.
+    sub.add_parser("operator", help="run the Kubernetes operator (sarathi operator --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["operator"]:
+        from sarathi_operator.cli import main as operator_main
+
+        return operator_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -38,6 +38,8 @@ def test_completion_streamed_text_equals_non_streamed(client):
     chunks = list(client.completions.create(model="smollm2", prompt=prompt, max_tokens=40, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
     assert len(chunks) == 40  # one event per token
+    assert 0 <= chunks[0].model_extra["sarathi"]["scheduling_delay"] < 5
+    assert all("sarathi" not in c.model_extra for c in chunks[1:])
 
 
 def test_token_id_prompts_batches_and_sampling_fields(client):

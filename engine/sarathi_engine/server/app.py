@@ -158,8 +158,12 @@ async def stream_response(request, request_id, model, submission, prompt_tokens,
     try:
         # One event per token, even when its text is still held back, so clients can time every token.
         async for index, out in submission.outputs():
+            event = protocol.chunk(request_id, model, index, out.new_text, out.finish_reason, chat)
+            if len(out.token_ids) == 1 and out.new_token_ids and out.first_scheduled_time is not None:
+                # What a client cannot see: how long the request waited before it was first scheduled.
+                event["sarathi"] = {"scheduling_delay": max(0.0, out.first_scheduled_time - out.arrival_time)}
             completion_tokens += len(out.new_token_ids)
-            await send(response, protocol.chunk(request_id, model, index, out.new_text, out.finish_reason, chat))
+            await send(response, event)
     except EngineDead as e:
         await send(response, protocol.error_body(str(e), "service_unavailable"))
         return response
