@@ -1,5 +1,7 @@
 """What every policy shares: the waiting queue and running list, admission against the block
-manager, and preemption by recompute of the youngest running sequence when blocks run out."""
+manager, preemption by recompute of the youngest running sequence when blocks run out, and the
+in-flight set: under pipeline parallelism several batches run at once, and a sequence in one of
+them is neither scheduled again nor preempted until its batch lands."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -35,6 +37,7 @@ class Scheduler(ABC):
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; the last is the youngest
+        self.in_flight: set[Sequence] = set()
         self.num_preemptions = 0
 
     @abstractmethod
@@ -46,6 +49,17 @@ class Scheduler(ABC):
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def launch(self, plan: SchedulerOutput) -> None:
+        """The plan's batch has started: its sequences are out of reach until it lands."""
+        self.in_flight.update(c.seq for c in plan.chunks)
+
+    def land(self, plan: SchedulerOutput) -> None:
+        self.in_flight.difference_update(c.seq for c in plan.chunks)
+
+    def ready(self) -> list[Sequence]:
+        """The running sequences a new batch may take: those not in flight."""
+        return [s for s in self.running if s not in self.in_flight]
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence wherever it is."""
@@ -72,7 +86,8 @@ class Scheduler(ABC):
         as needed. False when seq itself was the youngest and had to go."""
         target = seq.num_computed_tokens + num_tokens
         while not self.blocks.can_grow(seq, target):
-            victim = self.running[-1]
+            # An in-flight batch is still writing its sequences' blocks: never take those.
+            victim = next(s for s in reversed(self.running) if s not in self.in_flight)
             self.preempt(victim)
             if victim is seq:
                 return False
@@ -87,8 +102,8 @@ class Scheduler(ABC):
         self.num_preemptions += 1
 
     def schedule_decodes(self, out: SchedulerOutput, limit: int) -> None:
-        """One token for each running decode, oldest first, at most `limit` of them."""
-        for seq in [s for s in self.running if s.is_decoding]:
+        """One token for each ready decode, oldest first, at most `limit` of them."""
+        for seq in [s for s in self.ready() if s.is_decoding]:
             if out.num_tokens >= limit:
                 return
             if seq.status is Status.RUNNING and self.make_room(seq, 1):

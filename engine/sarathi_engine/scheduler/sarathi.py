@@ -12,7 +12,7 @@ class SarathiScheduler(Scheduler):
         budget = self.config.token_budget
         out = SchedulerOutput()
         self.schedule_decodes(out, budget)
-        for seq in [s for s in self.running if not s.is_decoding]:
+        for seq in [s for s in self.ready() if not s.is_decoding]:
             if out.num_tokens >= budget:
                 return out
             if seq.status is Status.RUNNING:
