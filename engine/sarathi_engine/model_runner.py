@@ -1,6 +1,6 @@
-"""Runs one scheduled batch through the model: flattens the chunks into token ids, positions and
-cache slots, builds the attention metadata, runs the forward pass, and samples a token for every
-sequence whose chunk reached the end of its known tokens."""
+"""Runs one scheduled batch through this rank's part of the model: flattens the chunks into token
+ids, positions and cache slots, builds the attention metadata, runs the forward pass, and samples
+a token for every sequence whose chunk reached the end of its known tokens."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +11,7 @@ import torch
 from sarathi_engine.attention import AttentionMetadata, select_backend
 from sarathi_engine.attention.flash_backend import FLASH_BLOCK_SIZE
 from sarathi_engine.config import CacheConfig, ModelConfig
+from sarathi_engine.distributed import agree_min
 from sarathi_engine.kv_cache import BlockManager, allocate_kv_cache, bytes_per_block
 from sarathi_engine.model.llama import LlamaForCausalLM
 from sarathi_engine.model.loader import load_weights
@@ -20,11 +21,35 @@ from sarathi_engine.scheduler import ScheduledChunk
 
 @dataclass
 class BatchInputs:
+    """What every rank needs to run its part of one batch."""
+
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
-    chunks: list[ScheduledChunk]  # prefills first, then decodes: the order of the token run
     sample_rows: list[int]  # index of the last token of each chunk that completes its sequence
+
+
+@dataclass
+class Batch:
+    """A scheduled batch on rank 0: its chunks and the inputs made from them."""
+
+    chunks: list[ScheduledChunk]  # prefills first, then decodes: the order of the token run
+    inputs: BatchInputs
+
+
+def make_inputs(input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, query_lens: list[int],
+                context_lens: list[int], block_tables: torch.Tensor, sample_rows: list[int],
+                device: torch.device) -> BatchInputs:
+    meta = AttentionMetadata(
+        slot_mapping=slots.to(device),
+        query_lens=query_lens,
+        context_lens=context_lens,
+        block_tables=block_tables.to(device),
+        num_prefills=sum(1 for n in query_lens if n > 1),
+        context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, *_cumsum(query_lens)], dtype=torch.int32, device=device),
+    )
+    return BatchInputs(input_ids.to(device), positions.to(device), meta, sample_rows)
 
 
 def pick_device(name: str) -> torch.device:
@@ -54,7 +79,8 @@ class ModelRunner:
         self.model.eval()
         attention = self.model.attention_layers()
         kv_heads = attention[0].num_kv_heads
-        self.num_blocks = self.size_cache(cache, bytes_per_block(cfg, len(attention), kv_heads, cache.block_size))
+        # Every rank must hold as many blocks as rank 0 hands out, whatever its share of the model.
+        self.num_blocks = agree_min(self.size_cache(cache, bytes_per_block(cfg, len(attention), kv_heads, cache.block_size)))
         self.kv_cache = allocate_kv_cache(cfg, len(attention), kv_heads, self.num_blocks, cache.block_size, device)
         for layer, module in enumerate(attention):
             module.k_cache, module.v_cache = self.kv_cache[layer, 0], self.kv_cache[layer, 1]
@@ -65,7 +91,7 @@ class ModelRunner:
             return int(free * cache.gpu_memory_utilization) // block_bytes
         return cache.kv_cache_memory // block_bytes
 
-    def prepare(self, chunks: list[ScheduledChunk], blocks: BlockManager) -> BatchInputs:
+    def prepare(self, chunks: list[ScheduledChunk], blocks: BlockManager) -> Batch:
         chunks = sorted(chunks, key=lambda c: c.num_tokens == 1)  # prefills first, stable
         ids, positions, slots, sample_rows = [], [], [], []
         for chunk in chunks:
@@ -76,40 +102,41 @@ class ModelRunner:
             slots.extend(blocks.slot(seq, p) for p in range(start, end))
             if completes(chunk):
                 sample_rows.append(len(ids) - 1)
-        query_lens = [c.num_tokens for c in chunks]
-        context_lens = [c.seq.num_computed_tokens + c.num_tokens for c in chunks]
         widest = max(len(c.seq.block_table) for c in chunks)
         tables = [c.seq.block_table + [0] * (widest - len(c.seq.block_table)) for c in chunks]
-        device = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            query_lens=query_lens,
-            context_lens=context_lens,
-            block_tables=torch.tensor(tables, dtype=torch.long, device=device),
-            num_prefills=sum(1 for n in query_lens if n > 1),
-            context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32, device=device),
-            query_start_loc=torch.tensor([0, *_cumsum(query_lens)], dtype=torch.int32, device=device),
+        long = torch.long
+        inputs = make_inputs(
+            torch.tensor(ids, dtype=long), torch.tensor(positions, dtype=long), torch.tensor(slots, dtype=long),
+            [c.num_tokens for c in chunks], [c.seq.num_computed_tokens + c.num_tokens for c in chunks],
+            torch.tensor(tables, dtype=long), sample_rows, self.device,
         )
-        return BatchInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
-            meta=meta,
-            chunks=chunks,
-            sample_rows=sample_rows,
-        )
+        return Batch(chunks, inputs)
 
     @torch.inference_mode()
-    def execute(self, batch: BatchInputs) -> list[int | None]:
+    def forward(self, inputs: BatchInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """This stage's output: from token ids on the first stage, from `hidden` on the others."""
+        return self.model(inputs.input_ids, inputs.positions, inputs.meta, hidden)
+
+    @torch.inference_mode()
+    def logits(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """Logits of the last stage's rows on rank 0 (None on the other first-stage ranks)."""
+        logits = self.model.compute_logits(rows)
+        return None if logits is None else logits.cpu()
+
+    def sample(self, batch: Batch, logits: torch.Tensor) -> list[int | None]:
         """The sampled token of each chunk (in batch order), None for chunks mid-prefill."""
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta)
         tokens: list[int | None] = [None] * len(batch.chunks)
-        if batch.sample_rows:
-            logits = self.model.compute_logits(hidden[batch.sample_rows]).cpu()
-            finishing = [i for i, c in enumerate(batch.chunks) if completes(c)]
-            sampled = sample(logits, [batch.chunks[i].seq for i in finishing], self.generator)
-            for i, token in zip(finishing, sampled):
-                tokens[i] = token
+        finishing = [i for i, c in enumerate(batch.chunks) if completes(c)]
+        for i, token in zip(finishing, sample(logits, [batch.chunks[i].seq for i in finishing], self.generator)):
+            tokens[i] = token
         return tokens
+
+    def execute(self, batch: Batch) -> list[int | None]:
+        """The whole model in this process (every stage here): forward, logits, sample."""
+        hidden = self.forward(batch.inputs)
+        if not batch.inputs.sample_rows:
+            return [None] * len(batch.chunks)
+        return self.sample(batch, self.logits(hidden[batch.inputs.sample_rows]))
 
 
 def completes(chunk: ScheduledChunk) -> bool:

@@ -3,12 +3,13 @@ themselves across tensor-parallel ranks when their weights are loaded."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sarathi_engine.distributed import parallel_state, tp_all_gather_last_dim, tp_all_reduce
+from sarathi_engine.distributed import parallel_state, tp_all_reduce, tp_gather_last_dim
 
 
 class RMSNorm(nn.Module):
@@ -74,64 +75,89 @@ class ShardedLinear(nn.Module):
     """A linear whose weight holds several logical parts side by side (q|k|v, gate|up), each
     part cut along its output rows for this rank; `load(part, weight)` copies one part in."""
 
-    def __init__(self, input_size: int, parts: list[tuple[int, int]], bias: bool) -> None:
-        # parts: (rows this rank holds, first row of the full checkpoint tensor it holds)
+    def __init__(self, input_size: int, parts: list[range], bias: bool) -> None:
+        # parts: the rows of each full checkpoint tensor that this rank holds
         super().__init__()
         self.parts = parts
-        rows = sum(n for n, _ in parts)
+        rows = sum(len(r) for r in parts)
         self.weight = nn.Parameter(torch.empty(rows, input_size), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(rows), requires_grad=False) if bias else None
 
     def load(self, part: int, name: str, tensor: torch.Tensor) -> None:
-        rows, first = self.parts[part]
-        offset = sum(n for n, _ in self.parts[:part])
+        rows = self.parts[part]
+        offset = sum(len(r) for r in self.parts[:part])
         target = self.weight if name == "weight" else self.bias
-        target.data[offset : offset + rows].copy_(tensor[first : first + rows])
+        target.data[offset : offset + len(rows)].copy_(tensor[rows.start : rows.stop])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
-def column_parts(sizes: list[int]) -> list[tuple[int, int]]:
-    state = parallel_state()
-    for size in sizes:
-        if size % state.tp_size:
-            raise ValueError(f"size {size} is not divisible by tensor-parallel size {state.tp_size}")
-    return [(size // state.tp_size, state.tp_rank * size // state.tp_size) for size in sizes]
+def even_split(n: int, parts: int, index: int) -> range:
+    """The index-th of `parts` contiguous pieces of range(n), sizes differing by at most one;
+    earlier pieces take the remainder."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return range(start, start + base + (1 if index < extra else 0))
 
 
-def qkv_parts(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[list[tuple[int, int]], int, int]:
-    """Rows of q, k and v this rank holds, and its local head counts. KV heads are replicated
-    when there are fewer of them than ranks."""
+def scaled(r: range, factor: int) -> range:
+    return range(r.start * factor, r.stop * factor)
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    heads: range  # query heads this rank computes
+    kv_heads: range  # the key/value heads they attend with
+
+
+def head_shard(num_heads: int, num_kv_heads: int, tp_size: int, tp_rank: int) -> HeadShard:
+    """Query heads go to ranks in whole KV groups, as evenly as possible: SmolLM2's 9 heads in 3
+    groups over 2 ranks become 6 and 3. With fewer KV heads than ranks, each KV head is replicated
+    on tp_size / num_kv_heads ranks, which split its group's query heads evenly."""
+    group = num_heads // num_kv_heads
+    if num_kv_heads >= tp_size:
+        groups = even_split(num_kv_heads, tp_size, tp_rank)
+        return HeadShard(scaled(groups, group), groups)
+    replicas = tp_size // num_kv_heads
+    if tp_size % num_kv_heads or group % replicas:
+        raise ValueError(
+            f"{num_heads} attention heads with {num_kv_heads} KV heads cannot be split over tensor-parallel "
+            f"size {tp_size}: with fewer KV heads than ranks, each KV head must be replicated on a whole number "
+            f"of ranks that split its {group} query heads evenly"
+        )
+    per_rank = group // replicas
+    kv = tp_rank // replicas
+    return HeadShard(range(tp_rank * per_rank, (tp_rank + 1) * per_rank), range(kv, kv + 1))
+
+
+def qkv_parts(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[list[range], HeadShard]:
+    """Rows of q, k and v this rank holds, and its heads."""
     state = parallel_state()
-    tp, rank = state.tp_size, state.tp_rank
-    if num_heads % tp:
-        raise ValueError(f"{num_heads} attention heads are not divisible by tensor-parallel size {tp}")
-    if num_kv_heads % tp and tp % num_kv_heads:
-        raise ValueError(f"{num_kv_heads} KV heads cannot be split over or replicated to tensor-parallel size {tp}")
-    heads = num_heads // tp
-    kv_heads = max(1, num_kv_heads // tp)
-    first_kv = rank * num_kv_heads // tp  # the KV head that this rank's query heads attend with
-    kv = (kv_heads * head_dim, first_kv * head_dim)
-    return [(heads * head_dim, rank * heads * head_dim), kv, kv], heads, kv_heads
+    shard = head_shard(num_heads, num_kv_heads, state.tp_size, state.tp_rank)
+    kv = scaled(shard.kv_heads, head_dim)
+    return [scaled(shard.heads, head_dim), kv, kv], shard
+
+
+def column_part(size: int) -> range:
+    state = parallel_state()
+    return even_split(size, state.tp_size, state.tp_rank)
 
 
 class RowParallelLinear(nn.Module):
-    """Input features split across ranks; partial outputs summed by all-reduce."""
+    """Input features split across ranks (`columns`, this rank's share); partial outputs summed by all-reduce."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(self, columns: range, output_size: int, bias: bool = False) -> None:
         super().__init__()
-        state = parallel_state()
-        self.rows_per_rank = input_size // state.tp_size
-        self.first = state.tp_rank * self.rows_per_rank
-        self.weight = nn.Parameter(torch.empty(output_size, self.rows_per_rank), requires_grad=False)
+        self.columns = columns
+        self.weight = nn.Parameter(torch.empty(output_size, len(columns)), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
 
     def load(self, part: int, name: str, tensor: torch.Tensor) -> None:
         if name == "bias":
             self.bias.data.copy_(tensor)
         else:
-            self.weight.data.copy_(tensor[:, self.first : self.first + self.rows_per_rank])
+            self.weight.data.copy_(tensor[:, self.columns.start : self.columns.stop])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = tp_all_reduce(F.linear(x, self.weight))
@@ -139,17 +165,21 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Embedding rows split across ranks; each rank looks up its own and all-reduce fills the rest."""
+    """Embedding rows split across ranks in equal shards (the last padded with zero rows, so that
+    gathered shards line up); each rank looks up its own rows and all-reduce fills in the rest."""
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
         state = parallel_state()
-        (self.rows, self.first), = column_parts([vocab_size])
+        self.vocab_size = vocab_size
         self.tp_size = state.tp_size
-        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size), requires_grad=False)
+        self.rows = -(-vocab_size // state.tp_size)
+        self.first = state.tp_rank * self.rows
+        self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
 
     def load(self, part: int, name: str, tensor: torch.Tensor) -> None:
-        self.weight.data.copy_(tensor[self.first : self.first + self.rows])
+        shard = tensor[self.first : self.first + self.rows]
+        self.weight.data[: len(shard)].copy_(shard)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -161,5 +191,7 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return tp_all_gather_last_dim(F.linear(hidden, self.weight))
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Full logits on tensor-parallel rank 0, None on the others."""
+        logits = tp_gather_last_dim(F.linear(hidden, self.weight))
+        return None if logits is None else logits[..., : self.vocab_size]

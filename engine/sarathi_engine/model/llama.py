@@ -1,7 +1,9 @@
 """The Llama-family decoder (Llama, Mistral, Qwen2): one class, configured by ModelConfig.
 
 forward() takes the flat token run of a mixed batch; under pipeline parallelism a stage holds
-only its own layers and passes hidden states (and the residual) to the next.
+only its own layers and passes hidden states to the next. The first stage holds the embedding
+and the LM head, the last the final norm: the last stage sends only the normed rows to be
+sampled back to the first, where rank 0 samples.
 """
 from __future__ import annotations
 
@@ -19,18 +21,22 @@ from sarathi_engine.model.layers import (
     RowParallelLinear,
     ShardedLinear,
     VocabParallelEmbedding,
-    column_parts,
+    column_part,
+    even_split,
+    head_shard,
     qkv_parts,
+    scaled,
 )
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
         super().__init__()
-        parts, self.num_heads, self.num_kv_heads = qkv_parts(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        parts, shard = qkv_parts(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.num_heads, self.num_kv_heads = len(shard.heads), len(shard.kv_heads)
         self.head_dim = cfg.head_dim
         self.qkv_proj = ShardedLinear(cfg.hidden_size, parts, bias=cfg.qkv_bias)
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+        self.o_proj = RowParallelLinear(scaled(shard.heads, cfg.head_dim), cfg.hidden_size)
         self.rotary = rotary
         self.backend = backend
         self.scale = cfg.head_dim**-0.5
@@ -51,8 +57,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = ShardedLinear(cfg.hidden_size, column_parts([cfg.intermediate_size] * 2), bias=False)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
+        part = column_part(cfg.intermediate_size)
+        self.gate_up_proj = ShardedLinear(cfg.hidden_size, [part, part], bias=False)
+        self.down_proj = RowParallelLinear(part, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -76,9 +83,16 @@ def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
     """Contiguous layers of one pipeline stage; earlier stages take the remainder."""
     if pp_size > num_layers:
         raise ValueError(f"pipeline-parallel size {pp_size} is larger than the model's {num_layers} layers")
-    base, extra = divmod(num_layers, pp_size)
-    start = pp_rank * base + min(pp_rank, extra)
-    return range(start, start + base + (1 if pp_rank < extra else 0))
+    return even_split(num_layers, pp_size, pp_rank)
+
+
+def check_layout(cfg: ModelConfig, tp_size: int, pp_size: int) -> None:
+    """Raise, naming the numbers, if the model cannot be laid out over tp_size x pp_size ranks."""
+    for size, name in ((tp_size, "tensor"), (pp_size, "pipeline")):
+        if size < 1:
+            raise ValueError(f"{name}-parallel size must be at least 1, got {size}")
+    stage_layers(cfg.num_layers, pp_size, 0)
+    head_shard(cfg.num_heads, cfg.num_kv_heads, tp_size, 0)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -89,9 +103,11 @@ class LlamaForCausalLM(nn.Module):
         self.layer_ids = stage_layers(cfg.num_layers, state.pp_size, state.pp_rank)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if state.is_first_stage else None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size) if state.is_first_stage else None
+        if self.lm_head is not None and cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend) for _ in self.layer_ids)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if state.is_last_stage else None
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size) if state.is_last_stage else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,8 +118,11 @@ class LlamaForCausalLM(nn.Module):
             hidden = layer(positions, hidden, meta)
         return hidden if self.norm is None else self.norm(hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits of the last stage's normed rows, on tensor-parallel rank 0 of the first
+        stage (None on the other ranks, which only contribute their vocabulary shard)."""
+        logits = self.lm_head(hidden)
+        return None if logits is None else logits.float()
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.layers]
