@@ -3,10 +3,15 @@
 add_request() and abort_request() may be called from any thread: they validate at once and
 queue the change, which the next step() applies, so scheduler state is only touched by the
 thread that steps.
+
+When the model spans several processes this is rank 0: it starts the other ranks of its pod,
+and under pipeline parallelism keeps up to pp_size batches in flight, each step launching one and
+landing the oldest. If another rank dies, step() raises RankFailure and the engine stays dead.
 """
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -16,11 +21,14 @@ from pathlib import Path
 
 from sarathi_engine.config import EngineConfig, ModelConfig, check_token_budget
 from sarathi_engine.detokenizer import IncrementalDetokenizer, find_stop
+from sarathi_engine.distributed import shutdown_distributed
 from sarathi_engine.kv_cache import BlockManager
-from sarathi_engine.model_runner import ModelRunner, pick_device
+from sarathi_engine.launch import LocalRanks, dist_timeout, placement_from_env, start_pod
+from sarathi_engine.model_runner import Batch, ModelRunner, pick_device
 from sarathi_engine.model_store import resolve_model
+from sarathi_engine.pipeline import Driver, RankFailure, StageTiming
 from sarathi_engine.sampling_params import SamplingParams
-from sarathi_engine.scheduler import make_scheduler
+from sarathi_engine.scheduler import SchedulerOutput, make_scheduler
 from sarathi_engine.sequence import Sequence
 
 
@@ -66,6 +74,18 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Flight:
+    """A launched batch, until it lands."""
+
+    plan: SchedulerOutput
+    batch: Batch
+    start: float
+    schedule_time: float
+    token_budget: int
+    tokens: list[int | None] | None  # None until collected from the last stage
+
+
 def read_eos_token_ids(folder: Path, tokenizer) -> set[int]:
     ids: set[int] = set()
     generation_config = folder / "generation_config.json"
@@ -90,11 +110,26 @@ class LLMEngine:
             raise ValueError(f"max_model_len {sched.max_model_len} exceeds the model's context of {context} tokens")
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.eos_token_ids = read_eos_token_ids(folder, self.tokenizer)
-        self.runner = ModelRunner(self.model_config, folder, config.cache, pick_device(config.device), config.seed)
+        placement = placement_from_env(config.parallel, os.environ)
+        if placement.pod != 0:
+            raise ValueError(f"this is pod {placement.pod} of {placement.pods}: only pod 0 runs the engine's "
+                             "scheduler; the others run sarathi_engine.worker.run_pod (sarathi serve does so)")
+        self.driver: Driver | None = None
+        self.local_ranks: LocalRanks | None = None
+        self.failure: BaseException | None = None
+        if config.parallel.world_size == 1:
+            self.runner = ModelRunner(self.model_config, folder, config.cache, pick_device(config.device), config.seed)
+        else:
+            self.runner, state, self.local_ranks = start_pod(config, self.model_config, folder, placement)
+            self.driver = Driver(self.runner, state, dist_timeout())
+        self._depth = config.parallel.pipeline_parallel_size
+        self._in_flight: deque[_Flight] = deque()
+        self._deferred_aborts: set[str] = set()
         capacity = self.runner.num_blocks * self.runner.block_size
         if sched.max_model_len is None:  # as long as the model allows and one sequence fits the cache
             sched.max_model_len = min(context, capacity)
         elif capacity < sched.max_model_len:
+            self.shutdown()
             raise ValueError(
                 f"KV cache holds {capacity} tokens, fewer than max_model_len {sched.max_model_len}: "
                 "give it more memory or lower max_model_len"
@@ -163,29 +198,99 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def step(self) -> list[RequestOutput]:
-        outputs = self._drain_inbox()
+        """Launch the next batch if the pipeline has room, and land the oldest when it is full or
+        nothing else can start; the outputs of the requests that moved."""
+        try:
+            self.check_health()
+            outputs = self._drain_inbox()
+            launched = len(self._in_flight) < self._depth and self._launch()
+            if self._in_flight and (len(self._in_flight) == self._depth or not launched):
+                outputs += self._land(self._in_flight.popleft())
+            return outputs
+        except Exception as error:
+            if self.driver is not None:  # the ranks no longer agree on what runs next
+                self._fail(error)
+            raise
+
+    def check_health(self) -> None:
+        """Raise RankFailure if the engine has lost a rank. Cheap: call it while idle too, since
+        only step() would notice otherwise."""
+        if self.failure is not None:
+            raise RankFailure(f"the engine is down: {self.failure}")
+        if self.local_ranks is not None:
+            self.local_ranks.check()
+
+    def _launch(self) -> bool:
         start = time.monotonic()
         plan = self.scheduler.schedule()
         scheduled = time.monotonic()
         if not plan.chunks:
-            return outputs
+            return False
+        self.scheduler.launch(plan)
         batch = self.runner.prepare(plan.chunks, self.blocks)
-        tokens = self.runner.execute(batch)
+        tokens = self.runner.execute(batch) if self.driver is None else self.driver.launch(batch)
+        self._in_flight.append(_Flight(plan, batch, start, scheduled - start, self.token_budget, tokens))
+        return True
+
+    def _land(self, flight: _Flight) -> list[RequestOutput]:
+        batch = flight.batch
+        tokens = flight.tokens if flight.tokens is not None else self.driver.collect(batch)
+        self.scheduler.land(flight.plan)
         now = time.monotonic()
         prefill_tokens = sum(c.num_tokens for c in batch.chunks if not c.seq.is_decoding)
+        outputs = []
         for chunk, token in zip(batch.chunks, tokens):
             seq = chunk.seq
             if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = start
+                seq.first_scheduled_time = flight.start
             seq.num_computed_tokens += chunk.num_tokens
             if token is not None:
                 outputs.append(self._append_token(self._tracked[seq.request_id], token))
+        num_tokens = flight.plan.num_tokens
         self.iterations.append(IterationStats(
-            start=start, duration=now - start, schedule_time=scheduled - start, num_tokens=plan.num_tokens,
-            num_prefill_tokens=prefill_tokens, num_decode_tokens=plan.num_tokens - prefill_tokens,
-            num_seqs=len(plan.chunks), token_budget=self.token_budget,
+            start=flight.start, duration=now - flight.start, schedule_time=flight.schedule_time,
+            num_tokens=num_tokens, num_prefill_tokens=prefill_tokens, num_decode_tokens=num_tokens - prefill_tokens,
+            num_seqs=len(batch.chunks), token_budget=flight.token_budget,
         ))
+        return outputs + self._abort_deferred()
+
+    def _abort_deferred(self) -> list[RequestOutput]:
+        outputs = []
+        for request_id in list(self._deferred_aborts):
+            tracked = self._tracked.get(request_id)
+            if tracked is None or tracked.seq not in self.scheduler.in_flight:
+                self._deferred_aborts.discard(request_id)
+                if tracked is not None:
+                    outputs.append(self._finish(tracked, "abort"))
         return outputs
+
+    def _fail(self, error: BaseException) -> None:
+        self.failure = self.failure or error
+        if self.local_ranks is not None:
+            self.local_ranks.kill()
+
+    def stage_timings(self) -> list[StageTiming]:
+        """Per-rank busy and total time of its pipeline stage (one entry per rank); the engine
+        must have nothing in flight."""
+        if self.driver is None:
+            raise ValueError("stage timings exist only when the model spans several processes")
+        if self._in_flight:
+            raise ValueError("stage timings need the pipeline drained: step until no request is unfinished")
+        return self.driver.report()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the other ranks (a no-op in a single process). In-flight batches are dropped."""
+        if self.driver is None:
+            return
+        driver, self.driver = self.driver, None
+        if self.failure is None and not self._in_flight:
+            try:
+                driver.stop()
+            except RankFailure:
+                pass  # already going down; the children are killed below
+        self.local_ranks.wait(timeout)
+        shutdown_distributed()
+        self.failure = self.failure or RuntimeError("the engine was shut down")
 
     def _drain_inbox(self) -> list[RequestOutput]:
         outputs = []
@@ -193,7 +298,9 @@ class LLMEngine:
             item = self._inbox.get()
             if isinstance(item, _Abort):
                 tracked = self._tracked.get(item.request_id)
-                if tracked is not None:
+                if tracked is not None and tracked.seq in self.scheduler.in_flight:
+                    self._deferred_aborts.add(item.request_id)  # its batch is still writing its blocks
+                elif tracked is not None:
                     outputs.append(self._finish(tracked, "abort"))
             else:
                 self._tracked[item.request_id] = _Tracked(
