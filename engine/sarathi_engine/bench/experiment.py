@@ -13,6 +13,7 @@ from sarathi_engine.bench.capacity import Bisection, passes
 from sarathi_engine.bench.loadgen import Load, ServerTraits, probe_server, run_load, served_model
 from sarathi_engine.bench.metrics import PrefillModel, summarize
 from sarathi_engine.bench.records import RequestRecord
+from sarathi_engine.bench.servermetrics import bucket_delta, histogram_quantile, scrape_queue_time
 from sarathi_engine.bench.workloads import (WORKLOADS, RequestSpec, prompt_token_ids, read_trace, sample_lengths,
                                             scale_and_clip)
 
@@ -79,9 +80,15 @@ async def run_point(endpoint: Endpoint, workload: WorkloadSpec, qps: float, tbt_
                     ttft_slo: float | None = None, count: int | None = None, hooks: Hooks | None = None) -> Point:
     load = workload.load(qps, count)
     on_sent, on_done = hooks(f"{qps:g} req/s", len(load.prompts)) if hooks else (None, None)
+    before = await scrape_queue_time(endpoint.url)
     records, duration = await run_load(endpoint.url, endpoint.model, load, endpoint.traits.continuous_usage,
                                        on_sent=on_sent, on_done=on_done)
-    return Point(qps, summarize(records, duration, endpoint.prefill, tbt_slo, ttft_slo), records)
+    after = await scrape_queue_time(endpoint.url)
+    queue = None
+    if after is not None:
+        delta = bucket_delta(after, before)
+        queue = {f"scheduling_delay_p{q}": histogram_quantile(q / 100, delta) for q in (50, 90, 99)}
+    return Point(qps, summarize(records, duration, endpoint.prefill, tbt_slo, ttft_slo, queue), records)
 
 
 def probe_size(qps: float, probe_seconds: float | None, minimum: int, maximum: int) -> int:

@@ -59,7 +59,10 @@ def meets_slo(record: RequestRecord, tbt_slo: float | None, ttft_slo: float | No
 
 
 def summarize(records: list[RequestRecord], duration: float, prefill: PrefillModel | None = None,
-              tbt_slo: float | None = None, ttft_slo: float | None = None) -> dict:
+              tbt_slo: float | None = None, ttft_slo: float | None = None,
+              server_queue_time: dict[str, float | None] | None = None) -> dict:
+    """server_queue_time: quantiles of the server's own queue-time histogram over the run, used for
+    scheduling delay unless every response reported its own."""
     ok = [r for r in records if r.ok]
     tbts = np.concatenate([r.tbts for r in ok]) if ok else np.zeros(0)
     delays = [d for d in (scheduling_delay(r, prefill) for r in ok) if d is not None]
@@ -81,6 +84,10 @@ def summarize(records: list[RequestRecord], duration: float, prefill: PrefillMod
         **quantiles(delays, "scheduling_delay"),
         "scheduling_delay_source": None if not delays else "server" if reported == len(ok) else "estimated" if not reported else "mixed",
     }
+    if server_queue_time and server_queue_time.get("scheduling_delay_p50") is not None \
+            and summary["scheduling_delay_source"] != "server":
+        summary["scheduling_delay_estimate_p50"] = summary["scheduling_delay_p50"]
+        summary.update(server_queue_time, scheduling_delay_source="server-metrics")
     if tbt_slo is not None or ttft_slo is not None:
         good = sum(meets_slo(r, tbt_slo, ttft_slo) for r in records)
         summary.update(tbt_slo=tbt_slo, ttft_slo=ttft_slo, slo_attainment=good / len(records) if records else None,
