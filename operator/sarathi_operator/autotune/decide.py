@@ -1,0 +1,140 @@
+"""Decide: the controller's rules, a pure function of its state and one window.
+
+Rules, in order:
+
+1. Bounds first: a budget outside [min, max] (the spec's bounds changed) moves to the nearest bound.
+2. Hold while the window holds fewer than `min_samples` token gaps: a P99 of fewer is noise.
+3. Shrink when P99 TBT exceeds the SLO: to the budget the model (model.py) expects to give
+   `aim` x SLO, at most halving it. The SLO comes first, so shrinking needs no further evidence.
+   At the minimum budget, hold and say that the SLO cannot be met.
+4. Grow when P99 TBT is below `grow_below` x SLO *and* the budget holds prefill work back (at
+   least `min_bound_share` of iterations fill more than half of it), in `grow_after` windows in
+   a row at this budget: to the budget the model
+   expects to give `aim` x SLO, by at least one multiple and at most doubling it. Without prefill waiting, a larger budget
+   changes nothing but the risk.
+5. Otherwise hold: between `grow_below` and 1 x SLO is the dead band the controller rests in.
+
+Against oscillation: growing slowly to decide and shrinking at once; the dead band (aim sits inside it, so a step that lands where the model
+said is followed by a hold); the step limits; rounding down to a multiple of `multiple`
+tokens (and a change of less than one multiple is a hold); and the ceiling: a budget seen
+above the SLO is not grown back to for `memory_seconds`, unless the SLO has since been relaxed
+past what was seen there. Observations older than `memory_seconds` are forgotten too: the
+load changes, and with it TBT as a function of the budget.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from .aggregate import Window
+from .model import Point, budget_for
+
+MAX_POINTS = 5
+
+Estimator = Callable[[float, Point, list[Point]], float]
+
+
+@dataclass(frozen=True)
+class Config:
+    slo: float  # target P99 TBT, seconds
+    min_budget: int
+    max_budget: int
+    multiple: int = 32
+    aim: float = 0.9
+    grow_below: float = 0.8
+    min_samples: int = 100
+    min_bound_share: float = 0.05
+    max_grow: float = 2.0
+    max_shrink: float = 0.25
+    grow_after: int = 2
+    memory_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class State:
+    budget: int  # the target every engine should run
+    points: tuple[Point, ...] = ()  # recent observations at budgets that held prefill back
+    ceiling: Point | None = None  # the lowest budget recently seen above the SLO
+    calm: tuple[float, ...] = ()  # P99s of the consecutive windows at this budget that would let it grow
+
+
+@dataclass(frozen=True)
+class Decision:
+    budget: int
+    action: str  # grow, shrink or hold
+    reason: str
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def round_down(budget: float, config: Config) -> int:
+    """A multiple of config.multiple at or below budget, inside the bounds (the bounds win)."""
+    multiple = int(budget // config.multiple) * config.multiple
+    return max(config.min_budget, min(config.max_budget, multiple))
+
+
+def forget(state: State, config: Config, now: float) -> State:
+    horizon = now - config.memory_seconds
+    ceiling = state.ceiling if state.ceiling and state.ceiling.time >= horizon else None
+    return replace(state, points=tuple(p for p in state.points if p.time >= horizon), ceiling=ceiling)
+
+
+def decide(state: State, window: Window, config: Config, now: float,
+           estimate: Estimator = budget_for) -> tuple[Decision, State]:
+    state = forget(state, config, now)
+    budget = state.budget
+    if not config.min_budget <= budget <= config.max_budget:
+        bounded = max(config.min_budget, min(config.max_budget, budget))
+        action = "grow" if bounded > budget else "shrink"
+        return (Decision(bounded, action, f"outside the bounds [{config.min_budget}, {config.max_budget}]"),
+                replace(state, budget=bounded, points=(), calm=()))
+    if window.tbt_samples < config.min_samples or window.tbt_p99 is None:
+        return Decision(budget, "hold", f"too few samples: {window.tbt_samples} token gaps "
+                                        f"in {window.seconds:.0f} s, {config.min_samples} needed"), state
+
+    p99, slo = window.tbt_p99, config.slo
+    seen = f"P99 TBT {_ms(p99)} at budget {budget}"
+    latest = Point(budget, p99, now)
+    pressed = (window.budget_bound_share or 0.0) >= config.min_bound_share
+    if pressed:
+        state = replace(state, points=(*state.points, latest)[-MAX_POINTS:])
+    target = config.aim * slo
+
+    if p99 > slo:
+        if state.ceiling is None or budget <= state.ceiling.budget:
+            state = replace(state, ceiling=latest)
+        if budget <= config.min_budget:
+            return Decision(budget, "hold", f"{seen} exceeds the SLO {_ms(slo)} at the minimum budget"), state
+        estimated = estimate(target, latest, list(state.points))
+        new = round_down(max(estimated, budget * config.max_shrink), config)
+        return (Decision(new, "shrink", f"{seen} exceeds the SLO {_ms(slo)}; aiming at {_ms(target)}"),
+                replace(state, budget=new, calm=()))
+
+    if p99 >= config.grow_below * slo:
+        return Decision(budget, "hold", f"{seen} is within the SLO {_ms(slo)}"), replace(state, calm=())
+    if not pressed:
+        return Decision(budget, "hold", f"{seen} is well within the SLO {_ms(slo)}, but the budget "
+                                        f"holds no prefill back"), replace(state, calm=())
+    if budget >= config.max_budget:
+        return Decision(budget, "hold", f"{seen} is well within the SLO {_ms(slo)} at the maximum budget"), state
+    state = replace(state, calm=(*state.calm, p99))
+    if len(state.calm) < config.grow_after:
+        return Decision(budget, "hold", f"{seen} is well within the SLO {_ms(slo)} and prefill is waiting; "
+                                        f"growing after {config.grow_after} such windows in a row"), state
+    limit, note = budget * config.max_grow, ""
+    ceiling = state.ceiling
+    if ceiling and ceiling.tbt > slo:
+        limit = min(limit, ceiling.budget - config.multiple)
+        note = f" (budget {ceiling.budget} gave P99 TBT {_ms(ceiling.tbt)} recently)"
+    # From the worst of the calm windows, so one lucky window does not set the step. At least
+    # one multiple: a step the model puts below that is still worth a try while P99 is this
+    # far below the SLO, and the ceiling stops a repeat if it fails.
+    anchor = Point(budget, max(state.calm), now)
+    new = round_down(min(max(estimate(target, anchor, list(state.points)), budget + config.multiple), limit), config)
+    if new <= budget:
+        return Decision(budget, "hold", f"{seen} is well within the SLO {_ms(slo)}, but no larger budget is "
+                                        f"expected to stay within {_ms(target)}{note}"), state
+    return (Decision(new, "grow", f"{seen} is well within the SLO {_ms(slo)} and prefill is waiting; "
+                                  f"aiming at {_ms(target)}{note}"),
+            replace(state, budget=new, calm=()))

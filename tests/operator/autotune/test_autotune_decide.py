@@ -1,0 +1,140 @@
+"""The controller's rules, one window at a time."""
+
+import random
+
+import pytest
+
+from sarathi_operator.autotune.aggregate import Window
+from sarathi_operator.autotune.decide import Config, Decision, State, decide, round_down
+from sarathi_operator.autotune.model import Point
+
+CONFIG = Config(slo=0.1, min_budget=64, max_budget=2048)
+
+
+def window(p99: float | None, samples: int = 1000, bound: float | None = 0.5) -> Window:
+    return Window(seconds=30, engines=2, tbt_samples=samples, tbt_p99=p99, ttft_p99=1.0, request_rate=2.0,
+                  budget_bound_share=bound)
+
+
+def step(state: State, p99, now: float = 1000.0, config: Config = CONFIG, **kw) -> tuple[Decision, State]:
+    return decide(state, window(p99, **kw), config, now)
+
+
+def test_too_few_samples_hold_whatever_they_say():
+    d, s = step(State(512), 0.5, samples=99)
+    assert (d.budget, d.action) == (512, "hold") and "too few samples: 99" in d.reason
+    assert s == State(512)
+    assert step(State(512), None, samples=0)[0].action == "hold"
+
+
+def test_above_the_slo_shrinks_to_where_the_model_expects_aim():
+    d, s = step(State(512), 0.2)
+    # Proportional at first: 512 x 0.09 / 0.2 = 230.4, rounded down to a multiple of 32.
+    assert (d.budget, d.action) == (224, "shrink") and s.budget == 224
+    assert "P99 TBT 200 ms at budget 512 exceeds the SLO 100 ms" in d.reason
+    assert s.ceiling == Point(512, 0.2, 1000.0)
+
+
+def test_a_shrink_is_at_most_to_a_quarter_and_lands_on_a_multiple():
+    assert step(State(2048), 5.0)[0].budget == 512
+    assert step(State(500), 0.101)[0].budget == 416  # 500 x 0.09 / 0.101 = 445.5
+
+
+def test_above_the_slo_at_the_minimum_holds_and_says_so():
+    d, _ = step(State(64), 0.3)
+    assert (d.budget, d.action) == (64, "hold") and "at the minimum budget" in d.reason
+
+
+def test_the_dead_band_holds():
+    for p99 in (0.081, 0.09, 0.1):
+        d, s = step(State(512, calm=(0.05,)), p99)
+        assert (d.budget, d.action) == (512, "hold") and s.calm == ()
+
+
+def test_growing_needs_prefill_held_back_by_the_budget():
+    d, s = step(State(512, calm=(0.03,)), 0.03, bound=0.01)
+    assert d.action == "hold" and "holds no prefill back" in d.reason and s.calm == ()
+    assert step(State(512, calm=(0.03,)), 0.03, bound=None)[0].action == "hold"
+
+
+def test_growing_needs_two_calm_windows_in_a_row():
+    d, s = step(State(512), 0.06)
+    assert d.action == "hold" and "growing after 2" in d.reason and s.calm == (0.06,)
+    d, s = step(s, 0.05, now=1030)
+    assert d.action == "grow" and s.calm == () and s.budget == d.budget
+
+
+def test_a_grow_starts_from_the_worse_calm_window_and_at_most_doubles():
+    # Proportional from the worse window: 512 x 0.09 / 0.06 = 768.
+    assert step(State(512, calm=(0.06,)), 0.03)[0].budget == 768
+    assert step(State(512, calm=(0.01,)), 0.01)[0].budget == 1024
+
+
+def test_a_grow_is_at_least_one_multiple():
+    # Slope from 384 and 512: 0.059 / 128 s per token, so 90 ms at 535.9 tokens, which rounds
+    # down to 512: still one multiple up, 20% below the SLO.
+    state = State(512, points=(Point(384, 0.02, 990.0),), calm=(0.079,))
+    d, _ = step(state, 0.079)
+    assert (d.budget, d.action) == (544, "grow")
+
+
+def test_a_budget_seen_above_the_slo_is_not_grown_back_to_until_forgotten():
+    ceiling = Point(640, 0.12, 1000.0)
+    d, _ = step(State(512, ceiling=ceiling, calm=(0.03,)), 0.03, now=1100)
+    assert (d.budget, d.action) == (608, "grow") and "budget 640 gave P99 TBT 120 ms recently" in d.reason
+    d, _ = step(State(608, ceiling=ceiling, calm=(0.03,)), 0.03, now=1100)
+    assert d.action == "hold" and "no larger budget" in d.reason
+    d, s = step(State(608, ceiling=ceiling, calm=(0.03,)), 0.03, now=1000 + CONFIG.memory_seconds + 1)
+    assert d.action == "grow" and d.budget > 640 and s.ceiling is None
+
+
+def test_a_relaxed_slo_lifts_the_ceiling():
+    relaxed = Config(slo=0.2, min_budget=64, max_budget=2048)
+    d, _ = step(State(512, ceiling=Point(640, 0.12, 1000.0), calm=(0.03,)), 0.03, config=relaxed)
+    assert d.action == "grow" and d.budget == 1024
+
+
+def test_the_lowest_violating_budget_is_the_ceiling():
+    _, s = step(State(512, ceiling=Point(1024, 0.3, 990.0)), 0.2)
+    assert s.ceiling.budget == 512
+    _, s = step(State(1024, ceiling=Point(512, 0.2, 990.0)), 0.3)
+    assert s.ceiling.budget == 512
+
+
+def test_at_the_maximum_it_holds():
+    d, _ = step(State(2048, calm=(0.01,)), 0.01)
+    assert (d.budget, d.action) == (2048, "hold") and "maximum" in d.reason
+
+
+def test_a_budget_outside_changed_bounds_moves_to_the_nearest_bound():
+    d, s = step(State(4096, points=(Point(4096, 0.05, 990.0),)), 0.05)
+    assert (d.budget, d.action, s.points) == (2048, "shrink", ())
+    assert "outside the bounds [64, 2048]" in d.reason
+    d, _ = step(State(32), 0.5)
+    assert (d.budget, d.action) == (64, "grow")
+
+
+def test_observations_feed_the_model_only_while_the_budget_binds_and_are_forgotten():
+    _, s = step(State(512), 0.2)
+    assert s.points == (Point(512, 0.2, 1000.0),)
+    _, s = step(State(512), 0.2, bound=0.0)
+    assert s.points == ()
+    old = State(512, points=(Point(1024, 0.3, 0.0),))
+    _, s = step(old, 0.09, now=CONFIG.memory_seconds + 1)
+    assert s.points == (Point(512, 0.09, CONFIG.memory_seconds + 1),)
+
+
+def test_rounding_keeps_within_the_bounds():
+    odd = Config(slo=0.1, min_budget=50, max_budget=1000)
+    assert [round_down(x, odd) for x in (10, 63.9, 64, 999, 5000)] == [50, 50, 64, 992, 1000]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_decisions_on_arbitrary_windows_stay_in_bounds_on_multiples(seed):
+    rng = random.Random(seed)
+    state = State(512)
+    for i in range(300):
+        d, state = step(state, rng.lognormvariate(-2.3, 1.0), now=i * 30.0, samples=rng.choice([10, 1000]),
+                        bound=rng.random())
+        assert CONFIG.min_budget <= d.budget <= CONFIG.max_budget and d.budget % 32 == 0
+        assert state.budget == d.budget
