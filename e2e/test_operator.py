@@ -224,7 +224,7 @@ def operator(operator_kubeconfig, namespace, tmp_path):
 
 # ---------------------------------------------------------------- the CRD
 
-def test_crd_is_served_and_explains_the_documented_fields(k):
+def test_crd_is_served_and_explains_the_documented_fields(k, crd):
     text = k.run("explain", "sarathideployment.spec").stdout
     for field in ("model", "image", "imagePullPolicy", "replicas", "parallelism", "engine", "slo", "autotune",
                   "resources", "nodeSelector", "tolerations", "env"):

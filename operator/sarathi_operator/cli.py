@@ -55,8 +55,7 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.kubeconfig:
-        # kopf logs in on its own, through the kubernetes client's default loading.
-        os.environ["KUBECONFIG"] = args.kubeconfig
+        os.environ["KUBECONFIG"] = args.kubeconfig  # read by the login handler (handlers.py)
     kopf.configure(verbose=args.verbose)
     if args.metrics_port:
         start_http_server(args.metrics_port)

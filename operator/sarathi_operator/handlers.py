@@ -2,6 +2,7 @@
 concerns (reconcile.py). Importing this module registers them."""
 
 import logging
+import os
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -35,6 +36,15 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     # Watch only our children, filtered by the API server rather than in the operator.
     for api_version, plural in CHILDREN:
         settings.watching.label_selectors[api_version, plural] = f"{MANAGED_BY_LABEL}={OPERATOR}"
+
+
+@kopf.on.login()
+def login(**kwargs) -> kopf.ConnectionInfo | None:
+    # kopf's default login goes through the kubernetes client, which reads $KUBECONFIG once, at
+    # import; `--kubeconfig` sets the variable later, so read the file itself, at login time.
+    if os.environ.get("KUBECONFIG"):
+        return kopf.login_with_kubeconfig(**kwargs)
+    return kopf.login_via_client(**kwargs)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
