@@ -32,6 +32,9 @@ from sarathi_engine.scheduler import SchedulerOutput, make_scheduler
 from sarathi_engine.sequence import Sequence
 
 
+HEARTBEAT = 2.0  # seconds without a batch after which check_health() asks every rank to answer
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -125,6 +128,7 @@ class LLMEngine:
         self._depth = config.parallel.pipeline_parallel_size
         self._in_flight: deque[_Flight] = deque()
         self._deferred_aborts: set[str] = set()
+        self._last_contact = time.monotonic()
         capacity = self.runner.num_blocks * self.runner.block_size
         if sched.max_model_len is None:  # as long as the model allows and one sequence fits the cache
             sched.max_model_len = min(context, capacity)
@@ -213,12 +217,20 @@ class LLMEngine:
             raise
 
     def check_health(self) -> None:
-        """Raise RankFailure if the engine has lost a rank. Cheap: call it while idle too, since
-        only step() would notice otherwise."""
+        """Raise RankFailure if the engine has lost a rank. Call it from the stepping thread
+        while idle too: after HEARTBEAT seconds without a batch it makes every rank answer."""
         if self.failure is not None:
             raise RankFailure(f"the engine is down: {self.failure}")
-        if self.local_ranks is not None:
+        if self.driver is None:
+            return
+        try:
             self.local_ranks.check()
+            if not self._in_flight and time.monotonic() - self._last_contact > HEARTBEAT:
+                self.driver.report()
+                self._last_contact = time.monotonic()
+        except Exception as error:
+            self._fail(error)
+            raise
 
     def _launch(self) -> bool:
         start = time.monotonic()
@@ -236,7 +248,7 @@ class LLMEngine:
         batch = flight.batch
         tokens = flight.tokens if flight.tokens is not None else self.driver.collect(batch)
         self.scheduler.land(flight.plan)
-        now = time.monotonic()
+        now = self._last_contact = time.monotonic()
         prefill_tokens = sum(c.num_tokens for c in batch.chunks if not c.seq.is_decoding)
         outputs = []
         for chunk, token in zip(batch.chunks, tokens):

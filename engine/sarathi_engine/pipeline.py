@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -67,6 +69,15 @@ def control(kind: int) -> torch.Tensor:
     return torch.tensor([kind, 0, 0, 0, 0], dtype=torch.int64)
 
 
+@contextmanager
+def lost_rank(peer: int, what: str) -> Iterator[None]:
+    """Name the peer when a transfer with it fails (torch reports only its address)."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise RankFailure(f"waited in vain for rank {peer} {what}: {error}") from error
+
+
 class Link:
     """Tensors to and from other ranks, point to point. Sends do not block; at most one message
     per destination is outstanding, so buffers stay alive until the peer has them."""
@@ -77,20 +88,23 @@ class Link:
 
     def send(self, dst: int, tensors: list[torch.Tensor]) -> None:
         self._wait_sent(dst)
-        self._pending[dst] = [(dist.isend(t, dst), t) for t in tensors]
+        with lost_rank(dst, "to take a message"):
+            self._pending[dst] = [(dist.isend(t, dst), t) for t in tensors]
 
     def flush(self) -> None:
         for dst in list(self._pending):
             self._wait_sent(dst)
 
     def _wait_sent(self, dst: int) -> None:
-        for work, _ in self._pending.pop(dst, []):
-            self._wait(work, dst, self.timeout, "to take a message")
+        with lost_rank(dst, "to take a message"):
+            for work, _ in self._pending.pop(dst, []):
+                work.wait(self.timeout)
 
     def recv(self, src: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu",
              timeout: timedelta | None = None) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=device)
-        self._wait(dist.irecv(t, src), src, timeout or self.timeout, "to send")
+        with lost_rank(src, "to send"):
+            dist.irecv(t, src).wait(timeout or self.timeout)
         return t
 
     def recv_message(self, src: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -99,13 +113,6 @@ class Link:
         if header[0] != FORWARD:
             return header, None
         return header, self.recv(src, (body_size(header),), torch.int64)
-
-    @staticmethod
-    def _wait(work, peer: int, timeout: timedelta, what: str) -> None:
-        try:
-            work.wait(timeout)
-        except RuntimeError as error:
-            raise RankFailure(f"waited in vain for rank {peer} {what}: {error}") from error
 
 
 class StageClock:

@@ -119,6 +119,7 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 if not self.engine.has_unfinished_requests():
+                    self.engine.check_health()  # a rank lost while idle must bring the server down too
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue

@@ -1,7 +1,8 @@
 """`sarathi serve`: start listening at once (liveness answers while the model loads), load the
 engine in a worker thread, serve until SIGTERM or SIGINT, then drain: /ready turns false, new
 requests get 503, in-flight requests finish within the grace period, exit 0. If the engine dies,
-exit 1."""
+exit 1. On a pod other than pod 0 of a multi-pod engine (RANK != 0) it runs that pod's ranks
+instead, answering only /health and /ready (sarathi_engine.worker.run_pod)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,9 +15,11 @@ from aiohttp import web
 
 from sarathi_engine.config import make_engine_config
 from sarathi_engine.engine import LLMEngine
+from sarathi_engine.launch import placement_from_env
 from sarathi_engine.server.app import STATE, ServerState, build_app
 from sarathi_engine.server.async_engine import AsyncEngine
 from sarathi_engine.server.metrics import ServerMetrics
+from sarathi_engine.worker import run_pod
 
 log = logging.getLogger("sarathi.server")
 
@@ -65,6 +68,7 @@ async def serve(args) -> int:
         await asyncio.sleep(0.1)  # let the last responses leave the sockets
     await runner.cleanup()
     async_engine.stop()
+    engine.shutdown()  # the other ranks exit 0 on a clean stop
     return exit_code
 
 
@@ -78,6 +82,11 @@ def add_serve_args(parser) -> None:
 
 
 def run(args) -> int:
+    from sarathi_engine.cli import engine_kwargs
+
     prometheus_client.disable_created_metrics()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = make_engine_config(**engine_kwargs(args))
+    if placement_from_env(config.parallel, os.environ).pod != 0:
+        return run_pod(config, args.host, args.port)  # a worker pod: its ranks, /health and /ready only
     return asyncio.run(serve(args))
