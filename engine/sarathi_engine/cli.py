@@ -1,4 +1,4 @@
-"""The `sarathi` command: model preparation, offline generation, serving, benchmarks, operator."""
+"""The `sarathi` command: model preparation, offline generation, serving, benchmarks, operator, autotuner."""
 from __future__ import annotations
 
 import argparse
@@ -84,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     add_bench_parser(sub)
 
-    # Listed for --help only: main() hands `sarathi operator ...` to the operator's own parser.
+    # Listed for --help only: main() hands `sarathi operator ...` and `sarathi autotune ...` to the
+    # operator's own parsers.
     sub.add_parser("operator", help="run the Kubernetes operator (sarathi operator --help)")
+    sub.add_parser("autotune", help="tune engines' token budget to a TBT SLO, without Kubernetes "
+                                    "(sarathi autotune --help)")
     return parser
 
 
@@ -95,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         from sarathi_operator.cli import main as operator_main
 
         return operator_main(argv[1:])
+    if argv[:1] == ["autotune"]:
+        from sarathi_operator.autotune.cli import main as autotune_main
+
+        return autotune_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

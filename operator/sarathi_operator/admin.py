@@ -14,8 +14,13 @@ class AdminError(Exception):
 
 
 async def set_token_budget(session: aiohttp.ClientSession, pod_ip: str, token: str, budget: int) -> None:
-    """Sets an engine's token budget and reads it back; raises AdminError unless it holds."""
-    url = f"http://{pod_ip}:{HTTP_PORT}/admin/config"
+    """Sets a pod's engine's token budget and reads it back; raises AdminError unless it holds."""
+    await set_engine_token_budget(session, f"http://{pod_ip}:{HTTP_PORT}", token, budget)
+
+
+async def set_engine_token_budget(session: aiohttp.ClientSession, base_url: str, token: str, budget: int) -> None:
+    """The same for an engine at any URL."""
+    url = base_url.rstrip("/") + "/admin/config"
     headers = {"Authorization": f"Bearer {token}"}
     try:
         async with session.patch(url, json={"token_budget": budget}, headers=headers, timeout=TIMEOUT) as resp:

@@ -20,6 +20,13 @@ def live_target(spec: dict) -> int | None:
     return spec["engine"]["tokenBudget"]
 
 
+def start_budget(spec: dict, status: dict) -> int:
+    """The budget new pods start with: the spec's, or the autotuner's target while it owns the budget."""
+    if spec["autotune"]["enabled"]:
+        return status.get("autotune", {}).get("targetTokenBudget") or spec["engine"]["tokenBudget"]
+    return spec["engine"]["tokenBudget"]
+
+
 def pod_token_budget(pod: dict) -> int | None:
     annotations = pod["metadata"].get("annotations", {})
     live = annotations.get(names.LIVE_TOKEN_BUDGET)

@@ -9,6 +9,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from . import handlers  # noqa: F401  (registers the handlers)
+from .autotune import daemon  # noqa: F401  (registers the autotuner)
 from .kube import Kube, load_api_client
 from .reconcile import Reconciler
 

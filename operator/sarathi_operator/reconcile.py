@@ -23,6 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Histogram
 
 from . import admin, budget, build, names, pods, rollout, status
+from .autotune import record as autotune_record
 from .kube import Kube
 from .spec import API_VERSION, KIND, layout, validate, with_defaults
 
@@ -137,6 +138,8 @@ class Reconciler:
             selector=names.selector_string(names.serving_selector(name, lay)),
             now=now(),
         )
+        if not spec["autotune"]["enabled"]:
+            new.update(autotune_record.cleared(previous))
         await self._write_status(sdep, new)
 
     def _failed(self, sdep: dict, reason: str, message: str) -> dict:
@@ -160,7 +163,8 @@ class Reconciler:
         token = token.result()
         existing = {w["metadata"]["name"]: w for w in owned["Deployment"] + owned["StatefulSet"]}
         hashes = build.rollout_hashes(sdep, spec, build.token_digest(token))
-        template_budget = rollout.template_token_budget(spec["engine"]["tokenBudget"], existing, hashes)
+        template_budget = rollout.template_token_budget(budget.start_budget(spec, sdep.get("status", {})),
+                                                        existing, hashes)
 
         plan = build.plan(sdep, spec, token=token, template_budget=template_budget)
         # Workloads go last, so what their pods mount and reference exists when pods start.

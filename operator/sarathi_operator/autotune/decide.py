@@ -29,6 +29,7 @@ from .aggregate import Window
 from .model import Point, budget_for
 
 MAX_POINTS = 5
+AT_MINIMUM = "at the minimum budget"  # ends the reason of a hold that cannot meet the SLO
 
 Estimator = Callable[[float, Point, list[Point]], float]
 
@@ -105,7 +106,7 @@ def decide(state: State, window: Window, config: Config, now: float,
         if state.ceiling is None or budget <= state.ceiling.budget:
             state = replace(state, ceiling=latest)
         if budget <= config.min_budget:
-            return Decision(budget, "hold", f"{seen} exceeds the SLO {_ms(slo)} at the minimum budget"), state
+            return Decision(budget, "hold", f"{seen} exceeds the SLO {_ms(slo)} {AT_MINIMUM}"), state
         estimated = estimate(target, latest, list(state.points))
         new = round_down(max(estimated, budget * config.max_shrink), config)
         return (Decision(new, "shrink", f"{seen} exceeds the SLO {_ms(slo)}; aiming at {_ms(target)}"),
