@@ -238,7 +238,8 @@ class LLMEngine:
         scheduled = time.monotonic()
         if not plan.chunks:
             return False
-        self.scheduler.launch(plan)
+        if self._depth > 1:  # otherwise every batch lands within the step that launched it
+            self.scheduler.launch(plan)
         batch = self.runner.prepare(plan.chunks, self.blocks)
         tokens = self.runner.execute(batch) if self.driver is None else self.driver.launch(batch)
         self._in_flight.append(_Flight(plan, batch, start, scheduled - start, self.token_budget, tokens))
@@ -247,7 +248,8 @@ class LLMEngine:
     def _land(self, flight: _Flight) -> list[RequestOutput]:
         batch = flight.batch
         tokens = flight.tokens if flight.tokens is not None else self.driver.collect(batch)
-        self.scheduler.land(flight.plan)
+        if self._depth > 1:
+            self.scheduler.land(flight.plan)
         now = self._last_contact = time.monotonic()
         prefill_tokens = sum(c.num_tokens for c in batch.chunks if not c.seq.is_decoding)
         outputs = []

@@ -98,3 +98,29 @@ def test_smollm2_at_pp2_matches_a_single_process(smollm2_dir, smollm2_prompts, s
 def test_impossible_layouts_fail_at_start_naming_the_numbers(smollm2_dir, layout, message):
     with pytest.raises(ValueError, match=message):
         LLM(str(smollm2_dir), kv_cache_memory="64MiB", **layout)
+
+
+def test_aborts_of_requests_in_flight_wait_for_their_batch_and_free_every_block(tiny_models):
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", token_budget=BUDGET, kv_cache_memory="64MiB",
+              pipeline_parallel_size=2)
+    engine = llm.engine
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=50))
+        while len(engine.scheduler.in_flight) < 2:
+            engine.step()
+        in_flight = {s.request_id for s in engine.scheduler.in_flight}
+        for i in range(len(PROMPTS)):
+            engine.abort_request(f"r{i}")
+        reasons = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                reasons[out.request_id] = out.finish_reason
+        assert set(reasons.values()) == {"abort"} and len(reasons) == len(PROMPTS)
+        assert in_flight and not engine.scheduler.in_flight
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+        engine.add_request("after", PROMPTS[1], SamplingParams(max_tokens=4))  # and it goes on serving
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        engine.shutdown()
