@@ -118,3 +118,15 @@ def test_a_failing_target_is_recorded_and_the_others_still_run(tmp_path):
     assert "ClientConnectorError" in down["error"] and not down["points"]
     assert up["error"] is None and up["points"][0]["summary"]["num_failed"] == 0
     assert "| down | failed: " in (tmp_path / "table.md").read_text()
+
+
+def test_plot_redraws_a_capacity_only_run_and_its_doc_section(tmp_path):
+    with ThreadedServer(make_app(tokens_per_chunk=[1], gap=0.002)[0]) as url:
+        assert main(["bench", "capacity", "--url", url, "--num-requests", "3", "--scale", "0.01", "--slo-tbt", "1s",
+                     "--start-qps", "50", "--max-probes", "2", "--out", str(tmp_path)]) == 0
+    (tmp_path / "figure.png").unlink()
+    assert main(["bench", "plot", str(tmp_path / "results.json"), "--doc", str(tmp_path / "b.md"),
+                 "--doc-section", "cap"]) == 0
+    assert (tmp_path / "figure.png").exists() and (tmp_path / "b" / "cap.png").exists()
+    text = (tmp_path / "b.md").read_text()
+    assert "| capacity (req/s) |" in text and "| TTFT P50 (s) |" not in text  # no fixed-rate runs, no such table

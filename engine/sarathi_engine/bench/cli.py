@@ -81,8 +81,10 @@ def add_bench_parser(subparsers) -> None:
     add_output_args(compare)
     compare.set_defaults(func=cmd_bench)
 
-    replot = sub.add_parser("plot", help="redraw the table and figure of a results.json")
+    replot = sub.add_parser("plot", help="redraw the table and figure (and --doc section) of a results.json")
     replot.add_argument("results", type=Path)
+    replot.add_argument("--doc", type=Path, default=None)
+    replot.add_argument("--doc-section", default="benchmark")
     replot.set_defaults(func=cmd_plot)
 
 
@@ -146,18 +148,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(points_table(results))
     print(capacity_table(results))
     print(f"results, table and figure in {out}/")
-    if args.doc:
-        from sarathi_engine.bench.docs import update_doc
-
-        figure = args.doc.parent / args.doc.stem / f"{args.doc_section}.png"
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "figure.png", figure)
-        update_doc(args.doc, args.doc_section, results, figure)
-        print(f"updated {args.doc} (section {args.doc_section}) and {figure}")
+    write_doc(args, results, out)
     return 1 if any(t["error"] for t in results["targets"]) else 0
 
 
+def write_doc(args: argparse.Namespace, results: dict, out: Path) -> None:
+    if not args.doc:
+        return
+    from sarathi_engine.bench.docs import update_doc
+
+    figure = args.doc.parent / args.doc.stem / f"{args.doc_section}.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "figure.png", figure)
+    update_doc(args.doc, args.doc_section, results, figure)
+    print(f"updated {args.doc} (section {args.doc_section}) and {figure}")
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
-    write_outputs(json.loads(args.results.read_text()), args.results.parent)
+    results = json.loads(args.results.read_text())
+    write_outputs(results, args.results.parent)
     print(f"table.md and figure.png rewritten in {args.results.parent}/")
+    write_doc(args, results, args.results.parent)
     return 0

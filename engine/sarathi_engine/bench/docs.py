@@ -44,7 +44,7 @@ def render(results: dict, figure: str, section: str) -> str:
             slo += (f"; decode-only iteration {meta['decode_time_s'] * 1000:.1f} ms at batch {meta['decode_batch']}, "
                     f"context {meta['decode_context']}")
         lines.append(slo + f"), median scheduling delay bound {meta['delay_bound_s']:g} s.")
-    lines += ["", points_table(results)]
+    lines += ["", points_table(results)] if points_table(results) else [""]
     capacities = capacity_table(results)
     if capacities:
         lines += ["Capacity (highest request rate passing the SLO; ✓ passed, ✗ failed):", "", capacities]

@@ -43,7 +43,14 @@ def points_table(results: dict) -> str:
     rows = [point_row(t["label"], p) for t in results["targets"] for p in t["points"]]
     rows += [[t["label"], f"failed: {t['error']}"] + [""] * (len(COLUMNS) - 2)
              for t in results["targets"] if t.get("error")]
-    return markdown_table(COLUMNS, rows)
+    return markdown_table(COLUMNS, rows) if rows else ""
+
+
+def curve(target: dict) -> list[tuple[float, dict]]:
+    """(rate, summary) of every run of a target, fixed rates and capacity probes alike, by rate."""
+    runs = [(p["qps"], p["summary"]) for p in target["points"]]
+    runs += [(p["qps"], p["summary"]) for p in (target.get("capacity") or {}).get("probes", [])]
+    return sorted(runs, key=lambda run: run[0])
 
 
 def capacity_table(results: dict) -> str:
@@ -74,35 +81,41 @@ def plot(results: dict, path: Path) -> None:
 
     targets = results["targets"]
     slo = results["meta"].get("tbt_slo_s")
-    has_capacity = any(t.get("capacity") for t in targets)
-    fig, axes = plt.subplots(1, 4 if has_capacity else 3, figsize=(20 if has_capacity else 15, 4.2))
-    cdf, p99, ttft = axes[0], axes[1], axes[2]
-    for t in targets:
-        if t["points"]:
+    with_cap = [t for t in targets if t.get("capacity")]
+    panels = ["cdf"] * any(t["points"] for t in targets) + ["p99", "ttft"] + ["capacity"] * bool(with_cap)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+    ax = dict(zip(panels, axes))
+    cdf, p99, ttft = ax.get("cdf"), ax["p99"], ax["ttft"]
+    for i, t in enumerate(targets):
+        if cdf and t["points"]:
             values = np.sort(tbt_values(t["points"][0])) * 1000
             if values.size:
-                cdf.plot(values, np.arange(1, values.size + 1) / values.size,
+                cdf.plot(values, np.arange(1, values.size + 1) / values.size, color=f"C{i}",
                          label=f"{t['label']} @ {t['points'][0]['qps']:g} req/s")
-        qps = [p["qps"] for p in t["points"]]
-        p99.plot(qps, [(p["summary"]["tbt_p99"] or np.nan) * 1000 for p in t["points"]], "o-", label=t["label"])
-        ttft.plot(qps, [p["summary"]["ttft_p50"] or np.nan for p in t["points"]], "o-", label=t["label"])
-    # Gaps of 0 (tokens that arrived together) would stretch a log axis to nothing useful.
-    cdf.set(xscale="log", xlim=(1, None), xlabel="time between tokens (ms)", ylabel="fraction of gaps", title="TBT CDF")
-    p99.set(yscale="log", xlabel="request rate (req/s)", ylabel="P99 TBT (ms)", title="P99 TBT vs load")
-    ttft.set(yscale="log", xlabel="request rate (req/s)", ylabel="median TTFT (s)", title="Median TTFT vs load")
+        runs = curve(t)
+        qps = [q for q, _ in runs]
+        p99.plot(qps, [(s["tbt_p99"] or np.nan) * 1000 for _, s in runs], "o-", color=f"C{i}", label=t["label"])
+        ttft.plot(qps, [s["ttft_p50"] or np.nan for _, s in runs], "o-", color=f"C{i}", label=t["label"])
+    if cdf:
+        # Gaps of 0 (tokens that arrived together) would stretch a log axis to nothing useful.
+        cdf.set(xscale="log", xlim=(1, None), xlabel="time between tokens (ms)", ylabel="fraction of gaps",
+                title="TBT CDF")
+    p99.set(xscale="log", yscale="log", xlabel="request rate (req/s)", ylabel="P99 TBT (ms)", title="P99 TBT vs load (runs and probes)")
+    ttft.set(xscale="log", yscale="log", xlabel="request rate (req/s)", ylabel="median TTFT (s)", title="Median TTFT vs load")
     if slo:
-        for ax, value in ((cdf, slo * 1000), (p99, slo * 1000)):
-            (ax.axvline if ax is cdf else ax.axhline)(value, color="grey", linestyle="--", label="SLO")
-    if has_capacity:
-        with_cap = [t for t in targets if t.get("capacity")]
-        bars = axes[3].bar([t["label"] for t in with_cap], [t["capacity"]["capacity"] for t in with_cap],
-                           color=[f"C{targets.index(t)}" for t in with_cap])
-        axes[3].bar_label(bars, fmt="%.3g")
-        axes[3].set(ylabel="req/s", title=f"Capacity (P99 TBT <= {_ms(slo)} ms)")
-        axes[3].tick_params(axis="x", rotation=20)
-    for ax in axes[:3]:
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        p99.axhline(slo * 1000, color="grey", linestyle="--", label="SLO")
+        if cdf:
+            cdf.axvline(slo * 1000, color="grey", linestyle="--", label="SLO")
+    if with_cap:
+        bars = ax["capacity"].bar([t["label"] for t in with_cap], [t["capacity"]["capacity"] for t in with_cap],
+                                  color=[f"C{targets.index(t)}" for t in with_cap])
+        ax["capacity"].bar_label(bars, fmt="%.3g")
+        ax["capacity"].set(ylabel="req/s", title=f"Capacity (P99 TBT <= {_ms(slo)} ms)")
+        ax["capacity"].tick_params(axis="x", rotation=20)
+    for a in (cdf, p99, ttft):
+        if a:
+            a.grid(True, which="both", alpha=0.3)
+            a.legend(fontsize=7)
     fig.suptitle(results["meta"].get("title", ""))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
