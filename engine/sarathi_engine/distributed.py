@@ -23,10 +23,6 @@ class ParallelState:
     tp_group: object | None = None
 
     @property
-    def rank(self) -> int:
-        return self.rank_of(self.pp_rank, self.tp_rank)
-
-    @property
     def world_size(self) -> int:
         return self.tp_size * self.pp_size
 

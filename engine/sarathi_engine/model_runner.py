@@ -80,7 +80,8 @@ class ModelRunner:
         attention = self.model.attention_layers()
         kv_heads = attention[0].num_kv_heads
         # Every rank must hold as many blocks as rank 0 hands out, whatever its share of the model.
-        self.num_blocks = agree_min(self.size_cache(cache, bytes_per_block(cfg, len(attention), kv_heads, cache.block_size)))
+        block_bytes = bytes_per_block(cfg, len(attention), kv_heads, cache.block_size)
+        self.num_blocks = agree_min(self.size_cache(cache, block_bytes))
         self.kv_cache = allocate_kv_cache(cfg, len(attention), kv_heads, self.num_blocks, cache.block_size, device)
         for layer, module in enumerate(attention):
             module.k_cache, module.v_cache = self.kv_cache[layer, 0], self.kv_cache[layer, 1]

@@ -197,7 +197,8 @@ class Driver:
         self._tell_peers([control(REPORT)])
         if not self.state.is_last_stage:
             self.link.send(self.state.next_rank, [control(REPORT)])
-        timings = [self.clock.summary()] + [self.link.recv(r, (2,), torch.float64) for r in range(1, self.state.world_size)]
+        others = [self.link.recv(r, (2,), torch.float64) for r in range(1, self.state.world_size)]
+        timings = [self.clock.summary(), *others]
         tp = self.state.tp_size
         return [StageTiming(rank, rank // tp, *t.tolist()) for rank, t in enumerate(timings)]
 

@@ -25,7 +25,8 @@ def test_smollm2_heads_split_unevenly_by_whole_kv_groups_over_two_ranks():
     assert (b.heads, b.kv_heads) == (range(6, 9), range(2, 3))
 
 
-@pytest.mark.parametrize("heads,kv,tp", [(9, 3, 2), (9, 3, 3), (32, 8, 8), (12, 12, 5), (4, 2, 2), (8, 2, 4), (8, 1, 8)])
+@pytest.mark.parametrize("heads,kv,tp", [(9, 3, 2), (9, 3, 3), (32, 8, 8), (12, 12, 5), (4, 2, 2), (8, 2, 4),
+                                         (8, 1, 8)])
 def test_every_query_head_is_computed_once_with_its_own_kv_head(heads, kv, tp):
     group = heads // kv
     computed = []
