@@ -100,8 +100,10 @@ def plot(results: dict, path: Path) -> None:
         # Gaps of 0 (tokens that arrived together) would stretch a log axis to nothing useful.
         cdf.set(xscale="log", xlim=(1, None), xlabel="time between tokens (ms)", ylabel="fraction of gaps",
                 title="TBT CDF")
-    p99.set(xscale="log", yscale="log", xlabel="request rate (req/s)", ylabel="P99 TBT (ms)", title="P99 TBT vs load (runs and probes)")
-    ttft.set(xscale="log", yscale="log", xlabel="request rate (req/s)", ylabel="median TTFT (s)", title="Median TTFT vs load")
+    p99.set(xscale="log", yscale="log", xlabel="request rate (req/s)", ylabel="P99 TBT (ms)",
+            title="P99 TBT vs load (runs and probes)")
+    ttft.set(xscale="log", yscale="log", xlabel="request rate (req/s)", ylabel="median TTFT (s)",
+             title="Median TTFT vs load")
     if slo:
         p99.axhline(slo * 1000, color="grey", linestyle="--", label="SLO")
         if cdf:
