@@ -19,7 +19,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--workload", default="sharegpt4",
                    help=f"{' or '.join(WORKLOADS)}, or a CSV/JSONL trace with prompt_len,output_len")
-    g.add_argument("--scale", type=float, default=1.0, help="multiply every prompt and output length (e.g. 0.125 on a CPU)")
+    g.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every prompt and output length (e.g. 0.125 on a CPU)")
     g.add_argument("--max-model-len", type=int, default=8192, help="clip requests to this context")
     g.add_argument("--num-requests", type=int, default=100)
     g.add_argument("--seed", type=int, default=0)
@@ -69,13 +70,15 @@ def add_bench_parser(subparsers) -> None:
     add_output_args(capacity)
     capacity.set_defaults(func=cmd_bench, capacity=True, qps=[])
 
-    compare = sub.add_parser("compare", help="start our server per policy/budget, run the same load on each and on peers")
+    compare = sub.add_parser("compare",
+                             help="start our server per policy/budget, run the same load on each and on peers")
     compare.add_argument("--model", default="smollm2-135m-instruct")
     compare.add_argument("--target", action="append", default=[],
                          help="POLICY[:TOKEN_BUDGET], e.g. sarathi:128; repeat for several")
     compare.add_argument("--peer", action="append", default=[], help="NAME=URL of a running OpenAI-compatible server")
     compare.add_argument("--qps", type=float, action="append", default=[], help="request rate; repeat for several")
-    compare.add_argument("--server-args", default="", help="extra `sarathi serve` arguments, e.g. '--kv-cache-memory 2GiB'")
+    compare.add_argument("--server-args", default="",
+                         help="extra `sarathi serve` arguments, e.g. '--kv-cache-memory 2GiB'")
     add_workload_args(compare)
     add_slo_args(compare, capacity_default=False)
     add_output_args(compare)
@@ -99,7 +102,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise ValueError("capacity search needs --slo-tbt")
     if not args.qps and not args.capacity:
         raise ValueError("give --qps, --capacity or both")
-    workload = WorkloadSpec(args.workload, args.scale, args.max_model_len, args.num_requests, args.seed, args.burstiness)
+    workload = WorkloadSpec(args.workload, args.scale, args.max_model_len, args.num_requests, args.seed,
+                            args.burstiness)
     workload.requests()  # a bad trace file or scale fails here, before any server starts
     return Plan(targets, workload, args.qps, args.slo_tbt, args.slo_ttft, args.capacity, args.delay_bound,
                 args.start_qps, args.tolerance, args.max_probes, args.probe_seconds, args.decode_batch,
@@ -112,12 +116,15 @@ def command_line(args: argparse.Namespace, out: Path) -> str:
     parts = ["sarathi", "bench", args.bench_command]
     if args.bench_command == "compare":
         parts += ["--model", args.model] + [x for t in args.target for x in ("--target", t)]
-        parts += [x for p in args.peer for x in ("--peer", p)] + (["--server-args", args.server_args] * bool(args.server_args))
+        parts += [x for p in args.peer for x in ("--peer", p)]
+        if args.server_args:
+            parts += ["--server-args", args.server_args]
     else:
         parts += ["--url", args.url]
     parts += [x for q in args.qps for x in ("--qps", f"{q:g}")]
     parts += ["--workload", args.workload, "--scale", f"{args.scale:g}", "--max-model-len", str(args.max_model_len),
-              "--num-requests", str(args.num_requests), "--seed", str(args.seed), "--burstiness", f"{args.burstiness:g}"]
+              "--num-requests", str(args.num_requests), "--seed", str(args.seed),
+              "--burstiness", f"{args.burstiness:g}"]
     if args.slo_tbt:
         parts += ["--slo-tbt", args.slo_tbt.as_arg(), "--delay-bound", f"{args.delay_bound:g}"]
         if args.slo_tbt.needs_decode_time:
