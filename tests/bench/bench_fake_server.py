@@ -9,7 +9,7 @@ def sse(obj) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
 
-def make_app(tokens_per_chunk, gap=0.02, reject_continuous=False, fail_status=None):
+def make_app(tokens_per_chunk, gap=0.02, reject_continuous=False, report_delay=None, fail_status=None):
     """Streams max_tokens tokens, grouped per chunk as tokens_per_chunk says, gap seconds apart."""
     seen = []
 
@@ -38,6 +38,8 @@ def make_app(tokens_per_chunk, gap=0.02, reject_continuous=False, fail_status=No
             chunk = {"object": "text_completion", "choices": [{"index": 0, "text": "ab" * n, "finish_reason": None}]}
             if options.get("continuous_usage_stats"):
                 chunk["usage"] = {"prompt_tokens": len(body["prompt"]), "completion_tokens": sent}
+            if report_delay is not None and i == 1:
+                chunk["sarathi"] = {"scheduling_delay": report_delay}
             await response.write(sse(chunk))
         if options.get("include_usage"):
             await response.write(sse({"choices": [], "usage": {"prompt_tokens": len(body["prompt"]),

@@ -34,17 +34,18 @@ def test_warm_up_detects_what_the_server_offers():
     async def check(url):
         return await probe_server(url, "tiny", [1, 2]), await served_model(url)
 
-    assert asyncio.run(with_server(make_app([1])[0], check)) == (ServerTraits(True), "tiny")
-    refusing = make_app([1], reject_continuous=True)[0]
-    assert asyncio.run(with_server(refusing, check)) == (ServerTraits(False), "tiny")
+    assert asyncio.run(with_server(make_app([1])[0], check)) == (ServerTraits(True, False), "tiny")
+    refusing = make_app([1], reject_continuous=True, report_delay=0.1)[0]
+    assert asyncio.run(with_server(refusing, check)) == (ServerTraits(False, True), "tiny")
     with pytest.raises(RuntimeError, match="HTTP 429"):
         asyncio.run(with_server(make_app([1], fail_status=429)[0], check))
 
 
-def test_requests_leave_at_their_send_times():
-    app, _ = make_app(tokens_per_chunk=[1], gap=0.005)
+def test_requests_leave_at_their_send_times_and_record_server_delay():
+    app, _ = make_app(tokens_per_chunk=[1], gap=0.005, report_delay=0.125)
     records, _ = run(app, Load([[1], [2], [3]], [2, 2, 2], [0.0, 0.2, 0.4]))
     assert [r.send_time for r in records] == pytest.approx([0.0, 0.2, 0.4], abs=0.1)
+    assert all(r.server_scheduling_delay == 0.125 for r in records)
 
 
 def test_http_errors_are_recorded_not_raised():

@@ -5,9 +5,9 @@ from sarathi_engine.bench.metrics import PrefillModel, meets_slo, percentile, sc
 from sarathi_engine.bench.records import RequestRecord
 
 
-def record(i, token_times, prompt_len=10, error=None):
+def record(i, token_times, prompt_len=10, delay=None, error=None):
     return RequestRecord(i, prompt_len, len(token_times), send_time=float(i), token_times=token_times,
-                         end=token_times[-1] if token_times else None, error=error)
+                         end=token_times[-1] if token_times else None, server_scheduling_delay=delay, error=error)
 
 
 def test_percentiles_interpolate_linearly():
@@ -35,16 +35,21 @@ def test_summary_pools_every_gap_and_counts_failures():
     assert "goodput" not in s
 
 
-def test_scheduling_delay_estimate_is_ttft_beyond_the_idle_prefill():
+def test_scheduling_delay_prefers_the_server_figure_then_estimates():
     prefill = PrefillModel.fit([100, 200, 400], [0.2, 0.3, 0.5])  # 0.1 s + 1 ms per token
     assert prefill(300) == pytest.approx(0.4)
+    assert scheduling_delay(record(0, [1.0], prompt_len=300, delay=0.05), prefill) == 0.05
     assert scheduling_delay(record(0, [1.0], prompt_len=300), prefill) == pytest.approx(0.6)
     assert scheduling_delay(record(0, [0.3], prompt_len=300), prefill) == 0.0
     assert scheduling_delay(record(0, [1.0]), None) is None
 
 
 def test_delay_source_is_named():
-    assert summarize([record(0, [1.0])], 1.0, PrefillModel(0.0, 0.0))["scheduling_delay_source"] == "estimated"
+    prefill = PrefillModel(0.0, 0.0)
+    assert summarize([record(0, [1.0], delay=0.2)], 1.0, prefill)["scheduling_delay_source"] == "server"
+    assert summarize([record(0, [1.0])], 1.0, prefill)["scheduling_delay_source"] == "estimated"
+    mixed = summarize([record(0, [1.0], delay=0.2), record(1, [1.0])], 1.0, prefill)
+    assert mixed["scheduling_delay_source"] == "mixed" and mixed["scheduling_delay_p50"] == pytest.approx(0.6)
     assert summarize([record(0, [1.0])], 1.0)["scheduling_delay_source"] is None
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from sarathi_engine.bench.metrics import PrefillModel, summarize
+from sarathi_engine.bench.metrics import summarize
 from sarathi_engine.bench.records import RequestRecord
 from sarathi_engine.bench.servermetrics import bucket_delta, histogram_quantile, queue_time_buckets
 
@@ -43,12 +43,12 @@ def test_a_run_is_the_difference_of_two_scrapes():
     assert bucket_delta(after, None) == after
 
 
-def test_summary_prefers_server_metrics_to_the_estimate_and_keeps_both():
-    records = [RequestRecord(0, 100, 2, 0.0, token_times=[1.0, 1.1])]
-    prefill = PrefillModel(0.0, 0.001)  # 0.1 s alone, so 0.9 s estimated
+def test_summary_prefers_per_response_delay_then_server_metrics_then_estimate():
+    records = [RequestRecord(0, 10, 2, 0.0, token_times=[1.0, 1.1])]
     queue = {"scheduling_delay_p50": 0.25, "scheduling_delay_p90": 0.5, "scheduling_delay_p99": 0.7}
-    s = summarize(records, 1.0, prefill, server_queue_time=queue)
-    assert s["scheduling_delay_p50"] == 0.25 and s["scheduling_delay_source"] == "server-metrics"
-    assert s["scheduling_delay_estimate_p50"] == pytest.approx(0.9)
-    fallback = summarize(records, 1.0, prefill, server_queue_time={"scheduling_delay_p50": None})
-    assert fallback["scheduling_delay_p50"] == pytest.approx(0.9) and fallback["scheduling_delay_source"] == "estimated"
+    from_metrics = summarize(records, 1.0, server_queue_time=queue)
+    assert from_metrics["scheduling_delay_p50"] == 0.25 and from_metrics["scheduling_delay_source"] == "server-metrics"
+    reported = [RequestRecord(0, 10, 2, 0.0, token_times=[1.0, 1.1], server_scheduling_delay=0.125)]
+    exact = summarize(reported, 1.0, server_queue_time=queue)
+    assert exact["scheduling_delay_p50"] == 0.125 and exact["scheduling_delay_source"] == "server"
+    assert summarize(records, 1.0, server_queue_time={"scheduling_delay_p50": None})["scheduling_delay_p50"] is None

@@ -132,7 +132,7 @@ async def run_target(plan: Plan, target: Target, entry: dict, meta: dict, out: P
     async with target_server(plan, target, out) as url:
         endpoint = await connect(url, w)
         entry.update(model=endpoint.model, traits=asdict(endpoint.traits),
-                     prefill_model=asdict(endpoint.prefill))
+                     prefill_model=asdict(endpoint.prefill) if endpoint.prefill else None)
         if plan.slo and plan.slo.needs_decode_time and meta["decode_time_s"] is None:
             context = max(1, round(plan.decode_context * w.scale))
             meta["decode_time_s"] = await measure_decode_time(

@@ -47,14 +47,16 @@ class Endpoint:
     url: str
     model: str
     traits: ServerTraits
-    prefill: PrefillModel  # idle TTFT by prompt length, to estimate scheduling delay without server metrics
+    prefill: PrefillModel | None  # only when the server does not report scheduling delay
 
 
 async def connect(url: str, workload: WorkloadSpec, model: str | None = None) -> Endpoint:
     model = model or await served_model(url)
     traits = await probe_server(url, model, prompt_token_ids([RequestSpec(16, 1)], workload.seed)[0])
-    prefill = await measure_prefill(url, model, calibration_lengths(workload.requests()),
-                                    continuous_usage=traits.continuous_usage)
+    prefill = None
+    if not traits.reports_scheduling_delay:
+        prefill = await measure_prefill(url, model, calibration_lengths(workload.requests()),
+                                        continuous_usage=traits.continuous_usage)
     return Endpoint(url, model, traits, prefill)
 
 

@@ -33,6 +33,9 @@ class TokenClock:
     def on_chunk(self, t: float, chunk: dict) -> None:
         record = self.record
         usage, choices = chunk.get("usage"), chunk.get("choices") or []
+        extension = chunk.get("sarathi") or {}
+        if extension.get("scheduling_delay") is not None:
+            record.server_scheduling_delay = float(extension["scheduling_delay"])
         if usage and usage.get("completion_tokens") is not None:
             record.output_tokens = int(usage["completion_tokens"])
             new = record.output_tokens - len(record.token_times) if choices else 0
@@ -131,6 +134,7 @@ async def served_model(url: str, timeout_s: float = 30) -> str:
 @dataclass(frozen=True)
 class ServerTraits:
     continuous_usage: bool  # usage in every chunk, so tokens are counted exactly
+    reports_scheduling_delay: bool
 
 
 async def probe_server(url: str, model: str, prompt: list[int]) -> ServerTraits:
@@ -141,7 +145,7 @@ async def probe_server(url: str, model: str, prompt: list[int]) -> ServerTraits:
             record = await stream_completion(session, url, completion_payload(model, prompt, 2, continuous),
                                              RequestRecord(0, len(prompt), 2, 0.0))
             if record.ok:
-                return ServerTraits(continuous)
+                return ServerTraits(continuous, record.server_scheduling_delay is not None)
             if not (continuous and record.error.startswith("HTTP 400")):
                 break
     raise RuntimeError(f"warm-up request to {url} failed: {record.error}")

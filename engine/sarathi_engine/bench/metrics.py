@@ -40,9 +40,11 @@ class PrefillModel:
 
 
 def scheduling_delay(record: RequestRecord, prefill: PrefillModel | None) -> float | None:
-    """An estimate of arrival to first scheduling for a server that does not count it: the part of
-    TTFT beyond what the same prompt takes alone on an idle server. It also charges a chunked
-    prefill's own stretch to the delay, so it overstates the delay of the sarathi policy."""
+    """Arrival to first scheduling. The server's own figure when it reports one; otherwise an
+    estimate, the part of TTFT beyond what the same prompt takes alone on an idle server, which
+    also charges a chunked prefill's own stretch to the delay and so overstates it for sarathi."""
+    if record.server_scheduling_delay is not None:
+        return record.server_scheduling_delay
     if prefill is None:
         return None
     return max(0.0, record.ttft - prefill(record.prompt_len))
@@ -60,11 +62,12 @@ def meets_slo(record: RequestRecord, tbt_slo: float | None, ttft_slo: float | No
 def summarize(records: list[RequestRecord], duration: float, prefill: PrefillModel | None = None,
               tbt_slo: float | None = None, ttft_slo: float | None = None,
               server_queue_time: dict[str, float | None] | None = None) -> dict:
-    """server_queue_time: quantiles of the server's own queue-time histogram over the run, which
-    replace the estimated scheduling delay when present."""
+    """server_queue_time: quantiles of the server's own queue-time histogram over the run, used for
+    scheduling delay unless every response reported its own (exact per request, no buckets)."""
     ok = [r for r in records if r.ok]
     tbts = np.concatenate([r.tbts for r in ok]) if ok else np.zeros(0)
     delays = [d for d in (scheduling_delay(r, prefill) for r in ok) if d is not None]
+    reported = sum(r.server_scheduling_delay is not None for r in ok)
     output_tokens = sum(len(r.token_times) for r in ok)
     summary = {
         "num_requests": len(records),
@@ -80,9 +83,11 @@ def summarize(records: list[RequestRecord], duration: float, prefill: PrefillMod
         "tbt_mean": float(tbts.mean()) if tbts.size else None,
         **quantiles([r.e2e for r in ok], "e2e"),
         **quantiles(delays, "scheduling_delay"),
-        "scheduling_delay_source": "estimated" if delays else None,
+        "scheduling_delay_source": (None if not delays else "server" if reported == len(ok)
+                                    else "estimated" if not reported else "mixed"),
     }
-    if server_queue_time and server_queue_time.get("scheduling_delay_p50") is not None:
+    if server_queue_time and server_queue_time.get("scheduling_delay_p50") is not None \
+            and summary["scheduling_delay_source"] != "server":
         summary["scheduling_delay_estimate_p50"] = summary["scheduling_delay_p50"]
         summary.update(server_queue_time, scheduling_delay_source="server-metrics")
     if tbt_slo is not None or ttft_slo is not None:

@@ -15,6 +15,7 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)  # one per output token, seconds after send
     end: float | None = None  # the response's end, seconds after send
     output_tokens: int = 0  # the server's own count (usage) when it gave one
+    server_scheduling_delay: float | None = None  # when the server reports it
     error: str | None = None
 
     @property
