@@ -44,10 +44,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sarathi_engine import LLM, SamplingParams
 
     llm = LLM(**engine_kwargs(args))
-    prompt = llm.chat_prompt(args.prompt) if args.chat else args.prompt
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.sampling_seed)
-    print(llm.generate(prompt, params)[0].text)
+    try:
+        prompt = llm.chat_prompt(args.prompt) if args.chat else args.prompt
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.sampling_seed)
+        print(llm.generate(prompt, params)[0].text)
+    finally:
+        llm.engine.shutdown()  # stops the other ranks cleanly when the model spans processes
     return 0
 
 
