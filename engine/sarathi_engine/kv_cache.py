@@ -64,7 +64,6 @@ def bytes_per_block(cfg: ModelConfig, num_layers: int, num_kv_heads: int, block_
     return 2 * num_layers * block_size * num_kv_heads * cfg.head_dim * element
 
 
-def allocate_kv_cache(cfg: ModelConfig, num_layers: int, num_kv_heads: int, num_blocks: int, block_size: int,
-                      device: torch.device) -> torch.Tensor:
-    """[layers, 2 (key, value), blocks, block_size, kv_heads, head_dim]."""
-    return torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, cfg.head_dim, dtype=cfg.dtype, device=device)
+def allocate_kv_cache(cfg: ModelConfig, num_layers: int, layer_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[layers, 2 (key, value), *layer_shape], the layer shape being the attention backend's."""
+    return torch.zeros(num_layers, 2, *layer_shape, dtype=cfg.dtype, device=device)

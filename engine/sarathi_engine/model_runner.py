@@ -82,7 +82,8 @@ class ModelRunner:
         # Every rank must hold as many blocks as rank 0 hands out, whatever its share of the model.
         block_bytes = bytes_per_block(cfg, len(attention), kv_heads, cache.block_size)
         self.num_blocks = agree_min(self.size_cache(cache, block_bytes))
-        self.kv_cache = allocate_kv_cache(cfg, len(attention), kv_heads, self.num_blocks, cache.block_size, device)
+        layer_shape = self.backend.cache_shape(self.num_blocks, cache.block_size, kv_heads, cfg.head_dim)
+        self.kv_cache = allocate_kv_cache(cfg, len(attention), layer_shape, device)
         for layer, module in enumerate(attention):
             module.k_cache, module.v_cache = self.kv_cache[layer, 0], self.kv_cache[layer, 1]
 

@@ -30,12 +30,15 @@ class AttentionMetadata:
 class AttentionBackend(Protocol):
     name: str
 
+    def cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """One layer's key (or value) cache, laid out as this backend reads it fastest."""
+
     def forward(
         self,
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,
-        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # cache_shape(...)
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
@@ -54,7 +57,3 @@ def select_backend(device: torch.device) -> AttentionBackend:
 
     return TorchAttentionBackend()
 
-
-def write_to_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)

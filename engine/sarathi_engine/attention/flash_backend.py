@@ -10,7 +10,7 @@ import importlib.util
 
 import torch
 
-from sarathi_engine.attention import AttentionMetadata, write_to_cache
+from sarathi_engine.attention import AttentionMetadata
 
 FLASH_BLOCK_SIZE = 256
 
@@ -27,8 +27,12 @@ class FlashAttentionBackend:
 
         self._varlen = flash_attn_varlen_func
 
+    def cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return (num_blocks, block_size, num_kv_heads, head_dim)  # what flash-attn's block_table path reads
+
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
-        write_to_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
         cu_seqlens_k = torch.nn.functional.pad(meta.context_lens_tensor.cumsum(0, dtype=torch.int32), (1, 0))
         return self._varlen(
             q, k_cache, v_cache,

@@ -1,29 +1,37 @@
 """Attention in plain PyTorch: the CPU path and the numerical reference.
 
-Prefill chunks attend one sequence at a time; all decodes attend in one padded call. Grouped
-query heads are folded into the query length so keys and values are never repeated.
+The cache is laid out [kv_heads, blocks, block_size, head_dim], so gathering a sequence's blocks
+is one index_select per tensor whose result is already [kv_heads, tokens, head_dim]: far cheaper
+on a CPU than advanced indexing over a token-major layout. Prefill chunks attend one sequence at a
+time; all decodes attend in one padded call. Grouped query heads are folded into the query length
+so keys and values are never repeated.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from sarathi_engine.attention import AttentionMetadata, write_to_cache
+from sarathi_engine.attention import AttentionMetadata
 
 
 class TorchAttentionBackend:
     name = "torch"
 
+    def cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        return (num_kv_heads, num_blocks, block_size, head_dim)
+
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
-        write_to_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        write(k, k_cache, meta.slot_mapping)
+        write(v, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         start = 0
         for i in range(meta.num_prefills):
             n, length = meta.query_lens[i], meta.context_lens[i]
             if n == length:  # nothing cached yet: the chunk's own keys are the whole context
-                keys, values = k[start : start + n], v[start : start + n]
+                keys, values = k[start : start + n].transpose(0, 1), v[start : start + n].transpose(0, 1)
             else:
-                keys, values = gather_context(k_cache, v_cache, meta.block_tables[i], length)
+                blocks = meta.block_tables[i, : -(-length // k_cache.shape[2])]
+                keys, values = gather(k_cache, blocks)[:, :length], gather(v_cache, blocks)[:, :length]
             out[start : start + n] = attend_chunk(q[start : start + n], keys, values, scale, sliding_window)
             start += n
         if start < q.shape[0]:
@@ -34,29 +42,30 @@ class TorchAttentionBackend:
         return out
 
 
-def gather_context(k_cache, v_cache, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    blocks = block_table[: -(-length // k_cache.shape[1])]
-    return (
-        k_cache[blocks].flatten(0, 1)[:length],
-        v_cache[blocks].flatten(0, 1)[:length],
-    )
+def write(new: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """new: [tokens, kv_heads, dim] into the flat slots of cache [kv_heads, blocks, block_size, dim]."""
+    cache.view(cache.shape[0], -1, cache.shape[3]).index_copy_(1, slots, new.transpose(0, 1))
+
+
+def gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[kv_heads, len(blocks) * block_size, dim]: the blocks' tokens in order."""
+    return cache.index_select(1, blocks).flatten(1, 2)
 
 
 def attend_chunk(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
-    """q: [n, heads, dim], the last n positions of a context of keys/values [length, kv_heads, dim]."""
+    """q: [n, heads, dim], the last n positions of a context of keys/values [kv_heads, length, dim]."""
     n, heads, dim = q.shape
-    length, kv_heads, _ = keys.shape
+    kv_heads, length, _ = keys.shape
     group = heads // kv_heads
     qg = q.view(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * n, dim)
-    kt, vt = keys.transpose(0, 1), values.transpose(0, 1)
     if n == length and window is None:
         # One causal mask for every head group: fold the group back out so is_causal lines up.
         out = F.scaled_dot_product_attention(
-            qg.view(kv_heads, group, n, dim), kt.unsqueeze(1), vt.unsqueeze(1), is_causal=True, scale=scale
+            qg.view(kv_heads, group, n, dim), keys.unsqueeze(1), values.unsqueeze(1), is_causal=True, scale=scale
         )
     else:
         mask = chunk_mask(n, length, window, q.device).repeat(group, 1)
-        out = F.scaled_dot_product_attention(qg, kt, vt, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads, dim)
 
 
@@ -73,12 +82,13 @@ def chunk_mask(n: int, length: int, window: int | None, device) -> torch.Tensor:
 def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale: float, window: int | None) -> torch.Tensor:
     """q: [batch, heads, dim], one query per sequence at position context_len - 1."""
     batch, heads, dim = q.shape
-    kv_heads = k_cache.shape[2]
+    kv_heads = k_cache.shape[0]
     longest = int(context_lens.max())
-    blocks = block_tables[:, : -(-longest // k_cache.shape[1])]
-    keys = k_cache[blocks].flatten(1, 2).transpose(1, 2)  # [batch, kv_heads, L, dim]
-    values = v_cache[blocks].flatten(1, 2).transpose(1, 2)
-    k_pos = torch.arange(keys.shape[2], device=q.device)[None, :]
+    blocks = block_tables[:, : -(-longest // k_cache.shape[2])]
+    padded = blocks.shape[1] * k_cache.shape[2]
+    keys = gather(k_cache, blocks.flatten()).view(kv_heads, batch, padded, dim).transpose(0, 1)
+    values = gather(v_cache, blocks.flatten()).view(kv_heads, batch, padded, dim).transpose(0, 1)
+    k_pos = torch.arange(padded, device=q.device)[None, :]
     lens = context_lens[:, None].to(k_pos.dtype)
     mask = k_pos < lens
     if window is not None:
