@@ -1,4 +1,4 @@
-"""`sarathi operator`: runs the kopf operator, the periodic resync and the metrics endpoint."""
+"""`sarathi operator`: runs the kopf operator, the periodic resync, the autotuners and the metrics endpoint."""
 
 import argparse
 import asyncio
@@ -9,7 +9,7 @@ import kopf
 from prometheus_client import start_http_server
 
 from . import handlers  # noqa: F401  (registers the handlers)
-from .autotune import daemon  # noqa: F401  (registers the autotuner)
+from .autotune.daemon import Autotuners
 from .kube import Kube, load_api_client
 from .reconcile import Reconciler
 
@@ -36,7 +36,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> None:
-    reconciler = Reconciler(Kube(load_api_client(args.kubeconfig)))
+    kube = Kube(load_api_client(args.kubeconfig))
+    autotuners = Autotuners(kube, lambda namespace, name: reconciler.reconcile(namespace, name))
+    reconciler = Reconciler(kube, on_autotune=autotuners.ensure)
     resync = asyncio.create_task(reconciler.resync_forever(args.namespaces, args.resync_seconds))
     try:
         await kopf.operator(
@@ -51,6 +53,7 @@ async def run(args: argparse.Namespace) -> None:
         resync.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await resync
+        await autotuners.stop()
 
 
 def main(argv: list[str]) -> int:

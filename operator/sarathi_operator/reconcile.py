@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -57,8 +58,10 @@ def now() -> str:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube):
+    def __init__(self, kube: Kube, on_autotune: Callable[[str, str], None] | None = None):
         self.kube = kube
+        # Called on every pass over a resource that wants autotuning (autotune/daemon.py).
+        self.on_autotune = on_autotune
         # Independent requests of one pass go out together.
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kube")
         self._locks: dict[tuple, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -107,6 +110,8 @@ class Reconciler:
         if sdep is None or "deletionTimestamp" in sdep["metadata"]:
             return
         spec = with_defaults(sdep["spec"])
+        if spec["autotune"]["enabled"] and self.on_autotune:
+            self.on_autotune(namespace, name)
         problems = validate(name, spec)
         if problems:
             await self._write_status(sdep, self._failed(sdep, "InvalidSpec", "; ".join(problems)))

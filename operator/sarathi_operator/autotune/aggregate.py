@@ -42,16 +42,20 @@ class Histogram:
         _check_same_bounds(self, other)
         return Histogram(self.bounds, tuple(a - b for a, b in zip(self.counts, other.counts)))
 
-    def at_or_below(self, x: float) -> float:
-        """Observations <= x, interpolated linearly inside the bucket holding x."""
-        below, lower = 0.0, 0.0
+    def share_above(self, x: float) -> float | None:
+        """The share of the observations' total (each counted at its bucket's middle) held by
+        observations above x, interpolated inside the bucket holding x."""
+        total = above = below = lower = 0.0
         for bound, cumulative in zip(self.bounds, self.counts):
-            if x < bound:
-                if math.isinf(bound):
-                    return below
-                return below + (cumulative - below) * (x - lower) / (bound - lower)
+            upper = lower if math.isinf(bound) else bound
+            mass = (cumulative - below) * (lower + upper) / 2
+            total += mass
+            if lower >= x:
+                above += mass
+            elif upper > x:
+                above += mass * (upper - x) / (upper - lower)
             below, lower = cumulative, bound
-        return below
+        return above / total if total else None
 
     def quantile(self, q: float) -> float | None:
         """As Prometheus' histogram_quantile: linear inside the bucket that holds the rank; the
@@ -162,15 +166,15 @@ class Window:
     tbt_p99: float | None
     ttft_p99: float | None
     request_rate: float  # finished requests per second
-    budget_bound_share: float | None  # share of iterations holding more than half the budget
+    budget_bound_share: float | None  # share of tokens in iterations holding more than half the budget
 
 
 def summarize(total: Snapshot, seconds: float, engines: int, budget: int) -> Window:
     """Half the budget separates iterations the budget shaped from the rest: a chunked
     prefill fills the budget to the token, while decodes and the tail of a prompt leave it
-    mostly empty. Many iterations above it mean prefill work was held back by the budget."""
-    iterations = total.iteration_tokens.count
-    bound = (iterations - total.iteration_tokens.at_or_below(budget / 2)) / iterations if iterations else None
+    mostly empty. Tokens, not iterations, are weighed (an engine's time goes with its tokens):
+    under light load, a few full iterations among many small decode steps still mean that
+    every prompt was cut into chunks by the budget."""
     return Window(
         seconds=seconds,
         engines=engines,
@@ -178,5 +182,5 @@ def summarize(total: Snapshot, seconds: float, engines: int, budget: int) -> Win
         tbt_p99=total.tbt.quantile(0.99),
         ttft_p99=total.ttft.quantile(0.99),
         request_rate=total.requests / seconds if seconds > 0 else 0.0,
-        budget_bound_share=bound,
+        budget_bound_share=total.iteration_tokens.share_above(budget / 2),
     )

@@ -1,26 +1,30 @@
-"""The autotuner inside the operator: a kopf daemon per SarathiDeployment whose
-`spec.autotune.enabled` is true. kopf starts it when the flag turns on (or the operator starts
-and finds it on) and stops it when the flag turns off or the resource goes.
+"""The autotuner inside the operator: one task per SarathiDeployment whose
+`spec.autotune.enabled` is true, started by the reconciler's passes (which run on the resource's
+creation and changes, on the operator's start and every resync), ending by itself once the flag
+is off, the resource is gone, or a new resource took its name.
 
-Every `spec.autotune.intervalSeconds` it runs one pass (tuner.py) over the ready serving pods,
-records on each pod the budget its engine now runs (the annotation the reconciler reads for
-`status.tokenBudget`, see budget.py), writes the autotuner's status fields and Events, and asks
-the reconciler for a pass when a pod's budget changed. A restarted operator resumes from the
-status (record.resume). Once the flag is off, the reconciler owns the live budget again.
+Not a kopf daemon: kopf puts a finalizer on every resource that has one, and the operator keeps
+deletion working without it, even while the operator is down.
+
+Every `spec.autotune.intervalSeconds` a task runs one pass (tuner.py) over the ready serving
+pods, records on each pod the budget its engine now runs (the annotation the reconciler reads
+for `status.tokenBudget`, see budget.py), writes the autotuner's status fields and Events, and
+asks the reconciler for a pass when a pod's budget changed. A restarted operator resumes from
+the status (record.resume). Once the flag is off, the reconciler owns the live budget again.
 """
 
 import asyncio
 import base64
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
-import kopf
 from kubernetes.client.exceptions import ApiException
 
 from .. import budget, names, pods
-from ..reconcile import Reconciler
-from ..spec import API_VERSION, GROUP, KIND, PLURAL, VERSION, layout, with_defaults
+from ..kube import Kube
+from ..spec import API_VERSION, KIND, layout, with_defaults
 from . import record
 from .decide import Config
 from .tuner import Tuner
@@ -32,7 +36,7 @@ DEFAULT_MIN_BUDGET = 32
 DEFAULT_MAX_BUDGET = 8192
 
 
-def enabled(spec: dict, **_) -> bool:
+def enabled(spec: dict) -> bool:
     return bool(spec.get("autotune", {}).get("enabled"))
 
 
@@ -61,33 +65,59 @@ def to_annotate(serving_pods: list[dict], reported: dict[str, int], target: int)
             if reported.get(p["metadata"]["name"]) == target and budget.pod_token_budget(p) != target]
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, when=enabled, cancellation_timeout=30)
-async def autotune(namespace: str, name: str, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_) -> None:
-    try:
-        await DeploymentTuner(memo.reconciler, namespace, name).run(stopped)
-    finally:
-        record.forget_metrics(namespace, name)
+class Autotuners:
+    """The running autotuning tasks, by resource."""
+
+    def __init__(self, kube: Kube, reconcile: Callable[[str, str], Awaitable[None]]):
+        self.kube, self.reconcile = kube, reconcile
+        self._tasks: dict[tuple[str, str], asyncio.Task] = {}
+
+    def ensure(self, namespace: str, name: str) -> None:
+        """Starts the resource's task unless it runs."""
+        key = (namespace, name)
+        if key not in self._tasks or self._tasks[key].done():
+            self._tasks[key] = asyncio.create_task(self._run(namespace, name), name=f"autotune {namespace}/{name}")
+
+    async def _run(self, namespace: str, name: str) -> None:
+        try:
+            await DeploymentTuner(self.kube, self.reconcile, namespace, name).run()
+        except Exception:
+            log.exception("autotune %s/%s stopped; the next reconcile pass restarts it", namespace, name)
+        finally:
+            record.forget_metrics(namespace, name)
+            if self._tasks.get((namespace, name)) is asyncio.current_task():
+                del self._tasks[(namespace, name)]
+
+    def running(self) -> list[tuple[str, str]]:
+        return [key for key, task in self._tasks.items() if not task.done()]
+
+    async def stop(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
 
 class DeploymentTuner:
-    def __init__(self, reconciler: Reconciler, namespace: str, name: str):
-        self.reconciler, self.kube = reconciler, reconciler.kube
+    def __init__(self, kube: Kube, reconcile: Callable[[str, str], Awaitable[None]], namespace: str, name: str):
+        self.kube, self.reconcile = kube, reconcile
         self.namespace, self.name = namespace, name
         self.tuner: Tuner | None = None
 
-    async def run(self, stopped: kopf.DaemonStopped) -> None:
+    async def run(self) -> None:
+        uid = None
         async with aiohttp.ClientSession() as session:
-            while not stopped:
+            while True:
                 started = time.monotonic()
                 sdep = await asyncio.to_thread(self.kube.get, API_VERSION, KIND, self.namespace, self.name)
-                if sdep is None or not enabled(sdep["spec"]):
+                if sdep is None or not enabled(sdep["spec"]) or uid not in (None, sdep["metadata"]["uid"]):
                     return
+                uid = sdep["metadata"]["uid"]
                 spec = with_defaults(sdep["spec"])
                 try:
                     await self.one_pass(session, sdep, spec)
                 except ApiException as e:
                     log.warning("autotune %s/%s: Kubernetes API: %s %s", self.namespace, self.name, e.status, e.reason)
-                await stopped.wait(max(0.0, spec["autotune"]["intervalSeconds"] - (time.monotonic() - started)))
+                await asyncio.sleep(max(0.0, spec["autotune"]["intervalSeconds"] - (time.monotonic() - started)))
 
     async def one_pass(self, session: aiohttp.ClientSession, sdep: dict, spec: dict) -> None:
         config, status, now = config_from_spec(spec), sdep.get("status", {}), time.time()
@@ -113,7 +143,7 @@ class DeploymentTuner:
         record.metrics(self.namespace, self.name, result, config.min_samples)
         if annotate:
             # status.tokenBudget is the reconciler's: it follows the pods' records.
-            await self.reconciler.reconcile(self.namespace, self.name)
+            await self.reconcile(self.namespace, self.name)
 
     def _admin_token(self) -> str | None:
         secret = self.kube.get("v1", "Secret", self.namespace, names.admin_secret(self.name))

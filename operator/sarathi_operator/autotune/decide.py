@@ -8,8 +8,8 @@ Rules, in order:
    `aim` x SLO, at most halving it. The SLO comes first, so shrinking needs no further evidence.
    At the minimum budget, hold and say that the SLO cannot be met.
 4. Grow when P99 TBT is below `grow_below` x SLO *and* the budget holds prefill work back (at
-   least `min_bound_share` of iterations fill more than half of it), in `grow_after` windows in
-   a row at this budget: to the budget the model
+   least `min_bound_share` of the tokens went through iterations filling more than half of
+   it), in `grow_after` windows in a row at this budget: to the budget the model
    expects to give `aim` x SLO, by at least one multiple and at most doubling it. Without prefill waiting, a larger budget
    changes nothing but the risk.
 5. Otherwise hold: between `grow_below` and 1 x SLO is the dead band the controller rests in.

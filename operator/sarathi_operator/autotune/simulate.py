@@ -2,7 +2,7 @@
 for the convergence tests and for the comparison of the model-based step with blind stepping
 (fixed steps, the same rules otherwise) shown in docs/autotune.md.
 
-    python -m sarathi_operator.autotune.simulate     # prints the comparison table
+    python -m sarathi_operator.autotune.simulate     # prints the tables of docs/autotune.md
 """
 
 import math
@@ -127,5 +127,36 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def robustness(noises: tuple[float, ...] = (0.05, 0.1, 0.2), seeds: int = 20, steps: int = 60,
+               settle: int = 15) -> list[dict]:
+    """Per noise level, over every curve, both starts and `seeds` runs, after `settle` decisions:
+    changes of the budget per run (mean, most), intervals whose budget meets the SLO, and the
+    budgets' range relative to the best."""
+    rows = []
+    for noise in noises:
+        changes, met, ratios = [], [], []
+        for curve in CURVES.values():
+            best = best_budget(curve, CONFIG)
+            for start in (64, 4096):
+                for seed in range(seeds):
+                    late = run(curve, start, steps, noise=noise, seed=seed)[settle:]
+                    changes.append(sum(s.decision.action != "hold" for s in late))
+                    met += [curve(s.budget) <= CONFIG.slo for s in late]
+                    ratios += [s.budget / best for s in late]
+        rows.append({"noise": noise, "changes_mean": sum(changes) / len(changes), "changes_max": max(changes),
+                     "slo_met": sum(met) / len(met), "range": (min(ratios), max(ratios))})
+    return rows
+
+
+def robustness_table(rows: list[dict], steps: int = 45) -> str:
+    lines = [f"| P99 noise (sigma) | budget changes in {steps} intervals (mean / most) | intervals meeting the SLO "
+             f"| budget / best budget |", "|---|---|---|---|"]
+    lines += [f"| {r['noise']:.0%} | {r['changes_mean']:.1f} / {r['changes_max']} | {r['slo_met']:.1%} | "
+              f"{r['range'][0]:.2f} .. {r['range'][1]:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(table(comparison()))
+    print()
+    print(robustness_table(robustness()))

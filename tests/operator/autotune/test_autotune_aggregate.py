@@ -55,8 +55,14 @@ def test_quantiles_interpolate_inside_the_bucket_like_prometheus():
     assert h.quantile(0.05) == pytest.approx(0.05)
     assert Histogram((0.1, math.inf), (1, 5)).quantile(0.99) == 0.1  # in +Inf: the last finite bound
     assert Histogram((0.1, math.inf), (0, 0)).quantile(0.99) is None
-    assert h.at_or_below(0.3) == pytest.approx(80)
-    assert h.at_or_below(0.1) == 10 and h.at_or_below(1.0) == 100
+
+
+def test_the_share_above_a_value_weighs_each_bucket_at_its_middle():
+    h = Histogram((2.0, 4.0, 8.0, math.inf), (10, 10, 20, 20))  # 10 of ~1, 10 of ~6
+    assert h.share_above(4.0) == pytest.approx(60 / 70)
+    assert h.share_above(6.0) == pytest.approx(30 / 70)  # half of the (4, 8] bucket
+    assert h.share_above(8.0) == 0 and h.share_above(0.0) == pytest.approx(1)
+    assert Histogram((2.0, math.inf), (0, 0)).share_above(1.0) is None
 
 
 def test_histograms_of_other_buckets_do_not_mix():
@@ -105,8 +111,7 @@ def test_the_window_summary():
     assert w.tbt_samples == TRUTH["b"]["tbt_samples"]
     assert w.request_rate == pytest.approx(TRUTH["b"]["requests"] / 30)
     assert w.tbt_p99 == served.tbt.quantile(0.99)
-    # Iterations over 32 tokens at budget 64: prefill chunks (12 prompts of ~100 tokens).
-    tokens = served.iteration_tokens
-    assert w.budget_bound_share == pytest.approx((tokens.count - tokens.at_or_below(32)) / tokens.count)
-    assert 0 < w.budget_bound_share < 1
+    # Tokens in iterations over 32 at budget 64: prefill chunks (12 prompts of ~100 tokens).
+    assert w.budget_bound_share == served.iteration_tokens.share_above(32)
+    assert 0.5 < w.budget_bound_share < 1
     assert summarize(Snapshot(), 0, 0, 64).budget_bound_share is None

@@ -1,12 +1,13 @@
 """The operator side of the autotuner, without a cluster: the controller's settings from the
-spec, which pods it tunes and records, and the budget new pods start with."""
+spec, which pods it tunes and records, the budget new pods start with, and the task per resource."""
 
+import asyncio
 import json
 
 import pytest
 
 from sarathi_operator import budget, names
-from sarathi_operator.autotune.daemon import config_from_spec, enabled, engine_urls, to_annotate
+from sarathi_operator.autotune.daemon import Autotuners, config_from_spec, enabled, engine_urls, to_annotate
 from sarathi_operator.spec import with_defaults
 
 
@@ -63,3 +64,50 @@ def test_new_pods_start_from_the_tuned_budget_while_autotuning(enabled_, status,
     s = spec()
     s["autotune"]["enabled"] = enabled_
     assert budget.start_budget(s, status) == expected
+
+
+class FakeKube:
+    """Serves one SarathiDeployment by name; counts reads."""
+
+    def __init__(self, sdep):
+        self.sdep, self.reads = sdep, 0
+
+    def get(self, api_version, kind, namespace, name):
+        self.reads += 1
+        return self.sdep
+
+
+def test_one_task_per_resource_which_ends_once_autotuning_is_off():
+    async def scenario():
+        kube = FakeKube({"metadata": {"uid": "u1"}, "spec": {"autotune": {"enabled": False}}})
+        tuners = Autotuners(kube, reconcile=None)
+        tuners.ensure("ns", "a")
+        tuners.ensure("ns", "a")
+        assert tuners.running() == [("ns", "a")]
+        await asyncio.sleep(0.1)
+        ended = tuners.running()
+        kube.sdep = None  # deleted: a new task ends at once too
+        tuners.ensure("ns", "a")
+        await asyncio.sleep(0.1)
+        return kube.reads, ended, tuners.running()
+
+    reads, ended, after = asyncio.run(scenario())
+    assert reads == 2 and ended == [] and after == []
+
+
+def test_stopping_cancels_the_running_tasks():
+    async def scenario():
+        tuners = Autotuners(FakeKube(None), reconcile=None)
+        started = asyncio.Event()
+
+        async def forever(namespace, name):
+            started.set()
+            await asyncio.sleep(3600)
+
+        tuners._run = forever
+        tuners.ensure("ns", "a")
+        await started.wait()
+        await asyncio.wait_for(tuners.stop(), 5)
+        return tuners._tasks[("ns", "a")].cancelled()
+
+    assert asyncio.run(scenario())
