@@ -8,7 +8,6 @@ Also the harness shared with test_operator_lifecycle.py.
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from sarathi_engine.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT / "crds" / "sarathideployments.yaml"
@@ -103,12 +104,6 @@ def wait_phase(k: Cluster, namespace: str, name: str, phase: str, timeout: float
         return obj
 
     return wait_until(f"{name} phase {phase}", reached, timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Operator:

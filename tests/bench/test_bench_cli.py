@@ -1,14 +1,14 @@
 """`sarathi bench` end to end against the scripted SSE server, and the pure helpers around it."""
 import json
+from types import SimpleNamespace
 
 import pytest
 from bench_fake_server import ThreadedServer, make_app
 
-from sarathi_engine.bench.compare import Target, parse_peer, parse_policy_target
+from sarathi_engine.bench.compare import Target, parse_peer, parse_policy_target, server_args
 from sarathi_engine.bench.docs import markers, update_doc
 from sarathi_engine.bench.experiment import WorkloadSpec, probe_size
-from sarathi_engine.bench.serverproc import serve_command
-from sarathi_engine.cli import main
+from sarathi_engine.cli import build_parser, main
 
 
 def test_bench_run_writes_results_table_figure_and_doc(tmp_path):
@@ -84,11 +84,12 @@ def test_workload_spec_reads_a_trace_and_cycles_it(tmp_path):
     assert len(spec.load(qps=2.0, count=2).prompts) == 2
 
 
-def test_serve_command_names_policy_budget_and_port():
-    cmd = serve_command("m", 1234, "orca", 256, ["--kv-cache-memory", "2GiB"])
-    assert cmd[1:4] == ["-m", "sarathi_engine.cli", "serve"]
-    assert cmd[cmd.index("--policy") + 1] == "orca" and cmd[cmd.index("--token-budget") + 1] == "256"
-    assert cmd[cmd.index("--port") + 1] == "1234" and cmd[-2:] == ["--kv-cache-memory", "2GiB"]
+def test_target_server_args_name_policy_budget_and_context():
+    plan = SimpleNamespace(model="m", workload=SimpleNamespace(max_model_len=512), server_args=["--kv-cache-memory", "2GiB"])
+    args = server_args(plan, SimpleNamespace(policy="orca", token_budget=256))
+    assert args[args.index("--policy") + 1] == "orca" and args[args.index("--token-budget") + 1] == "256"
+    assert args[args.index("--max-model-len") + 1] == "512" and args[-2:] == ["--kv-cache-memory", "2GiB"]
+    build_parser().parse_args(["serve", *args])  # sarathi serve accepts every one of them
 
 
 def test_doc_sections_are_replaced_in_place_and_new_ones_appended(tmp_path):

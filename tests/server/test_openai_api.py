@@ -40,6 +40,10 @@ def test_completion_streamed_text_equals_non_streamed(client):
     assert len(chunks) == 40  # one event per token
     assert 0 <= chunks[0].model_extra["sarathi"]["scheduling_delay"] < 5
     assert all("sarathi" not in c.model_extra for c in chunks[1:])
+    counted = list(client.completions.create(model="smollm2", prompt=prompt, max_tokens=40, temperature=0, stream=True,
+                                             stream_options={"continuous_usage_stats": True}))
+    assert [c.usage.completion_tokens for c in counted] == list(range(1, 41))
+    assert {c.usage.prompt_tokens for c in counted} == {full.usage.prompt_tokens}
 
 
 def test_token_id_prompts_batches_and_sampling_fields(client):

@@ -4,6 +4,7 @@ optional capacity search under one TBT SLO (resolved once, on the first target, 
 multiple of the decode-only iteration time). Results are saved after every target."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import platform
@@ -18,8 +19,8 @@ from sarathi_engine.bench.capacity import TbtSlo
 from sarathi_engine.bench.experiment import WorkloadSpec, connect, find_capacity, run_point
 from sarathi_engine.bench.progress import BenchProgress
 from sarathi_engine.bench.report import capacity_table, plot, points_table, write_json
-from sarathi_engine.bench.serverproc import ServerProcess
 from sarathi_engine.config import POLICIES
+from sarathi_engine.server.launcher import ServerProcess
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,23 @@ def source_commit() -> str | None:
     return head + ("-dirty" if dirty else "")
 
 
-def target_server(plan: Plan, target: Target, out: Path):
+def server_args(plan: Plan, target: Target) -> list[str]:
+    return ["--model", plan.model, "--policy", target.policy, "--token-budget", str(target.token_budget),
+            "--max-model-len", str(plan.workload.max_model_len), *plan.server_args]
+
+
+@contextlib.asynccontextmanager
+async def target_server(plan: Plan, target: Target, out: Path):
+    """The target's URL: a peer's own, or our server started for the block's duration."""
     if target.url:
-        return contextlib.nullcontext(target.url)
-    log = out / "logs" / f"{target.policy}-{target.token_budget}.log"
-    extra = ["--max-model-len", str(plan.workload.max_model_len), *plan.server_args]
-    return ServerProcess(plan.model, target.policy, target.token_budget, extra, log)
+        yield target.url
+        return
+    server = ServerProcess(server_args(plan, target), log_path=out / "logs" / f"{target.policy}-{target.token_budget}.log")
+    try:
+        await asyncio.to_thread(server.start)
+        yield server.url
+    finally:
+        server.stop(timeout=30)
 
 
 async def execute(plan: Plan, out: Path, progress: BenchProgress) -> dict:

@@ -134,8 +134,8 @@ async def generate(request: web.Request, state: ServerState, parsed: GenerationR
     prompt_tokens = sum(len(ids) for ids, _ in prepared)
     try:
         if parsed.stream:
-            return await stream_response(request, request_id, state.served_model_name, submission, prompt_tokens,
-                                         parsed.include_usage, chat)
+            return await stream_response(request, request_id, state.served_model_name, submission,
+                                         [len(ids) for ids, _ in prepared], parsed, chat)
         finals = {}
         async for index, out in submission.outputs():
             if out.finished:
@@ -148,13 +148,13 @@ async def generate(request: web.Request, state: ServerState, parsed: GenerationR
         request_id, state.served_model_name, choices, protocol.usage(prompt_tokens, completion_tokens), chat))
 
 
-async def stream_response(request, request_id, model, submission, prompt_tokens, include_usage, chat):
+async def stream_response(request, request_id, model, submission, prompt_lens: list[int], parsed, chat):
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     if chat:
         for index in range(len(submission.index)):
             await send(response, protocol.chunk(request_id, model, index, None, None, chat, role=True))
-    completion_tokens = 0
+    completion_tokens = [0] * len(prompt_lens)
     try:
         # One event per token, even when its text is still held back, so clients can time every token.
         async for index, out in submission.outputs():
@@ -162,13 +162,16 @@ async def stream_response(request, request_id, model, submission, prompt_tokens,
             if len(out.token_ids) == 1 and out.new_token_ids and out.first_scheduled_time is not None:
                 # What a client cannot see: how long the request waited before it was first scheduled.
                 event["sarathi"] = {"scheduling_delay": max(0.0, out.first_scheduled_time - out.arrival_time)}
-            completion_tokens += len(out.new_token_ids)
+            completion_tokens[index] += len(out.new_token_ids)
+            if parsed.continuous_usage:
+                event["usage"] = protocol.usage(prompt_lens[index], completion_tokens[index])
             await send(response, event)
     except EngineDead as e:
         await send(response, protocol.error_body(str(e), "service_unavailable"))
         return response
-    if include_usage:
-        await send(response, protocol.usage_chunk(request_id, model, protocol.usage(prompt_tokens, completion_tokens), chat))
+    if parsed.include_usage:
+        total = protocol.usage(sum(prompt_lens), sum(completion_tokens))
+        await send(response, protocol.usage_chunk(request_id, model, total, chat))
     await response.write(b"data: [DONE]\n\n")
     return response
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,20 +12,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from sarathi_engine.launch import free_port
 
 
 class ServerProcess:
     def __init__(self, args: list[str], env: dict | None = None, host: str = "127.0.0.1",
-                 port: int | None = None) -> None:
-        self.host, self.port = host, port or free_port(host)
+                 port: int | None = None, log_path: Path | None = None) -> None:
+        self.host, self.port = host, port or free_port()
         self.args = [sys.executable, "-m", "sarathi_engine.cli", "serve", "--host", host, "--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
-        self.log_path = Path(tempfile.mkstemp(prefix="sarathi-serve-", suffix=".log")[1])
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="sarathi-serve-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
 
     @property
@@ -34,6 +29,7 @@ class ServerProcess:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 300.0) -> ServerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

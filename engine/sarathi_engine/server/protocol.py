@@ -54,8 +54,9 @@ SAMPLING_FIELDS = {
     "stop_token_ids": (lambda v: _token_ids(v) and all(t >= 0 for t in v), "a list of token ids"),
     "ignore_eos": (lambda v: isinstance(v, bool), "a boolean"),
     "stream": (lambda v: isinstance(v, bool), "a boolean"),
-    "stream_options": (lambda v: isinstance(v, dict) and set(v) <= {"include_usage"}
-                       and isinstance(v.get("include_usage", False), bool), 'an object like {"include_usage": true}'),
+    "stream_options": (lambda v: isinstance(v, dict) and set(v) <= {"include_usage", "continuous_usage_stats"}
+                       and all(isinstance(x, bool) for x in v.values()),
+                       'an object like {"include_usage": true, "continuous_usage_stats": false}'),
     "n": (lambda v: v == 1, "1 (only one choice per prompt is supported)"),
     "best_of": (lambda v: v == 1, "1"),
     "echo": (lambda v: v is False, "false (echo is not supported)"),
@@ -101,6 +102,11 @@ class GenerationRequest:
     @property
     def include_usage(self) -> bool:
         return self.given.get("stream_options", {}).get("include_usage", False)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's extension: usage in every chunk, so clients can count tokens per event."""
+        return self.given.get("stream_options", {}).get("continuous_usage_stats", False)
 
     @property
     def model(self) -> str | None:
