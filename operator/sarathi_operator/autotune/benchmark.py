@@ -1,0 +1,386 @@
+"""The autotuner's benchmark: a chat-like workload, then a summarisation-like one, sent without
+a break to one server per static token budget and to one autotuned server (the standalone
+tuner of cli.py). Per workload: the SLO attainment (share of token gaps within the TBT SLO),
+P99 TBT, throughput and median TTFT of each target, the best static budget, and how the
+autotuned server compares. Load, workloads and arrivals are the benchmark package's
+(sarathi_engine.bench). Each phase's request rate is a share of the engine's prefill rate,
+measured on an idle server first, so that the load fits the machine of the day.
+
+    python -m sarathi_operator.autotune.benchmark --slo-tbt-ms 2000 --static 64 128 256 512 \\
+        --doc docs/autotune.md
+
+Writes results.json and figure.png to --out, and the generated section of --doc. With
+--static-from, the static targets of an earlier results.json (same load) are reused and only the
+autotuned server runs.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sarathi_engine.bench import arrivals, loadgen, workloads
+from sarathi_engine.bench.compare import machine
+from sarathi_engine.bench.records import RequestRecord
+from sarathi_engine.server.launcher import ServerProcess
+
+from . import cli
+from .decide import Config
+from .tuner import Pass
+
+MODEL = "smollm2-135m-instruct"
+SECTION = "autotune-benchmark"
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    workload: str
+    utilisation: float
+    seconds: float
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sarathi_operator.autotune.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--slo-tbt-ms", type=float, required=True)
+    p.add_argument("--static", type=int, nargs="+", default=[64, 128, 256, 512], help="static budgets to compare")
+    p.add_argument("--start-budget", type=int, default=256, help="the autotuned server's first budget")
+    p.add_argument("--min-token-budget", type=int, default=32)
+    p.add_argument("--max-token-budget", type=int, default=1024)
+    p.add_argument("--interval", type=float, default=10.0, help="autotuner interval, seconds")
+    p.add_argument("--chat", default="sharegpt4:0.25:150",
+                   help="workload:utilisation:seconds of the first phase (utilisation: of the idle prefill rate)")
+    p.add_argument("--summarisation", default="arxiv_summarization:0.25:150",
+                   help="workload:utilisation:seconds of the second phase")
+    p.add_argument("--scale", type=float, default=0.125, help="length scale of both workloads")
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--server-arg", action="append", default=[], help="extra `sarathi serve` argument (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--static-from", type=Path, help="reuse the static targets (and load) of this results.json")
+    p.add_argument("--out", type=Path, default=None, help="default: bench-results/autotune-<time>")
+    p.add_argument("--doc", type=Path, help="write the generated section of this Markdown file")
+    return p.parse_args(argv)
+
+
+def phase(text: str, name: str) -> Phase:
+    workload, utilisation, seconds = text.split(":")
+    return Phase(name, workload, float(utilisation), float(seconds))
+
+
+def request_rates(phases: list[Phase], scale: float, max_model_len: int, seed: int, tokens_per_second: float
+                  ) -> dict[str, float]:
+    """Requests per second that keep each phase's tokens (prompt and output) at its utilisation
+    of the engine's rate."""
+    rates = {}
+    for i, ph in enumerate(phases):
+        specs = workloads.scale_and_clip(workloads.sample_lengths(workloads.WORKLOADS[ph.workload], 4000, seed + i),
+                                         scale, max_model_len)
+        work = sum(s.prompt_len + s.output_len for s in specs) / len(specs)
+        rates[ph.name] = ph.utilisation * tokens_per_second / work
+    return rates
+
+
+def build_load(phases: list[Phase], rates: dict[str, float], scale: float, max_model_len: int,
+               seed: int) -> tuple[loadgen.Load, list[str]]:
+    """One load: each phase's Poisson arrivals for its seconds, one after the other; and the
+    phase of each request."""
+    prompts, max_tokens, times, labels, offset = [], [], [], [], 0.0
+    for i, ph in enumerate(phases):
+        n = max(1, round(rates[ph.name] * ph.seconds))
+        specs = workloads.scale_and_clip(workloads.sample_lengths(workloads.WORKLOADS[ph.workload], n, seed + i),
+                                         scale, max_model_len)
+        prompts += workloads.prompt_token_ids(specs, seed + i)
+        max_tokens += [s.output_len for s in specs]
+        times += [offset + t for t in arrivals.arrival_times(n, rates[ph.name], seed + i)]
+        labels += [ph.name] * n
+        offset += ph.seconds
+    return loadgen.Load(prompts, max_tokens, times), labels
+
+
+async def prefill_rate(url: str, model: str, tokens: int = 512) -> float:
+    """Prompt tokens per second of one prefill on an idle engine (the better of two)."""
+    payload = {"model": model, "prompt": list(range(1000, 1000 + tokens)), "max_tokens": 1}
+    best = float("inf")
+    async with loadgen.client_session(300) as session:
+        for _ in range(2):
+            started = time.monotonic()
+            async with session.post(url + "/v1/completions", json=payload) as response:
+                response.raise_for_status()
+                await response.read()
+            best = min(best, time.monotonic() - started)
+    return tokens / best
+
+
+def phase_summary(records: list[RequestRecord], slo: float) -> dict:
+    """Attainment: the share of token gaps within the SLO (the P99 SLO holds at >= 99%).
+    Throughput: prompt and output tokens of the phase's requests per second, from the phase's
+    first send to its last response (a backlog left by a slow phase counts against it)."""
+    ok = [r for r in records if r.ok]
+    gaps = np.concatenate([r.tbts for r in ok]) if ok else np.zeros(0)
+    start = min(r.send_time for r in records)
+    end = max(r.send_time + r.e2e for r in ok) if ok else start
+    tokens = sum(r.prompt_len + len(r.token_times) for r in ok)
+    return {
+        "requests": len(records),
+        "failed": len(records) - len(ok),
+        "attainment": float((gaps <= slo).mean()) if gaps.size else None,
+        "tbt_p99": float(np.percentile(gaps, 99)) if gaps.size else None,
+        "ttft_p50": float(np.median([r.ttft for r in ok])) if ok else None,
+        "ttft_p99": float(np.percentile([r.ttft for r in ok], 99)) if ok else None,
+        "throughput": tokens / (end - start) if end > start else None,
+    }
+
+
+async def run_target(args: argparse.Namespace, budget: int, autotune: bool, load: loadgen.Load,
+                     labels: list[str], out: Path) -> dict:
+    token = secrets.token_urlsafe(16)
+    server = ServerProcess(["--model", args.model, "--token-budget", str(budget), "--max-model-len",
+                            str(args.max_model_len), *args.server_arg],
+                           env={"SARATHI_ADMIN_TOKEN": token, "OMP_NUM_THREADS": "1"})
+    name = "autotuned" if autotune else f"static {budget}"
+    print(f"{name}: starting the server", flush=True)
+    await asyncio.to_thread(server.start)
+    passes: list[dict] = []
+    try:
+        await loadgen.probe_server(server.url, await loadgen.served_model(server.url), [1000] * 8)
+        model = await loadgen.served_model(server.url)
+        stop, tuning = asyncio.Event(), None
+        started = time.time()
+        if autotune:
+            config = Config(slo=args.slo_tbt_ms / 1000, min_budget=args.min_token_budget,
+                            max_budget=args.max_token_budget)
+
+            def on_pass(p: Pass) -> None:
+                passes.append({**cli.pass_record(p), "t": p.time - started})
+                print(f"  {p.time - started:6.0f} s  {p.decision.action} {p.previous_budget} -> {p.decision.budget}: "
+                      f"{p.decision.reason}", flush=True)
+
+            tuning = asyncio.create_task(cli.run({"engine": server.url}, token, config, args.interval, on_pass,
+                                                 stop=stop))
+        records, duration = await loadgen.run_load(server.url, model, load, continuous_usage=False)
+        stop.set()
+        if tuning:
+            await tuning
+    finally:
+        await asyncio.to_thread(server.stop)
+        server.log_path.replace(out / f"server-{'autotuned' if autotune else budget}.log")
+    target = {"name": name, "budget": None if autotune else budget, "autotune": autotune, "duration": duration,
+              "passes": passes, "records": [{"phase": lab, **r.to_dict()} for r, lab in zip(records, labels)]}
+    summarise(target, args.slo_tbt_ms / 1000)
+    print(f"{name}: " + "; ".join(f"{ph} {fmt(s)}" for ph, s in target["phases"].items()), flush=True)
+    return target
+
+
+def summarise(target: dict, slo: float) -> None:
+    """The target's summary per phase, from its records."""
+    by_phase: dict[str, list[RequestRecord]] = {}
+    for row in target["records"]:
+        fields = {k: v for k, v in row.items() if k != "phase"}
+        by_phase.setdefault(row["phase"], []).append(RequestRecord.from_dict(fields))
+    target["phases"] = {ph: phase_summary(records, slo) for ph, records in by_phase.items()}
+
+
+def fmt(s: dict) -> str:
+    return (f"attainment {s['attainment']:.3f}, P99 TBT {s['tbt_p99'] * 1000:.0f} ms, "
+            f"throughput {s['throughput']:.1f} tok/s, median TTFT {s['ttft_p50']:.1f} s")
+
+
+def verdict(results: dict) -> dict:
+    """Per phase: the best static budget (the highest throughput among those with attainment
+    >= 99%) and the autotuned target's throughput and median TTFT relative to it; and which
+    static budgets held the SLO in both phases."""
+    statics = [t for t in results["targets"] if not t["autotune"]]
+    tuned = next(t for t in results["targets"] if t["autotune"])
+    out = {"phases": {}}
+    for ph in results["phases"]:
+        holding = [t for t in statics if (t["phases"][ph]["attainment"] or 0) >= 0.99]
+        best = max(holding, key=lambda t: t["phases"][ph]["throughput"], default=None)
+        mine = tuned["phases"][ph]
+        out["phases"][ph] = {
+            "best_static": best and best["budget"],
+            "tuned_holds_slo": (mine["attainment"] or 0) >= 0.99,
+            "tuned_vs_best": best and mine["throughput"] / best["phases"][ph]["throughput"],
+            "tuned_ttft_vs_best": best and mine["ttft_p50"] / best["phases"][ph]["ttft_p50"],
+        }
+    out["statics_holding_both"] = [t["budget"] for t in statics
+                                   if all((t["phases"][ph]["attainment"] or 0) >= 0.99 for ph in results["phases"])]
+    return out
+
+
+def table(results: dict) -> str:
+    phases = list(results["phases"])
+    head = "| target | " + " | ".join(f"{ph}: attainment / P99 TBT / throughput / median TTFT" for ph in phases) + " |"
+    lines = [head, "|---|" + "---|" * len(phases)]
+    for t in results["targets"]:
+        cells = []
+        for ph in phases:
+            s = t["phases"][ph]
+            cells.append(f"{s['attainment'] * 100:.1f}% / {s['tbt_p99'] * 1000:.0f} ms / {s['throughput']:.1f} tok/s / "
+                         f"{s['ttft_p50']:.1f} s")
+        lines.append(f"| {t['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def figure(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = list(results["phases"])
+    targets = results["targets"]
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    tuned = next(t for t in targets if t["autotune"])
+    ax = axes[0]
+    ax.step([p["t"] for p in tuned["passes"]], [p["budget"] for p in tuned["passes"]], where="post", label="budget")
+    boundary = results["phases"][phases[0]]["seconds"]
+    ax.axvline(boundary, color="grey", linestyle=":", label=f"{phases[0]} -> {phases[1]}")
+    ax.set(xlabel="seconds", ylabel="token budget", title="autotuned budget")
+    ax.legend()
+    x = np.arange(len(phases))
+    width = 0.8 / len(targets)
+    panels = [("attainment", 100, "% token gaps within the SLO", f"SLO attainment (P99 TBT <= {results['slo_ms']:.0f} ms)"),
+              ("throughput", 1, "tokens / s", "throughput (prompt + output)"),
+              ("ttft_p50", 1, "seconds", "median TTFT")]
+    for ax, (key, factor, ylabel, title) in zip(axes[1:], panels):
+        for i, t in enumerate(targets):
+            ax.bar(x + i * width, [t["phases"][ph][key] * factor for ph in phases], width, label=t["name"])
+        ax.set(ylabel=ylabel, title=title)
+        ax.set_xticks(x + 0.4 - width / 2, phases)
+    lowest = min(t["phases"][ph]["attainment"] for t in targets for ph in phases) * 100
+    axes[1].axhline(99, color="grey", linestyle=":")
+    axes[1].set_ylim(min(95.0, lowest - 1), 100.2)
+    axes[3].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def doc_section(results: dict, figure_path: str) -> str:
+    m, v = results["machine"], results["verdict"]
+    load = " / ".join(f"{x:.2f}" for x in results["load_before"]) + ", after: " + \
+        " / ".join(f"{x:.2f}" for x in results["load_after"])
+    lines = [
+        f"<!-- BEGIN {SECTION}: generated by `python -m sarathi_operator.autotune.benchmark`, edits inside are "
+        "overwritten -->",
+        f"Run {results['started']} on {m['cpu'] or 'an unnamed CPU'}, {m['cores']} cores, {m['memory_gib']} GiB, "
+        f"torch {m['torch']}; commit {m.get('commit') or 'unknown'}. Load average (1/5/15 min) before: {load}.",
+    ]
+    if "statics_from" in results:
+        f = results["statics_from"]
+        lines.append(f"The static targets are from the run of {f['run']} (load average before: "
+                     f"{' / '.join(f'{x:.2f}' for x in f['load_before'])}), with the same requests.")
+    lines += [
+        "",
+        "```sh",
+        results["command"],
+        "```",
+        "",
+        f"P99 TBT SLO {results['slo_ms']:.0f} ms. Idle prefill rate {results['prefill_tokens_per_second']:.0f} "
+        "tokens/s. Phases, one after the other without a break: "
+        + "; ".join(f"{ph}: `{p['workload']}` lengths x{results['scale']:g}, {p['qps']:.3g} req/s "
+                    f"({p['utilisation']:.0%} of the prefill rate) for {p['seconds']:g} s"
+                    for ph, p in results["phases"].items()) + ".",
+        "",
+        table(results),
+        "",
+    ]
+    for ph, r in v["phases"].items():
+        holds = "held" if r["tuned_holds_slo"] else "did not hold"
+        if r["best_static"] is None:
+            lines.append(f"- {ph}: no static budget held the SLO; autotuned {holds} it.")
+        else:
+            lines.append(f"- {ph}: best static budget {r['best_static']}; autotuned {holds} the SLO at "
+                         f"{r['tuned_vs_best']:.0%} of its throughput and {r['tuned_ttft_vs_best']:.2f}x its median "
+                         "TTFT.")
+    lines.append(f"- Static budgets holding the SLO in both phases: "
+                 f"{', '.join(map(str, v['statics_holding_both'])) or 'none'}.")
+    lines += ["", f"![autotune benchmark]({figure_path})", f"<!-- END {SECTION} -->"]
+    return "\n".join(lines) + "\n"
+
+
+def update_doc(doc: Path, section: str) -> None:
+    begin, end = section.splitlines()[0], section.splitlines()[-1]
+    text = doc.read_text() if doc.exists() else ""
+    if begin.split(":")[0] in text and end in text:
+        head, rest = text.split(begin.split(":")[0], 1)
+        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    doc.write_text(text)
+
+
+async def calibrate(args: argparse.Namespace, phases: list[Phase]) -> tuple[float, dict[str, float]]:
+    """The idle engine's prefill rate, and each phase's request rate from it."""
+    server = ServerProcess(["--model", args.model, "--token-budget", "512", "--max-model-len", str(args.max_model_len),
+                            *args.server_arg], env={"OMP_NUM_THREADS": "1"})
+    await asyncio.to_thread(server.start)
+    try:
+        rate = await prefill_rate(server.url, await loadgen.served_model(server.url))
+    finally:
+        await asyncio.to_thread(server.stop)
+    return rate, request_rates(phases, args.scale, args.max_model_len, args.seed, rate)
+
+
+async def main_async(args: argparse.Namespace, command: str) -> dict:
+    out = args.out or Path("bench-results") / time.strftime("autotune-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    phases = [phase(args.chat, "chat"), phase(args.summarisation, "summarisation")]
+    previous = json.loads(args.static_from.read_text()) if args.static_from else None
+    if previous:
+        prefill, rates = previous["prefill_tokens_per_second"], {ph: p["qps"] for ph, p in previous["phases"].items()}
+    else:
+        prefill, rates = await calibrate(args, phases)
+    load, labels = build_load(phases, rates, args.scale, args.max_model_len, args.seed)
+    results = {
+        "started": time.strftime("%Y-%m-%d %H:%M"), "command": command, "machine": machine(),
+        "load_before": list(os.getloadavg()), "slo_ms": args.slo_tbt_ms, "scale": args.scale,
+        "prefill_tokens_per_second": prefill,
+        "phases": {p.name: {"workload": p.workload, "utilisation": p.utilisation, "qps": rates[p.name],
+                            "seconds": p.seconds} for p in phases},
+        "targets": [],
+    }
+    print(f"prefill {prefill:.0f} tokens/s; " + ", ".join(f"{ph} {q:.3f} req/s" for ph, q in rates.items()), flush=True)
+    if previous:
+        for target in previous["targets"]:
+            if not target["autotune"]:
+                summarise(target, args.slo_tbt_ms / 1000)
+                results["targets"].append(target)
+        results["statics_from"] = {"run": previous["started"], "load_before": previous["load_before"],
+                                   "load_after": previous["load_after"]}
+    else:
+        for budget in args.static:
+            results["targets"].append(await run_target(args, budget, False, load, labels, out))
+    results["targets"].append(await run_target(args, args.start_budget, True, load, labels, out))
+    results["load_after"] = list(os.getloadavg())
+    results["verdict"] = verdict(results)
+    (out / "results.json").write_text(json.dumps(results))
+    figure(results, out / "figure.png")
+    if args.doc:
+        fig = args.doc.parent / "autotune" / "benchmark.png"
+        fig.parent.mkdir(parents=True, exist_ok=True)
+        fig.write_bytes((out / "figure.png").read_bytes())
+        update_doc(args.doc, doc_section(results, os.path.relpath(fig, args.doc.parent)))
+    print(table(results))
+    print(json.dumps(results["verdict"], indent=2))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    import shlex
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    asyncio.run(main_async(args, "python -m sarathi_operator.autotune.benchmark " + shlex.join(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
