@@ -27,7 +27,9 @@ import pytest
 from e2e.test_operator import (  # noqa: F401  (fixtures)
     Cluster, Operator, crd, engine_pods, fresh_namespace, k, operator_kubeconfig, wait_until,
 )
-from sarathi_engine.bench import arrivals, loadgen, workloads
+from sarathi_engine.bench import loadgen
+from sarathi_engine.bench.experiment import WorkloadSpec
+from sarathi_operator.autotune.benchmark import prefill_rate
 from sarathi_operator.autotune.aggregate import Snapshot, parse
 from sarathi_operator.autotune.record import parse_iso
 
@@ -50,13 +52,10 @@ class BackgroundLoad:
     stopped; finished requests land in records."""
 
     def __init__(self, url: str, model: str, tokens_per_second: float, seconds: float, seed: int = 0):
-        specs = workloads.scale_and_clip(workloads.sample_lengths(workloads.WORKLOADS["sharegpt4"], 4000, seed),
-                                         SCALE, MAX_MODEL_LEN)
-        work = sum(s.prompt_len + s.output_len for s in specs) / len(specs)
+        chat = WorkloadSpec("sharegpt4", SCALE, MAX_MODEL_LEN, 4000, seed)
+        work = sum(s.prompt_len + s.output_len for s in chat.requests()) / chat.num_requests
         self.qps = UTILISATION * tokens_per_second / work
-        n = min(len(specs), int(self.qps * seconds))
-        self.load = loadgen.Load(workloads.prompt_token_ids(specs[:n], seed), [s.output_len for s in specs[:n]],
-                                 list(arrivals.arrival_times(n, self.qps, seed)))
+        self.load = chat.load(self.qps, count=int(self.qps * seconds))
         self.url, self.model = url, model
         self.records: list[loadgen.RequestRecord] = []
         self._loop = asyncio.new_event_loop()
@@ -117,21 +116,6 @@ def operator(operator_kubeconfig, namespace, tmp_path_factory):
 
 def status(k: Cluster, namespace: str) -> dict:
     return k.get("sdep", namespace, NAME).get("status", {})
-
-
-def prefill_rate(ip: str, model: str, tokens: int = 512) -> float:
-    """Prompt tokens per second of one prefill on the idle engine (the better of two): sets the
-    load, since this machine's speed varies many times over with what else runs on it."""
-    body = json.dumps({"model": model, "prompt": list(range(1000, 1000 + tokens)), "max_tokens": 1}).encode()
-    best = float("inf")
-    for _ in range(2):
-        request = urllib.request.Request(f"http://{ip}:8000/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-        started = time.monotonic()
-        with urllib.request.urlopen(request, timeout=300) as resp:
-            resp.read()
-        best = min(best, time.monotonic() - started)
-    return tokens / best
 
 
 def engine_metrics(ip: str) -> Snapshot:
@@ -219,7 +203,8 @@ def test_the_autotuner_holds_a_tight_slo_and_grows_the_budget_when_it_is_relaxed
     ip = pod["status"]["podIP"]
     timeline = Timeline(began, capsys)
     timeline.append("Ready")
-    rate = prefill_rate(ip, NAME)
+    # The machine's speed varies many times over with what else runs on it: the load follows it.
+    rate = asyncio.run(prefill_rate(f"http://{ip}:8000", NAME))
     load = BackgroundLoad(f"http://{ip}:8000", NAME, rate, seconds=1200)
     timeline.append(f"prefill {rate:.0f} tokens/s idle: {load.qps:.2f} req/s")
     load.start()

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sarathi_engine.bench import arrivals, loadgen, workloads
+from sarathi_engine.bench import loadgen
 from sarathi_engine.bench.compare import machine
+from sarathi_engine.bench.experiment import WorkloadSpec
 from sarathi_engine.bench.records import RequestRecord
 from sarathi_engine.server.launcher import ServerProcess
 
@@ -80,8 +81,7 @@ def request_rates(phases: list[Phase], scale: float, max_model_len: int, seed: i
     of the engine's rate."""
     rates = {}
     for i, ph in enumerate(phases):
-        specs = workloads.scale_and_clip(workloads.sample_lengths(workloads.WORKLOADS[ph.workload], 4000, seed + i),
-                                         scale, max_model_len)
+        specs = WorkloadSpec(ph.workload, scale, max_model_len, 4000, seed + i).requests()
         work = sum(s.prompt_len + s.output_len for s in specs) / len(specs)
         rates[ph.name] = ph.utilisation * tokens_per_second / work
     return rates
@@ -94,11 +94,10 @@ def build_load(phases: list[Phase], rates: dict[str, float], scale: float, max_m
     prompts, max_tokens, times, labels, offset = [], [], [], [], 0.0
     for i, ph in enumerate(phases):
         n = max(1, round(rates[ph.name] * ph.seconds))
-        specs = workloads.scale_and_clip(workloads.sample_lengths(workloads.WORKLOADS[ph.workload], n, seed + i),
-                                         scale, max_model_len)
-        prompts += workloads.prompt_token_ids(specs, seed + i)
-        max_tokens += [s.output_len for s in specs]
-        times += [offset + t for t in arrivals.arrival_times(n, rates[ph.name], seed + i)]
+        load = WorkloadSpec(ph.workload, scale, max_model_len, n, seed + i).load(rates[ph.name])
+        prompts += load.prompts
+        max_tokens += load.max_tokens
+        times += [offset + t for t in load.send_times]
         labels += [ph.name] * n
         offset += ph.seconds
     return loadgen.Load(prompts, max_tokens, times), labels

@@ -123,6 +123,11 @@ def decide(state: State, window: Window, config: Config, now: float,
     if len(state.calm) < config.grow_after:
         return Decision(budget, "hold", f"{seen} is well within the SLO {_ms(slo)} and prefill is waiting; "
                                         f"growing after {config.grow_after} such windows in a row"), state
+    return _grow(state, config, now, estimate, seen)
+
+
+def _grow(state: State, config: Config, now: float, estimate: Estimator, seen: str) -> tuple[Decision, State]:
+    budget, slo, target = state.budget, config.slo, config.aim * config.slo
     limit, note = budget * config.max_grow, ""
     ceiling = state.ceiling
     if ceiling and ceiling.tbt > slo:

@@ -4,7 +4,6 @@ random-weight Llama, quick to step), plus an engine that is down and one that ha
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,8 @@ import pytest
 from aiohttp import web
 
 from sarathi_engine.bench import loadgen
-from sarathi_engine.server.launcher import ServerProcess, free_port
+from sarathi_engine.launch import free_port
+from sarathi_engine.server.launcher import ServerProcess
 from sarathi_operator.autotune import apply, fetch
 from sarathi_operator.autotune.decide import Config, State
 from sarathi_operator.autotune.tuner import Tuner
