@@ -1,6 +1,6 @@
 """The container images' Dockerfiles, which no machine of this project can build (there is no
-Docker engine): hadolint passes, their pins equal pyproject.toml's, and they run as the
-non-root user the Helm chart expects."""
+Docker engine): hadolint passes, their pins equal pyproject.toml's, they run as the
+non-root user the Helm chart expects, and the operator needs nothing its slim image leaves out."""
 
 import re
 import shutil
@@ -63,3 +63,36 @@ def test_chart_runs_the_operator_as_the_images_user():
     values = yaml.safe_load((ROOT / "charts" / "sarathi-operator" / "values.yaml").read_text())
     assert values["podSecurityContext"]["runAsUser"] == int(user(OPERATOR))
     assert values["podSecurityContext"]["runAsNonRoot"] is True
+
+
+# Dependencies of the project that the operator image leaves out (none of them is required by
+# kopf, kubernetes, prometheus-client or aiohttp).
+NOT_IN_OPERATOR_IMAGE = ["sarathi_engine", "torch", "transformers", "safetensors", "numpy", "rich"]
+# Tools run from a checkout, not by the operator: they drive engines and load.
+OPERATOR_DEV_TOOLS = ["sarathi_operator.autotune.benchmark"]
+
+
+def test_the_operator_runs_on_what_its_image_installs():
+    """Every module of sarathi_operator imports, and `python -m sarathi_operator --help` runs,
+    with the packages the operator image does not install made unimportable."""
+    assert {"kopf", "kubernetes", "prometheus-client", "aiohttp"} <= set(pip_pins(OPERATOR))
+    script = f"""
+import importlib, importlib.abc, pkgutil, runpy, sys
+blocked = {NOT_IN_OPERATOR_IMAGE!r}
+
+class NotInImage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ImportError(f"{{name}} is not in the operator image")
+
+sys.meta_path.insert(0, NotInImage())
+import sarathi_operator
+for module in pkgutil.walk_packages(sarathi_operator.__path__, "sarathi_operator."):
+    if module.name not in {OPERATOR_DEV_TOOLS!r} + ["sarathi_operator.__main__"]:
+        importlib.import_module(module.name)
+sys.argv = ["sarathi_operator", "--help"]
+runpy.run_module("sarathi_operator", run_name="__main__")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "usage:" in result.stdout
