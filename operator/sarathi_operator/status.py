@@ -28,13 +28,13 @@ class Observation:
 
 
 def observe_deployment(deployment: dict) -> tuple[int, int, bool]:
-    """(replicas, ready, rolling) of a Deployment whose pods are each one replica."""
+    """(replicas, ready, rolling) of a Deployment whose pods are each one replica. Fewer
+    updated pods than desired and no old ones is a lost pod being replaced, not a rollout (the
+    rollout never goes below the desired count: maxUnavailable is 0)."""
     status = deployment.get("status", {})
-    desired = deployment["spec"]["replicas"]
     updated = status.get("updatedReplicas", 0)
     rolling = (
         status.get("observedGeneration", 0) < deployment["metadata"].get("generation", 1)
-        or updated < desired
         or status.get("replicas", 0) > updated
     )
     return status.get("replicas", 0), status.get("readyReplicas", 0), rolling

@@ -48,7 +48,8 @@ def test_observe_deployment():
 
     assert observe_deployment(deployment()) == (2, 2, False)
     assert observe_deployment(deployment(observed=1)) == (2, 2, True)
-    assert observe_deployment(deployment(updated=1)) == (2, 2, True)
+    assert observe_deployment(deployment(updated=1)) == (2, 2, True), "an old pod is one of the two"
+    assert observe_deployment(deployment(updated=1, total=1, ready=1)) == (1, 1, False), "a pod lost, being replaced"
     assert observe_deployment(deployment(total=3)) == (3, 2, True), "an old pod is still around"
     assert observe_deployment(deployment(ready=1)) == (2, 1, False)
     assert observe_deployment({"metadata": {"generation": 1}, "spec": {"replicas": 2}}) == (0, 0, True)
