@@ -45,6 +45,7 @@ class Phase:
     workload: str
     utilisation: float
     seconds: float
+    scale: float | None = None  # of the workload's lengths; None: --scale
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,10 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-token-budget", type=int, default=1024)
     p.add_argument("--interval", type=float, default=10.0, help="autotuner interval, seconds")
     p.add_argument("--chat", default="sharegpt4:0.25:150",
-                   help="workload:utilisation:seconds of the first phase (utilisation: of the idle prefill rate)")
+                   help="workload:utilisation:seconds[:scale] of the first phase (utilisation: of the idle "
+                        "prefill rate)")
     p.add_argument("--summarisation", default="arxiv_summarization:0.25:150",
-                   help="workload:utilisation:seconds of the second phase")
-    p.add_argument("--scale", type=float, default=0.125, help="length scale of both workloads")
+                   help="workload:utilisation:seconds[:scale] of the second phase")
+    p.add_argument("--scale", type=float, default=0.125, help="length scale of a phase that gives none")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--model", default=MODEL)
     p.add_argument("--server-arg", action="append", default=[], help="extra `sarathi serve` argument (repeatable)")
@@ -71,8 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def phase(text: str, name: str) -> Phase:
-    workload, utilisation, seconds = text.split(":")
-    return Phase(name, workload, float(utilisation), float(seconds))
+    workload, utilisation, seconds, *scale = text.split(":")
+    return Phase(name, workload, float(utilisation), float(seconds), float(scale[0]) if scale else None)
 
 
 def request_rates(phases: list[Phase], scale: float, max_model_len: int, seed: int, tokens_per_second: float
@@ -81,7 +83,7 @@ def request_rates(phases: list[Phase], scale: float, max_model_len: int, seed: i
     of the engine's rate."""
     rates = {}
     for i, ph in enumerate(phases):
-        specs = WorkloadSpec(ph.workload, scale, max_model_len, 4000, seed + i).requests()
+        specs = WorkloadSpec(ph.workload, ph.scale or scale, max_model_len, 4000, seed + i).requests()
         work = sum(s.prompt_len + s.output_len for s in specs) / len(specs)
         rates[ph.name] = ph.utilisation * tokens_per_second / work
     return rates
@@ -94,7 +96,7 @@ def build_load(phases: list[Phase], rates: dict[str, float], scale: float, max_m
     prompts, max_tokens, times, labels, offset = [], [], [], [], 0.0
     for i, ph in enumerate(phases):
         n = max(1, round(rates[ph.name] * ph.seconds))
-        load = WorkloadSpec(ph.workload, scale, max_model_len, n, seed + i).load(rates[ph.name])
+        load = WorkloadSpec(ph.workload, ph.scale or scale, max_model_len, n, seed + i).load(rates[ph.name])
         prompts += load.prompts
         max_tokens += load.max_tokens
         times += [offset + t for t in load.send_times]
@@ -283,7 +285,7 @@ def doc_section(results: dict, figure_path: str) -> str:
         "",
         f"P99 TBT SLO {results['slo_ms']:.0f} ms. Idle prefill rate {results['prefill_tokens_per_second']:.0f} "
         "tokens/s. Phases, one after the other without a break: "
-        + "; ".join(f"{ph}: `{p['workload']}` lengths x{results['scale']:g}, {p['qps']:.3g} req/s "
+        + "; ".join(f"{ph}: `{p['workload']}` lengths x{p.get('scale') or results['scale']:g}, {p['qps']:.3g} req/s "
                     f"({p['utilisation']:.0%} of the prefill rate) for {p['seconds']:g} s"
                     for ph, p in results["phases"].items()) + ".",
         "",
@@ -342,7 +344,7 @@ async def main_async(args: argparse.Namespace, command: str) -> dict:
         "load_before": list(os.getloadavg()), "slo_ms": args.slo_tbt_ms, "scale": args.scale,
         "prefill_tokens_per_second": prefill,
         "phases": {p.name: {"workload": p.workload, "utilisation": p.utilisation, "qps": rates[p.name],
-                            "seconds": p.seconds} for p in phases},
+                            "seconds": p.seconds, "scale": p.scale or args.scale} for p in phases},
         "targets": [],
     }
     print(f"prefill {prefill:.0f} tokens/s; " + ", ".join(f"{ph} {q:.3f} req/s" for ph, q in rates.items()), flush=True)

@@ -20,6 +20,18 @@ def test_rates_give_each_phase_its_share_of_the_prefill_rate():
         assert tokens / 4000 == pytest.approx(0.25 * 400, rel=0.15)
 
 
+def test_a_phase_may_scale_its_own_lengths():
+    assert benchmark.phase("sharegpt4:0.5:60", "chat") == benchmark.Phase("chat", "sharegpt4", 0.5, 60)
+    long = benchmark.phase("arxiv_summarization:0.25:4000:0.5", "summarisation")
+    assert long.scale == 0.5
+    short = benchmark.Phase("summarisation", "arxiv_summarization", 0.25, 4000)
+    lengths = {}
+    for ph in (short, long):
+        load, _ = benchmark.build_load([ph], {"summarisation": 0.05}, 0.125, 4096, 0)
+        lengths[ph.scale] = sorted(map(len, load.prompts))[len(load.prompts) // 2]
+    assert lengths[0.5] > 3 * lengths[None]  # median prompt, clipped to the context
+
+
 def test_the_load_sends_one_phase_after_the_other():
     load, labels = benchmark.build_load(PHASES, {"chat": 0.5, "summarisation": 0.2}, 0.125, 1024, 0)
     chat = [t for t, lab in zip(load.send_times, labels) if lab == "chat"]
