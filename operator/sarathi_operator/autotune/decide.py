@@ -5,8 +5,8 @@ Rules, in order:
 1. Bounds first: a budget outside [min, max] (the spec's bounds changed) moves to the nearest bound.
 2. Hold while the window holds fewer than `min_samples` token gaps: a P99 of fewer is noise.
 3. Shrink when P99 TBT exceeds the SLO: to the budget the model (model.py) expects to give
-   `aim` x SLO, at most to `max_shrink` of it. The SLO comes first, so shrinking needs no further evidence.
-   At the minimum budget, hold and say that the SLO cannot be met.
+   `aim` x SLO, at most to `max_shrink` of it. The SLO comes first, so shrinking needs no
+   further evidence. At the minimum budget, hold and say that the SLO cannot be met.
 4. Grow when P99 TBT is below `grow_below` x SLO *and* the budget holds prefill work back (at
    least `min_bound_share` of the tokens went through iterations filling more than half of
    it), in `grow_after` windows in a row at this budget: to the budget the model
@@ -15,11 +15,12 @@ Rules, in order:
 5. Otherwise hold: between `grow_below` and 1 x SLO is the dead band the controller rests in.
 
 Against oscillation: growing slowly to decide and shrinking at once; the dead band (aim sits
-inside it, so a step that lands where the model said is followed by a hold); the step limits; rounding down to a multiple of `multiple`
-tokens (and a change of less than one multiple is a hold); and the ceiling: a budget seen
-above the SLO is not grown back to for `memory_seconds`, unless the SLO has since been relaxed
-past what was seen there. Observations older than `memory_seconds` are forgotten too: the
-load changes, and with it TBT as a function of the budget.
+inside it, so a step that lands where the model said is followed by a hold); the step limits;
+rounding down to a multiple of `multiple` tokens (and a change of less than one multiple is a
+hold); and the ceiling: a budget seen above the SLO is not grown back to for `memory_seconds`,
+unless the SLO has since been relaxed past what was seen there. Observations older than
+`memory_seconds` are forgotten too: the load changes, and with it TBT as a function of the
+budget.
 """
 
 from collections.abc import Callable
