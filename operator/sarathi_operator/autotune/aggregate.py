@@ -57,6 +57,13 @@ class Histogram:
             below, lower = cumulative, bound
         return above / total if total else None
 
+    def count_above(self, x: float) -> float:
+        """Observations certainly above x: those in the buckets wholly above it."""
+        for bound, cumulative in zip(self.bounds, self.counts):
+            if bound >= x:
+                return self.count - cumulative
+        return 0.0
+
     def quantile(self, q: float) -> float | None:
         """As Prometheus' histogram_quantile: linear inside the bucket that holds the rank; the
         highest finite bound when the rank falls in the +Inf bucket."""
@@ -167,6 +174,7 @@ class Window:
     ttft_p99: float | None
     request_rate: float  # finished requests per second
     budget_bound_share: float | None  # share of tokens in iterations holding more than half the budget
+    tbt: Histogram = Histogram()  # the token gaps themselves
 
 
 def summarize(total: Snapshot, seconds: float, engines: int, budget: int) -> Window:
@@ -183,4 +191,5 @@ def summarize(total: Snapshot, seconds: float, engines: int, budget: int) -> Win
         ttft_p99=total.ttft.quantile(0.99),
         request_rate=total.requests / seconds if seconds > 0 else 0.0,
         budget_bound_share=total.iteration_tokens.share_above(budget / 2),
+        tbt=total.tbt,
     )

@@ -4,6 +4,9 @@ Rules, in order:
 
 1. Bounds first: a budget outside [min, max] (the spec's bounds changed) moves to the nearest bound.
 2. Hold while the window holds fewer than `min_samples` token gaps: a P99 of fewer is noise.
+   Unless more than 1% of `min_samples` of them are already over the SLO: then the P99 of any
+   `min_samples` gaps that include them is over it too, and rule 3 applies. Traffic of long
+   prompts and short outputs gives few gaps, and a window cannot wait for them forever.
 3. Shrink when P99 TBT exceeds the SLO: to the budget the model (model.py) expects to give
    `aim` x SLO, at most to `max_shrink` of it. The SLO comes first, so shrinking needs no
    further evidence. At the minimum budget, hold and say that the SLO cannot be met.
@@ -76,6 +79,11 @@ def round_down(budget: float, config: Config) -> int:
     return max(config.min_budget, min(config.max_budget, multiple))
 
 
+def certainly_over(window: Window, config: Config) -> bool:
+    """The P99 of any `min_samples` gaps that include this window's is over the SLO."""
+    return window.tbt.count_above(config.slo) > 0.01 * config.min_samples
+
+
 def forget(state: State, config: Config, now: float) -> State:
     horizon = now - config.memory_seconds
     ceiling = state.ceiling if state.ceiling and state.ceiling.time >= horizon else None
@@ -91,7 +99,7 @@ def decide(state: State, window: Window, config: Config, now: float,
         action = "grow" if bounded > budget else "shrink"
         return (Decision(bounded, action, f"outside the bounds [{config.min_budget}, {config.max_budget}]"),
                 replace(state, budget=bounded, points=(), calm=()))
-    if window.tbt_samples < config.min_samples or window.tbt_p99 is None:
+    if window.tbt_p99 is None or (window.tbt_samples < config.min_samples and not certainly_over(window, config)):
         return Decision(budget, "hold", f"too few samples: {window.tbt_samples} token gaps "
                                         f"in {window.seconds:.0f} s, {config.min_samples} needed"), state
 

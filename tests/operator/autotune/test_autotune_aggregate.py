@@ -65,6 +65,13 @@ def test_the_share_above_a_value_weighs_each_bucket_at_its_middle():
     assert Histogram((2.0, math.inf), (0, 0)).share_above(1.0) is None
 
 
+def test_the_count_above_a_value_is_what_its_buckets_hold_for_certain():
+    h = Histogram((0.1, 0.2, 0.5, float("inf")), (10.0, 15.0, 18.0, 20.0))
+    assert h.count_above(0.2) == 5  # the (0.2, 0.5] and (0.5, inf) buckets
+    assert h.count_above(0.15) == 5  # (0.1, 0.2] holds 0.15: its gaps may be below it
+    assert h.count_above(0.05) == 10 and h.count_above(1.0) == 0
+
+
 def test_histograms_of_other_buckets_do_not_mix():
     with pytest.raises(ValueError):
         Histogram((1.0, math.inf), (1, 1)) + Histogram((2.0, math.inf), (1, 1))

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from sarathi_operator.autotune.aggregate import Window
+from sarathi_operator.autotune.aggregate import Histogram, Window
 from sarathi_operator.autotune.decide import Config, Decision, State, decide, round_down
 from sarathi_operator.autotune.model import Point
 
@@ -25,6 +25,25 @@ def test_too_few_samples_hold_whatever_they_say():
     assert (d.budget, d.action) == (512, "hold") and "too few samples: 99" in d.reason
     assert s == State(512)
     assert step(State(512), None, samples=0)[0].action == "hold"
+
+
+def gaps(*seconds: float) -> Histogram:
+    bounds = (0.05, 0.1, 0.2, 0.5, float("inf"))
+    return Histogram(bounds, tuple(float(sum(g <= b for g in seconds)) for b in bounds))
+
+
+def test_few_samples_shrink_once_enough_of_them_are_over_the_slo_to_break_any_full_window():
+    def few(*seconds: float) -> Window:
+        return Window(seconds=50, engines=1, tbt_samples=len(seconds), tbt_p99=gaps(*seconds).quantile(0.99),
+                      ttft_p99=None, request_rate=0.1, budget_bound_share=0.9, tbt=gaps(*seconds))
+
+    one_over = few(*[0.04] * 40, 0.3)
+    assert decide(State(512), one_over, CONFIG, 1000.0)[0].action == "hold"  # one in 100 may be over
+    two_over = few(*[0.04] * 40, 0.3, 0.3)
+    d, s = decide(State(512), two_over, CONFIG, 1000.0)
+    assert d.action == "shrink" and d.budget < 512 and "exceeds the SLO 100 ms" in d.reason
+    on_the_slo = few(*[0.04] * 40, 0.1, 0.1)  # in the bucket that ends at the SLO: not certainly over
+    assert decide(State(512), on_the_slo, CONFIG, 1000.0)[0].action == "hold"
 
 
 def test_above_the_slo_shrinks_to_where_the_model_expects_aim():
