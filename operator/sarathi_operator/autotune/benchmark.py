@@ -150,8 +150,8 @@ async def run_target(args: argparse.Namespace, budget: int, autotune: bool, load
     await asyncio.to_thread(server.start)
     passes: list[dict] = []
     try:
-        await loadgen.probe_server(server.url, await loadgen.served_model(server.url), [1000] * 8)
         model = await loadgen.served_model(server.url)
+        await loadgen.probe_server(server.url, model, [1000] * 8)
         stop, tuning = asyncio.Event(), None
         started = time.time()
         if autotune:
