@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 TBT = "sarathi_time_between_tokens_seconds"
 TTFT = "sarathi_time_to_first_token_seconds"
 ITERATION_TOKENS = "sarathi_iteration_tokens"
+ITERATION_SECONDS = "sarathi_iteration_seconds"
 REQUESTS = "sarathi_requests"
 TOKEN_BUDGET = "sarathi_token_budget"
 
@@ -92,17 +93,22 @@ class Snapshot:
     tbt: Histogram = Histogram()
     ttft: Histogram = Histogram()
     iteration_tokens: Histogram = Histogram()
+    iteration_seconds: Histogram = Histogram()
     requests: float = 0.0  # finished requests, any finish reason
     token_budget: int | None = None  # gauge: the budget in force at the scrape
 
     def __add__(self, other: "Snapshot") -> "Snapshot":
-        return Snapshot(self.tbt + other.tbt, self.ttft + other.ttft,
-                        self.iteration_tokens + other.iteration_tokens, self.requests + other.requests)
+        return Snapshot(self.tbt + other.tbt, self.ttft + other.ttft, self.iteration_tokens + other.iteration_tokens,
+                        self.iteration_seconds + other.iteration_seconds, self.requests + other.requests)
+
+    def __sub__(self, other: "Snapshot") -> "Snapshot":
+        return Snapshot(self.tbt - other.tbt, self.ttft - other.ttft, self.iteration_tokens - other.iteration_tokens,
+                        self.iteration_seconds - other.iteration_seconds, self.requests - other.requests)
 
 
 def parse(text: str) -> Snapshot:
     """The counters the tuner reads from one engine's /metrics text, summed over label sets."""
-    buckets: dict[str, dict[float, float]] = {TBT: {}, TTFT: {}, ITERATION_TOKENS: {}}
+    buckets: dict[str, dict[float, float]] = {TBT: {}, TTFT: {}, ITERATION_TOKENS: {}, ITERATION_SECONDS: {}}
     requests, budget = 0.0, None
     for family in text_string_to_metric_families(text):
         if family.name in buckets:
@@ -114,21 +120,20 @@ def parse(text: str) -> Snapshot:
             requests += sum(s.value for s in family.samples if s.name == REQUESTS + "_total")
         elif family.name == TOKEN_BUDGET:
             budget = int(family.samples[0].value) if family.samples else None
-    tbt, ttft, tokens = (Histogram(tuple(sorted(b)), tuple(b[k] for k in sorted(b))) for b in buckets.values())
-    return Snapshot(tbt, ttft, tokens, requests, budget)
+    tbt, ttft, tokens, seconds = (Histogram(tuple(sorted(b)), tuple(b[k] for k in sorted(b))) for b in buckets.values())
+    return Snapshot(tbt, ttft, tokens, seconds, requests, budget)
 
 
 def _went_down(old: Snapshot, new: Snapshot) -> bool:
     return (new.requests < old.requests or new.tbt.count < old.tbt.count or new.ttft.count < old.ttft.count
-            or new.iteration_tokens.count < old.iteration_tokens.count)
+            or new.iteration_tokens.count < old.iteration_tokens.count
+            or new.iteration_seconds.count < old.iteration_seconds.count)
 
 
 def increase(old: Snapshot, new: Snapshot) -> Snapshot:
     """What one engine served between two scrapes; after a restart, all it served since."""
-    if _went_down(old, new):
-        return Snapshot(new.tbt, new.ttft, new.iteration_tokens, new.requests)
-    return Snapshot(new.tbt - old.tbt, new.ttft - old.ttft, new.iteration_tokens - old.iteration_tokens,
-                    new.requests - old.requests)
+    since = Snapshot() if _went_down(old, new) else old
+    return new - since
 
 
 class Scrapes:
@@ -175,6 +180,7 @@ class Window:
     request_rate: float  # finished requests per second
     budget_bound_share: float | None  # share of tokens in iterations holding more than half the budget
     tbt: Histogram = Histogram()  # the token gaps themselves
+    iterations: Histogram = Histogram()  # the engines' iteration times: the gaps a decode would have seen
 
 
 def summarize(total: Snapshot, seconds: float, engines: int, budget: int) -> Window:
@@ -192,4 +198,5 @@ def summarize(total: Snapshot, seconds: float, engines: int, budget: int) -> Win
         request_rate=total.requests / seconds if seconds > 0 else 0.0,
         budget_bound_share=total.iteration_tokens.share_above(budget / 2),
         tbt=total.tbt,
+        iterations=total.iteration_seconds,
     )

@@ -5,8 +5,11 @@ Rules, in order:
 1. Bounds first: a budget outside [min, max] (the spec's bounds changed) moves to the nearest bound.
 2. Hold while the window holds fewer than `min_samples` token gaps: a P99 of fewer is noise.
    Unless more than 1% of `min_samples` of them are already over the SLO: then the P99 of any
-   `min_samples` gaps that include them is over it too, and rule 3 applies. Traffic of long
-   prompts and short outputs gives few gaps, and a window cannot wait for them forever.
+   `min_samples` gaps that include them is over it too, and rule 3 applies. Or, failing that,
+   more than 1% of `min_samples` of the engines' iterations are: a decode waits one iteration
+   per token, so those are the gaps any decode among them would have had, and rule 3 applies to
+   the P99 iteration time. Traffic of long prompts and short outputs gives few gaps, and often
+   none at all until its first prompts are through, at whatever budget the last traffic left.
 3. Shrink when P99 TBT exceeds the SLO: to the budget the model (model.py) expects to give
    `aim` x SLO, at most to `max_shrink` of it. The SLO comes first, so shrinking needs no
    further evidence. At the minimum budget, hold and say that the SLO cannot be met.
@@ -29,7 +32,7 @@ budget.
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from .aggregate import Window
+from .aggregate import Histogram, Window
 from .model import Point, budget_for
 
 MAX_POINTS = 5
@@ -79,9 +82,19 @@ def round_down(budget: float, config: Config) -> int:
     return max(config.min_budget, min(config.max_budget, multiple))
 
 
-def certainly_over(window: Window, config: Config) -> bool:
-    """The P99 of any `min_samples` gaps that include this window's is over the SLO."""
-    return window.tbt.count_above(config.slo) > 0.01 * config.min_samples
+def certainly_over(gaps: Histogram, config: Config) -> bool:
+    """The P99 of any `min_samples` gaps that include these is over the SLO."""
+    return gaps.count_above(config.slo) > 0.01 * config.min_samples
+
+
+def evidence(window: Window, config: Config) -> tuple[float, str] | None:
+    """The P99 to act on and what it is of, or None while there is too little to act on."""
+    if window.tbt_p99 is not None and (window.tbt_samples >= config.min_samples or certainly_over(window.tbt, config)):
+        return window.tbt_p99, "TBT"
+    iteration_p99 = window.iterations.quantile(0.99)
+    if certainly_over(window.iterations, config) and iteration_p99 > config.slo:
+        return iteration_p99, "iteration time"
+    return None
 
 
 def forget(state: State, config: Config, now: float) -> State:
@@ -99,12 +112,13 @@ def decide(state: State, window: Window, config: Config, now: float,
         action = "grow" if bounded > budget else "shrink"
         return (Decision(bounded, action, f"outside the bounds [{config.min_budget}, {config.max_budget}]"),
                 replace(state, budget=bounded, points=(), calm=()))
-    if window.tbt_p99 is None or (window.tbt_samples < config.min_samples and not certainly_over(window, config)):
+    found = evidence(window, config)
+    if found is None:
         return Decision(budget, "hold", f"too few samples: {window.tbt_samples} token gaps "
                                         f"in {window.seconds:.0f} s, {config.min_samples} needed"), state
 
-    p99, slo = window.tbt_p99, config.slo
-    seen = f"P99 TBT {_ms(p99)} at budget {budget}"
+    (p99, what), slo = found, config.slo
+    seen = f"P99 {what} {_ms(p99)} at budget {budget}"
     latest = Point(budget, p99, now)
     pressed = (window.budget_bound_share or 0.0) >= config.min_bound_share
     if pressed:

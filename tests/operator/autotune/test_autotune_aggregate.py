@@ -30,7 +30,7 @@ def test_an_increase_between_scrapes_is_what_was_served_in_between():
     served = increase(scrape("after-a"), scrape("after-b"))
     assert served.tbt.count == TRUTH["b"]["tbt_samples"]
     assert served.requests == TRUTH["b"]["requests"]
-    assert served.iteration_tokens.count > 0
+    assert served.iteration_tokens.count == served.iteration_seconds.count > 0  # one of each per iteration
 
 
 def test_a_restarted_engine_counts_everything_since_its_restart():
@@ -38,6 +38,7 @@ def test_a_restarted_engine_counts_everything_since_its_restart():
     served = increase(scrape("after-b"), scrape("restarted-after-c"))
     assert served.tbt.count == TRUTH["c"]["tbt_samples"]
     assert served.requests == TRUTH["c"]["requests"]
+    assert served.iteration_seconds == scrape("restarted-after-c").iteration_seconds
 
 
 @pytest.mark.parametrize("batch, before, after", [("a", "fresh", "after-a"), ("b", "after-a", "after-b")])
@@ -121,4 +122,7 @@ def test_the_window_summary():
     # Tokens in iterations over 32 at budget 64: prefill chunks (12 prompts of ~100 tokens).
     assert w.budget_bound_share == served.iteration_tokens.share_above(32)
     assert 0.5 < w.budget_bound_share < 1
+    # A decode waits one iteration per token: iteration times bound its gaps from below.
+    assert w.iterations == served.iteration_seconds
+    assert w.iterations.quantile(0.5) <= w.tbt.quantile(0.5) and w.iterations.quantile(0.99) <= w.tbt_p99
     assert summarize(Snapshot(), 0, 0, 64).budget_bound_share is None

@@ -1,6 +1,7 @@
 """The controller's rules, one window at a time."""
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -44,6 +45,25 @@ def test_few_samples_shrink_once_enough_of_them_are_over_the_slo_to_break_any_fu
     assert d.action == "shrink" and d.budget < 512 and "exceeds the SLO 100 ms" in d.reason
     on_the_slo = few(*[0.04] * 40, 0.1, 0.1)  # in the bucket that ends at the SLO: not certainly over
     assert decide(State(512), on_the_slo, CONFIG, 1000.0)[0].action == "hold"
+
+
+def test_with_no_gaps_yet_iterations_over_the_slo_shrink_as_the_gaps_any_decode_would_have_had():
+    def prefill_only(*iterations: float, samples: int = 0) -> Window:
+        return Window(seconds=50, engines=1, tbt_samples=samples, tbt_p99=None, ttft_p99=None, request_rate=0.0,
+                      budget_bound_share=1.0, iterations=gaps(*iterations))
+
+    d, s = decide(State(512), prefill_only(0.3, 0.3, 0.3, 0.3), CONFIG, 1000.0)
+    assert (d.budget, d.action) == (128, "shrink") and "P99 iteration time 497 ms at budget 512" in d.reason
+    assert s.ceiling == Point(512, pytest.approx(0.497), 1000.0)
+    one_over = prefill_only(*[0.04] * 40, 0.3)
+    assert decide(State(512), one_over, CONFIG, 1000.0)[0].action == "hold"
+    many_within = prefill_only(*[0.04] * 400, 0.3, 0.3)  # over the SLO, but not at the P99
+    d, _ = decide(State(512), many_within, CONFIG, 1000.0)
+    assert d.action == "hold" and "too few samples: 0 token gaps" in d.reason
+    # Enough gaps speak for themselves: iterations without a decode harmed nobody.
+    enough = replace(prefill_only(0.3, 0.3, 0.3), tbt_samples=1000, tbt_p99=0.05, tbt=gaps(*[0.04] * 1000))
+    d, _ = decide(State(512), enough, CONFIG, 1000.0)
+    assert d.action == "hold" and "P99 TBT 50 ms at budget 512 is well within the SLO" in d.reason
 
 
 def test_above_the_slo_shrinks_to_where_the_model_expects_aim():
