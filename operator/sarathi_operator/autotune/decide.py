@@ -5,13 +5,13 @@ Rules, in order:
 1. Bounds first: a budget outside [min, max] (the spec's bounds changed) moves to the nearest bound.
 2. Hold while the window holds fewer than `min_samples` token gaps: a P99 of fewer is noise.
    Unless more than 1% of `min_samples` of them are already over the SLO: then the P99 of any
-   `min_samples` gaps that include them is over it too, and rule 3 applies. Or, failing that,
-   more than 1% of `min_samples` of the engines' iterations are: a decode waits one iteration
-   per token, so those are the gaps any decode among them would have had, and rule 3 applies to
-   the P99 iteration time. Traffic of long prompts and short outputs gives few gaps, and often
-   none at all until its first prompts are through, at whatever budget the last traffic left.
+   `min_samples` gaps that include them is over it too, and rule 3 applies. Failing that, the
+   engines' iteration times stand in for the gaps, on the same terms: a decode waits one
+   iteration per token, so they are the gaps any decode among them would have had. Traffic of
+   long prompts and short outputs gives few gaps, and none at all until its first prompts are
+   through, which must not run at whatever budget the last traffic left meanwhile.
 3. Shrink when P99 TBT exceeds the SLO: to the budget the model (model.py) expects to give
-   `aim` x SLO, at most to `max_shrink` of it. The SLO comes first, so shrinking needs no
+   `aim` x SLO, at most to `max_shrink` of it (rounded up). The SLO comes first, so shrinking needs no
    further evidence. At the minimum budget, hold and say that the SLO cannot be met.
 4. Grow when P99 TBT is below `grow_below` x SLO *and* the budget holds prefill work back (at
    least `min_bound_share` of the tokens went through iterations filling more than half of
@@ -29,11 +29,12 @@ unless the SLO has since been relaxed past what was seen there. Observations old
 budget.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .aggregate import Histogram, Window
-from .model import Point, budget_for
+from .model import Point, budget_for, on_the_curve
 
 MAX_POINTS = 5
 AT_MINIMUM = "at the minimum budget"  # ends the reason of a hold that cannot meet the SLO
@@ -92,7 +93,8 @@ def evidence(window: Window, config: Config) -> tuple[float, str] | None:
     if window.tbt_p99 is not None and (window.tbt_samples >= config.min_samples or certainly_over(window.tbt, config)):
         return window.tbt_p99, "TBT"
     iteration_p99 = window.iterations.quantile(0.99)
-    if certainly_over(window.iterations, config) and iteration_p99 > config.slo:
+    if iteration_p99 is not None and (window.iterations.count >= config.min_samples
+                                      or certainly_over(window.iterations, config)):
         return iteration_p99, "iteration time"
     return None
 
@@ -122,7 +124,7 @@ def decide(state: State, window: Window, config: Config, now: float,
     latest = Point(budget, p99, now)
     pressed = (window.budget_bound_share or 0.0) >= config.min_bound_share
     if pressed:
-        state = replace(state, points=(*state.points, latest)[-MAX_POINTS:])
+        state = replace(state, points=tuple(on_the_curve(latest, list(state.points)))[-MAX_POINTS:])
     target = config.aim * slo
 
     if p99 > slo:
@@ -131,7 +133,8 @@ def decide(state: State, window: Window, config: Config, now: float,
         if budget <= config.min_budget:
             return Decision(budget, "hold", f"{seen} exceeds the SLO {_ms(slo)} {AT_MINIMUM}"), state
         estimated = estimate(target, latest, list(state.points))
-        new = round_down(max(estimated, budget * config.max_shrink), config)
+        lowest = math.ceil(budget * config.max_shrink / config.multiple) * config.multiple
+        new = max(round_down(estimated, config), lowest)
         return (Decision(new, "shrink", f"{seen} exceeds the SLO {_ms(slo)}; aiming at {_ms(target)}"),
                 replace(state, budget=new, calm=()))
 

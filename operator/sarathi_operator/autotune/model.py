@@ -6,8 +6,8 @@ iteration, every token costs its own matmul rows): P99 TBT ~ a + b x budget, at 
 the budget in force. The slope comes from a least-squares fit over recent observations at
 clearly different budgets near the latest one (curves bend: far points give a secant, not the
 local slope); the line is anchored at the latest observation, which says most about the load
-of the moment. Without
-a usable slope (one budget seen so far, or a fit that noise made flat or falling), TBT is taken
+of the moment, and a latest observation far off what the others predict means the traffic
+changed, and the curve with it: the others are dropped. Without a usable slope (one budget seen so far, or a fit that noise made flat or falling), TBT is taken
 as proportional to the budget: that overstates the slope when a > 0, so a step that grows the
 budget falls short of the target rather than past it, and a step that shrinks it may need a
 second step.
@@ -19,6 +19,9 @@ from dataclasses import dataclass
 MIN_SPAN = 1.25
 # Observations further than this factor from the latest budget are left out of the fit.
 NEAR = 2.0
+# A latest observation further than this factor from what the others predict at its budget
+# comes from another curve. Wide, because a P99 of a few hundred gaps is noisy.
+MOVED = 2.0
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,25 @@ def fitted_slope(points: list[Point]) -> float | None:
     return slope if slope > 0 else None
 
 
+def moved(latest: Point, earlier: list[Point]) -> bool:
+    """latest is more than MOVED times off what the most recent earlier observation near its
+    budget predicts (proportionally)."""
+    near = [p for p in earlier if latest.budget / NEAR <= p.budget <= latest.budget * NEAR]
+    if not near:
+        return False
+    ratio = latest.tbt / (near[-1].tbt * latest.budget / near[-1].budget)
+    return not 1 / MOVED <= ratio <= MOVED
+
+
+def on_the_curve(latest: Point, earlier: list[Point]) -> list[Point]:
+    """The observations that describe TBT(budget) now, oldest first, latest last."""
+    return [latest] if moved(latest, earlier) else [*earlier, latest]
+
+
 def budget_for(target: float, latest: Point, points: list[Point]) -> float:
     """The budget at which P99 TBT is estimated to reach target seconds."""
+    if moved(latest, [p for p in points if p != latest]):
+        points = [latest]
     near = [p for p in points if latest.budget / NEAR <= p.budget <= latest.budget * NEAR]
     slope = fitted_slope(near) or latest.tbt / latest.budget
     return latest.budget + (target - latest.tbt) / slope

@@ -3,7 +3,8 @@ pass found is returned for the caller to record (record.py in the operator, a li
 `sarathi autotune`).
 
 The window of a decision runs from the previous decision that had enough samples (or the last
-change of the budget) to now, so a quiet spell widens it until it holds enough token gaps,
+change of the budget) to now, so a quiet spell widens it until it holds enough token gaps (or
+iterations),
 and no gap produced under an older budget counts for a newer one.
 """
 
@@ -13,7 +14,7 @@ import aiohttp
 
 from . import apply, fetch
 from .aggregate import Scrapes, Window, summarize
-from .decide import Config, Decision, State, decide
+from .decide import Config, Decision, State, decide, evidence
 
 # Scrapes older than this many intervals are dropped: the longest a window can grow.
 KEEP_INTERVALS = 5
@@ -51,7 +52,7 @@ class Tuner:
         window = summarize(total, seconds, counted, self.state.budget)
         previous = self.state.budget
         decision, self.state = decide(self.state, window, config, now)
-        if decision.budget != previous or window.tbt_samples >= config.min_samples:
+        if decision.budget != previous or evidence(window, config) is not None:
             self.window_start = now
 
         reported = {k: s.token_budget for k, s in snapshots.items() if s.token_budget is not None}

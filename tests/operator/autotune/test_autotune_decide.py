@@ -47,7 +47,7 @@ def test_few_samples_shrink_once_enough_of_them_are_over_the_slo_to_break_any_fu
     assert decide(State(512), on_the_slo, CONFIG, 1000.0)[0].action == "hold"
 
 
-def test_with_no_gaps_yet_iterations_over_the_slo_shrink_as_the_gaps_any_decode_would_have_had():
+def test_with_too_few_gaps_the_iterations_stand_in_for_the_gaps_any_decode_would_have_had():
     def prefill_only(*iterations: float, samples: int = 0) -> Window:
         return Window(seconds=50, engines=1, tbt_samples=samples, tbt_p99=None, ttft_p99=None, request_rate=0.0,
                       budget_bound_share=1.0, iterations=gaps(*iterations))
@@ -57,9 +57,12 @@ def test_with_no_gaps_yet_iterations_over_the_slo_shrink_as_the_gaps_any_decode_
     assert s.ceiling == Point(512, pytest.approx(0.497), 1000.0)
     one_over = prefill_only(*[0.04] * 40, 0.3)
     assert decide(State(512), one_over, CONFIG, 1000.0)[0].action == "hold"
-    many_within = prefill_only(*[0.04] * 400, 0.3, 0.3)  # over the SLO, but not at the P99
-    d, _ = decide(State(512), many_within, CONFIG, 1000.0)
-    assert d.action == "hold" and "too few samples: 0 token gaps" in d.reason
+    assert "too few samples: 0 token gaps" in decide(State(512), one_over, CONFIG, 1000.0)[0].reason
+    # Enough iterations speak like enough gaps: within the SLO with prefill waiting, they grow.
+    many_within = prefill_only(*[0.04] * 400, 0.3, 0.3)
+    d, s = decide(State(512), many_within, CONFIG, 1000.0)
+    assert d.action == "hold" and "P99 iteration time 50 ms at budget 512 is well within the SLO" in d.reason
+    assert decide(s, many_within, CONFIG, 1010.0)[0].action == "grow"
     # Enough gaps speak for themselves: iterations without a decode harmed nobody.
     enough = replace(prefill_only(0.3, 0.3, 0.3), tbt_samples=1000, tbt_p99=0.05, tbt=gaps(*[0.04] * 1000))
     d, _ = decide(State(512), enough, CONFIG, 1000.0)
@@ -77,6 +80,7 @@ def test_above_the_slo_shrinks_to_where_the_model_expects_aim():
 def test_a_shrink_is_at_most_to_a_quarter_and_lands_on_a_multiple():
     assert step(State(2048), 5.0)[0].budget == 512
     assert step(State(500), 0.101)[0].budget == 416  # 500 x 0.09 / 0.101 = 445.5
+    assert step(State(224), 5.0)[0].budget == 64  # a quarter is 56: rounded up, not down to 32
 
 
 def test_above_the_slo_at_the_minimum_holds_and_says_so():
@@ -110,9 +114,9 @@ def test_a_grow_starts_from_the_worse_calm_window_and_at_most_doubles():
 
 
 def test_a_grow_is_at_least_one_multiple():
-    # Slope from 384 and 512: 0.059 / 128 s per token, so 90 ms at 535.9 tokens, which rounds
+    # Slope from 384 and 512: 0.047 / 128 s per token, so 90 ms at 542.0 tokens, which rounds
     # down to 512: still one multiple up, 20% below the SLO.
-    state = State(512, points=(Point(384, 0.02, 990.0),), calm=(0.079,))
+    state = State(512, points=(Point(384, 0.032, 990.0),), calm=(0.079,))
     d, _ = step(state, 0.079)
     assert (d.budget, d.action) == (544, "grow")
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sarathi_operator.autotune.model import Point, budget_for, fitted_slope
+from sarathi_operator.autotune.model import Point, budget_for, fitted_slope, on_the_curve
 
 
 def line(budgets, a=0.02, b=0.0002):
@@ -42,3 +42,15 @@ def test_far_observations_are_left_out_of_the_fit():
     estimate = budget_for(curve(1024) * 1.1, near[-1], [far, *near])
     local = (curve(1024) - curve(768)) / 256
     assert estimate == pytest.approx(768 + (curve(1024) * 1.1 - curve(768)) / local)
+
+
+def test_an_observation_far_off_the_others_starts_a_new_curve():
+    chat = line([192, 416, 224])  # the most recent near 224 predicts 0.0648 there
+    within = Point(224, 0.12, 9)
+    assert on_the_curve(within, chat) == [*chat, within]
+    long_prompts = Point(224, 0.14, 9)  # over twice the prediction: the traffic changed
+    assert on_the_curve(long_prompts, chat) == [long_prompts]
+    assert on_the_curve(Point(224, 0.03, 9), chat) == [Point(224, 0.03, 9)]
+    assert on_the_curve(Point(2048, 1.0, 9), chat) == [*chat, Point(2048, 1.0, 9)]  # nothing near to compare
+    # Then the shrink scales the new observation alone, not a slope it does not lie on.
+    assert budget_for(0.09, long_prompts, [*chat, long_prompts]) == pytest.approx(224 * 0.09 / 0.14)
