@@ -11,8 +11,9 @@ Rules, in order:
    long prompts and short outputs gives few gaps, and none at all until its first prompts are
    through, which must not run at whatever budget the last traffic left meanwhile.
 3. Shrink when P99 TBT exceeds the SLO: to the budget the model (model.py) expects to give
-   `aim` x SLO, at most to `max_shrink` of it (rounded up). The SLO comes first, so shrinking needs no
-   further evidence. At the minimum budget, hold and say that the SLO cannot be met.
+   `aim` x SLO, at most to `max_shrink` of it and to half of what TBT proportional to the budget
+   would give (rounded up). The SLO comes first, so shrinking needs no further evidence. At the
+   minimum budget, hold and say that the SLO cannot be met.
 4. Grow when P99 TBT is below `grow_below` x SLO *and* the budget holds prefill work back (at
    least `min_bound_share` of the tokens went through iterations filling more than half of
    it), in `grow_after` windows in a row at this budget: to the budget the model
@@ -133,8 +134,11 @@ def decide(state: State, window: Window, config: Config, now: float,
         if budget <= config.min_budget:
             return Decision(budget, "hold", f"{seen} exceeds the SLO {_ms(slo)} {AT_MINIMUM}"), state
         estimated = estimate(target, latest, list(state.points))
-        lowest = math.ceil(budget * config.max_shrink / config.multiple) * config.multiple
-        new = max(round_down(estimated, config), lowest)
+        # Half of what TBT proportional to the budget would give: a window barely over the SLO
+        # next to a slope that noise made nearly flat must not send the budget to the floor.
+        proportional = budget * target / p99
+        lowest = max(budget * config.max_shrink, proportional / 2)
+        new = max(round_down(estimated, config), math.ceil(lowest / config.multiple) * config.multiple)
         return (Decision(new, "shrink", f"{seen} exceeds the SLO {_ms(slo)}; aiming at {_ms(target)}"),
                 replace(state, budget=new, calm=()))
 

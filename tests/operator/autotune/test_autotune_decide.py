@@ -83,6 +83,14 @@ def test_a_shrink_is_at_most_to_a_quarter_and_lands_on_a_multiple():
     assert step(State(224), 5.0)[0].budget == 64  # a quarter is 56: rounded up, not down to 32
 
 
+
+def test_a_window_barely_over_the_slo_on_a_flat_fit_shrinks_at_most_to_half_of_proportional():
+    # Noise made the slope nearly flat (0.1 ms over 128 tokens): the line would need budget -188.
+    flat = State(224, points=(Point(352, 0.1058, 980.0), Point(288, 0.1040, 990.0)))
+    d, _ = step(flat, 0.1041, bound=1.0)
+    assert (d.budget, d.action) == (128, "shrink")  # 224 x 0.09 / 0.1041 / 2 = 96.8, rounded up
+
+
 def test_above_the_slo_at_the_minimum_holds_and_says_so():
     d, _ = step(State(64), 0.3)
     assert (d.budget, d.action) == (64, "hold") and "at the minimum budget" in d.reason
