@@ -212,7 +212,35 @@ def verdict(results: dict) -> dict:
         }
     out["statics_holding_both"] = [t["budget"] for t in statics
                                    if all((t["phases"][ph]["attainment"] or 0) >= 0.99 for ph in results["phases"])]
+    out["goal"] = goal(results, out)
     return out
+
+
+def goal(results: dict, v: dict, tolerance: float = 0.05) -> dict:
+    """Issue 9's goal. Near the best: in every phase the autotuned target holds the SLO at no less
+    than (1 - tolerance) of the best static budget's throughput. Better than any one static:
+    every static budget either misses the SLO in a phase, or is beaten by the autotuned target,
+    which holds it in every phase, is no worse than (1 -/+ tolerance) in throughput and median
+    TTFT in any phase, and better by more than tolerance in one of them."""
+    phases = list(results["phases"])
+    tuned = next(t for t in results["targets"] if t["autotune"])["phases"]
+    holds_all = all(v["phases"][ph]["tuned_holds_slo"] for ph in phases)
+
+    def beaten(static: dict) -> bool:
+        pairs = [(tuned[ph], static["phases"][ph]) for ph in phases]
+        no_worse = all(m["throughput"] >= (1 - tolerance) * s["throughput"]
+                       and m["ttft_p50"] <= (1 + tolerance) * s["ttft_p50"] for m, s in pairs)
+        better = any(m["throughput"] > (1 + tolerance) * s["throughput"]
+                     or m["ttft_p50"] < (1 - tolerance) * s["ttft_p50"] for m, s in pairs)
+        return holds_all and no_worse and better
+
+    statics = [t for t in results["targets"] if not t["autotune"]]
+    return {
+        "near_the_best_in_each": holds_all and all((v["phases"][ph]["tuned_vs_best"] or 0) >= 1 - tolerance
+                                                   for ph in phases),
+        "better_than_any_one_static": holds_all and all(
+            t["budget"] not in v["statics_holding_both"] or beaten(t) for t in statics),
+    }
 
 
 def table(results: dict) -> str:
@@ -302,6 +330,12 @@ def doc_section(results: dict, figure_path: str) -> str:
                          "TTFT.")
     lines.append(f"- Static budgets holding the SLO in both phases: "
                  f"{', '.join(map(str, v['statics_holding_both'])) or 'none'}.")
+    g = v["goal"]
+    lines.append(f"- Goal: within 5% of the best static budget's throughput in each phase, holding the SLO: "
+                 f"{'met' if g['near_the_best_in_each'] else 'not met'}; better than any one static budget "
+                 f"across both (each misses the SLO in a phase, or the autotuned server is within 5% of its throughput "
+                 f"and median TTFT in every phase and more than 5% better in one): "
+                 f"{'met' if g['better_than_any_one_static'] else 'not met'}.")
     lines += ["", f"![autotune benchmark]({figure_path})", f"<!-- END {SECTION} -->"]
     return "\n".join(lines) + "\n"
 
