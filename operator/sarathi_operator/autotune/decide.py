@@ -136,9 +136,10 @@ def decide(state: State, window: Window, config: Config, now: float,
         estimated = estimate(target, latest, list(state.points))
         # Half of what TBT proportional to the budget would give: a window barely over the SLO
         # next to a slope that noise made nearly flat must not send the budget to the floor.
-        proportional = budget * target / p99
-        lowest = max(budget * config.max_shrink, proportional / 2)
-        new = max(round_down(estimated, config), math.ceil(lowest / config.multiple) * config.multiple)
+        lowest = max(budget * config.max_shrink, budget * target / p99 / 2)
+        new, up = round_down(max(estimated, lowest), config), math.ceil(lowest / config.multiple) * config.multiple
+        if new < lowest and up < budget:  # rounded up, while that is still a shrink
+            new = up
         return (Decision(new, "shrink", f"{seen} exceeds the SLO {_ms(slo)}; aiming at {_ms(target)}"),
                 replace(state, budget=new, calm=()))
 

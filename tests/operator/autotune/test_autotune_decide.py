@@ -81,6 +81,8 @@ def test_a_shrink_is_at_most_to_a_quarter_and_lands_on_a_multiple():
     assert step(State(2048), 5.0)[0].budget == 512
     assert step(State(500), 0.101)[0].budget == 416  # 500 x 0.09 / 0.101 = 445.5
     assert step(State(224), 5.0)[0].budget == 64  # a quarter is 56: rounded up, not down to 32
+    low_bounds = Config(slo=0.1, min_budget=1, max_budget=2048)
+    assert step(State(40), 5.0, config=low_bounds)[0].budget == 32  # rounded up from the bound, 1
 
 
 
