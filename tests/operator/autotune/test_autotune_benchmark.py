@@ -90,6 +90,15 @@ def test_the_goal_needs_the_slo_in_each_phase_and_a_clear_win_over_a_static_hold
         "near_the_best_in_each": False, "better_than_any_one_static": False}
 
 
+
+def test_where_no_static_budget_holds_the_slo_holding_it_is_enough():
+    v = benchmark.verdict({"phases": {"chat": {}, "summarisation": {}}, "targets": [
+        target("static 128", 128, (1.0, 90, 2.0), (0.987, 80, 9.0)),
+        target("autotuned", None, (0.995, 92, 1.0), (0.991, 70, 9.5), autotune=True)]})
+    assert v["phases"]["summarisation"]["best_static"] is None and v["statics_holding_both"] == []
+    assert v["goal"] == {"near_the_best_in_each": True, "better_than_any_one_static": True}
+
+
 def test_the_doc_section_is_replaced_and_the_text_around_it_kept(tmp_path):
     doc = tmp_path / "autotune.md"
     begin = f"<!-- BEGIN {benchmark.SECTION}: generated -->"
