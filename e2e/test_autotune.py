@@ -27,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.test_operator import (  # noqa: F401  (fixtures)
-    Cluster, Operator, crd, engine_pods, fresh_namespace, k, operator_kubeconfig, wait_until,
+    Cluster, Operator, crd, engine_pods, fresh_namespace, k, operator_kubeconfig, sdep_on_runner, wait_until,
 )
 from sarathi_engine.bench import loadgen
 from sarathi_engine.bench.experiment import WorkloadSpec
@@ -188,24 +188,12 @@ def since(st: dict, t: float) -> bool:
 def test_the_autotuner_holds_a_tight_slo_and_grows_the_budget_when_it_is_relaxed(
         k, pod_runner, operator, namespace, capsys):
     began = time.monotonic()
-    node_selector, tolerations = pod_runner.placement()
-    k.apply({
-        "apiVersion": "serving.sarathi.dev/v1alpha1",
-        "kind": "SarathiDeployment",
-        "metadata": {"name": NAME, "namespace": namespace},
-        "spec": {
-            "image": "sarathi-engine:local",
-            "model": {"name": NAME, "source": "smollm2-135m-instruct"},
-            "engine": {"tokenBudget": START_BUDGET, "maxModelLen": MAX_MODEL_LEN, "dtype": "float32",
-                       "extraArgs": ["--device", "cpu", "--kv-cache-memory", "512MiB"]},
-            "slo": {"tbtP99Ms": 600000},
-            "autotune": {"enabled": True, "minTokenBudget": 32, "maxTokenBudget": START_BUDGET,
-                         "intervalSeconds": INTERVAL},
-            "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
-            "nodeSelector": node_selector,
-            "tolerations": tolerations,
-        },
-    })
+    k.apply(sdep_on_runner(
+        pod_runner, NAME, namespace,
+        {"tokenBudget": START_BUDGET, "maxModelLen": MAX_MODEL_LEN, "dtype": "float32"}, "512MiB",
+        slo={"tbtP99Ms": 600000},
+        autotune={"enabled": True, "minTokenBudget": 32, "maxTokenBudget": START_BUDGET, "intervalSeconds": INTERVAL},
+    ))
     wait_status(k, namespace, "Ready", lambda s: s.get("phase") == "Ready", timeout=LOAD_TIMEOUT)
     (pod,) = engine_pods(k, namespace, NAME)
     ip = pod["status"]["podIP"]

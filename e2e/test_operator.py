@@ -80,6 +80,17 @@ def sdep(name: str, namespace: str, **spec) -> dict:
     }
 
 
+def sdep_on_runner(runner, name: str, namespace: str, engine: dict, kv_cache: str, **spec) -> dict:
+    """A SarathiDeployment the local pod runner serves: this checkout's engine on CPU, one thread
+    each, on the runner's node."""
+    node_selector, tolerations = runner.placement()
+    manifest = sdep(name, namespace, engine={**engine, "extraArgs": ["--device", "cpu", "--kv-cache-memory", kv_cache]},
+                    env=[{"name": "OMP_NUM_THREADS", "value": "1"}], nodeSelector=node_selector,
+                    tolerations=tolerations, **spec)
+    manifest["spec"]["image"] = "sarathi-engine:local"  # the runner runs this checkout instead
+    return manifest
+
+
 def condition(obj: dict, kind: str) -> dict:
     return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), {})
 

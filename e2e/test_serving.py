@@ -21,7 +21,7 @@ import yaml
 from openai import OpenAI
 
 from e2e.cluster.proc import start_time
-from e2e.test_operator import Cluster, condition, engine_pods, wait_until
+from e2e.test_operator import Cluster, condition, engine_pods, sdep_on_runner, wait_until
 
 pytestmark = pytest.mark.serving
 
@@ -80,22 +80,8 @@ def _print_logs(runner, namespace: str) -> None:
 @pytest.fixture(scope="module")
 def served(k, pod_runner, release, namespace):
     """The SarathiDeployment, Ready; and what was seen while it got there."""
-    node_selector, tolerations = pod_runner.placement()
-    k.apply({
-        "apiVersion": "serving.sarathi.dev/v1alpha1",
-        "kind": "SarathiDeployment",
-        "metadata": {"name": NAME, "namespace": namespace},
-        "spec": {
-            "image": "sarathi-engine:local",  # the runner runs this checkout instead
-            "model": {"name": NAME, "source": "smollm2-135m-instruct"},
-            "replicas": 2,
-            "engine": {"tokenBudget": 512, "maxModelLen": 1024,
-                       "extraArgs": ["--device", "cpu", "--kv-cache-memory", "64MiB"]},
-            "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
-            "nodeSelector": node_selector,
-            "tolerations": tolerations,
-        },
-    })
+    k.apply(sdep_on_runner(pod_runner, NAME, namespace, {"tokenBudget": 512, "maxModelLen": 1024}, "64MiB",
+                           replicas=2))
     seen_loading = False
     deadline = time.monotonic() + LOAD_TIMEOUT
     while True:
