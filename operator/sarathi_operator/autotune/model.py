@@ -7,10 +7,10 @@ the budget in force. The slope comes from a least-squares fit over recent observ
 clearly different budgets near the latest one (curves bend: far points give a secant, not the
 local slope); the line is anchored at the latest observation, which says most about the load
 of the moment, and a latest observation far off what the others predict means the traffic
-changed, and the curve with it: the others are dropped. Without a usable slope (one budget seen so far, or a fit that noise made flat or falling), TBT is taken
-as proportional to the budget: that overstates the slope when a > 0, so a step that grows the
-budget falls short of the target rather than past it, and a step that shrinks it may need a
-second step.
+changed, and the curve with it: the others are dropped. Without a usable slope (one budget
+seen so far, or a fit that noise made flat or falling), TBT is taken as proportional to the
+budget: that overstates the slope when a > 0, so a step that grows the budget falls short of
+the target rather than past it, and a step that shrinks it may need a second step.
 """
 
 from dataclasses import dataclass
