@@ -17,12 +17,14 @@ Rules, in order:
 4. Grow when P99 TBT is below `grow_below` x SLO *and* the budget holds prefill work back (at
    least `min_bound_share` of the tokens went through iterations filling more than half of
    it), in `grow_after` windows in a row at this budget: to the budget the model
-   expects to give `aim` x SLO, by at least one multiple and at most doubling it. Without
-   prefill waiting, a larger budget changes nothing but the risk.
+   expects to give `grow_aim` x SLO, by at least one multiple and at most doubling it. Without
+   prefill waiting, a larger budget changes nothing but the risk. A grow aims lower than a
+   shrink: it acts on calm windows that may have been luck (a chat window's P99 varies by 2x at
+   one budget), and landing mid-band leaves a fifth of the SLO for that before it breaks.
 5. Otherwise hold: between `grow_below` and 1 x SLO is the dead band the controller rests in.
 
-Against oscillation: growing slowly to decide and shrinking at once; the dead band (aim sits
-inside it, so a step that lands where the model said is followed by a hold); the step limits;
+Against oscillation: growing slowly to decide and shrinking at once; the dead band (both aims
+sit inside it, so a step that lands where the model said is followed by a hold); the step limits;
 rounding down to a multiple of `multiple` tokens (and a change of less than one multiple is a
 hold); and the ceiling: a budget seen above the SLO is not grown back to for `memory_seconds`,
 unless the SLO has since been relaxed past what was seen there. Observations older than
@@ -49,8 +51,9 @@ class Config:
     min_budget: int
     max_budget: int
     multiple: int = 32
-    aim: float = 0.9
-    grow_below: float = 0.8
+    aim: float = 0.9  # of the SLO, where a shrink aims
+    grow_aim: float = 0.8
+    grow_below: float = 0.7
     min_samples: int = 100
     min_bound_share: float = 0.05
     max_grow: float = 2.0
@@ -158,7 +161,7 @@ def decide(state: State, window: Window, config: Config, now: float,
 
 
 def _grow(state: State, config: Config, now: float, estimate: Estimator, seen: str) -> tuple[Decision, State]:
-    budget, slo, target = state.budget, config.slo, config.aim * config.slo
+    budget, slo, target = state.budget, config.slo, config.grow_aim * config.slo
     limit, note = budget * config.max_grow, ""
     ceiling = state.ceiling
     if ceiling and ceiling.tbt > slo:
