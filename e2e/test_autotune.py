@@ -188,9 +188,9 @@ def wait_status(k: Cluster, namespace: str, what: str, ready, timeout: float) ->
 
 
 def since(st: dict, t: float) -> bool:
-    """The latest observed window ended at or after t (to the second)."""
-    observed = st.get("observed", {}).get("time")
-    return observed is not None and parse_iso(observed) >= int(t)
+    """The latest observed window of token gaps ended at or after t (to the second)."""
+    observed = st.get("observed", {})
+    return observed.get("actedOn") == "tbtP99Ms" and parse_iso(observed["time"]) >= int(t)
 
 
 def test_the_autotuner_holds_a_tight_slo_and_grows_the_budget_when_it_is_relaxed(

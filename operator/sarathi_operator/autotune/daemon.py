@@ -135,12 +135,12 @@ class DeploymentTuner:
         for pod in annotate:
             await asyncio.to_thread(self.kube.merge_patch, "v1", "Pod", self.namespace, pod["metadata"]["name"],
                                     budget.live_budget_patch(pod, result.decision.budget))
-        patch = record.status_patch(result, status.get("tuningHistory", []), config.min_samples)
+        patch = record.status_patch(result, status.get("tuningHistory", []))
         await asyncio.to_thread(self.kube.patch_status, sdep, patch)
         event = record.event(result, status)
         if event:
             await asyncio.to_thread(self.kube.post_event, sdep, *event)
-        record.metrics(self.namespace, self.name, result, config.min_samples)
+        record.metrics(self.namespace, self.name, result)
         if annotate:
             # status.tokenBudget is the reconciler's: it follows the pods' records.
             await self.reconcile(self.namespace, self.name)

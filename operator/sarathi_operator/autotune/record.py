@@ -2,7 +2,8 @@
 and the operator's metrics; and the controller state read back from the status after a
 restart. Pure functions, except for the metric updates.
 
-status.observed      the latest window with enough samples: P99 TBT and TTFT, request rate
+status.observed      the latest window a decision could act on: P99 TBT, iteration time and
+                     TTFT, request rate, and which P99 the decision acted on
 status.autotune      the target budget, the latest decision and why, engines not yet on it
 status.tuningHistory the last HISTORY changes of the budget, each with its reason and window
 """
@@ -22,6 +23,8 @@ LABELS = ("namespace", "name")
 BUDGET = Gauge("sarathi_operator_autotune_token_budget", "Token budget the autotuner set", LABELS)
 TBT_P99 = Gauge("sarathi_operator_autotune_tbt_p99_seconds", "P99 time between tokens in the latest window", LABELS)
 TTFT_P99 = Gauge("sarathi_operator_autotune_ttft_p99_seconds", "P99 time to first token in the latest window", LABELS)
+ITERATION_P99 = Gauge("sarathi_operator_autotune_iteration_p99_seconds",
+                      "P99 engine iteration time in the latest window", LABELS)
 REQUEST_RATE = Gauge("sarathi_operator_autotune_request_rate", "Finished requests per second in the latest window",
                      LABELS)
 DECISIONS = Counter("sarathi_operator_autotune_decisions_total", "Autotuner decisions by action",
@@ -30,7 +33,9 @@ SCRAPE_ERRORS = Counter("sarathi_operator_autotune_scrape_errors_total", "Engine
                         LABELS)
 APPLY_ERRORS = Counter("sarathi_operator_autotune_apply_errors_total", "Engines that did not take the budget",
                        LABELS)
-_PER_RESOURCE = (BUDGET, TBT_P99, TTFT_P99, REQUEST_RATE, SCRAPE_ERRORS, APPLY_ERRORS)
+_PER_RESOURCE = (BUDGET, TBT_P99, TTFT_P99, ITERATION_P99, REQUEST_RATE, SCRAPE_ERRORS, APPLY_ERRORS)
+# The observed field holding each kind of P99 decide.evidence() returns.
+ACTED_ON = {"TBT": "tbtP99Ms", "iteration time": "iterationP99Ms"}
 
 
 def iso(t: float) -> str:
@@ -49,10 +54,13 @@ def observed(p: Pass) -> dict:
     w = p.window
     fields = {
         "tbtP99Ms": _ms(w.tbt_p99),
+        "iterationP99Ms": _ms(w.iterations.quantile(0.99)),
+        "actedOn": ACTED_ON[p.evidence[1]] if p.evidence else None,
         "ttftP99Ms": _ms(w.ttft_p99),
         "requestRate": round(w.request_rate, 3),
         "windowSeconds": round(w.seconds, 1),
         "tbtSamples": w.tbt_samples,
+        "iterations": int(w.iterations.count) or None,
         "budgetBoundShare": None if w.budget_bound_share is None else round(w.budget_bound_share, 3),
         "time": iso(p.time),
     }
@@ -63,8 +71,9 @@ def _listed(problems: dict[str, str]) -> list[str]:
     return [f"{key}: {why}" for key, why in sorted(problems.items())[:MAX_LISTED]]
 
 
-def status_patch(p: Pass, history: list[dict], min_samples: int) -> dict:
-    """The status fields the autotuner owns after a pass; observed only from a full window."""
+def status_patch(p: Pass, history: list[dict]) -> dict:
+    """The status fields the autotuner owns after a pass; observed only from a window the
+    decision could act on."""
     patch = {
         "autotune": {
             "targetTokenBudget": p.decision.budget,
@@ -74,7 +83,7 @@ def status_patch(p: Pass, history: list[dict], min_samples: int) -> dict:
             "unreadEngines": _listed(p.scrape_errors),
         },
     }
-    if p.window.tbt_samples >= min_samples:
+    if p.evidence is not None:
         patch["observed"] = observed(p)
     if p.decision.budget != p.previous_budget:
         patch["tuningHistory"] = (history + [history_entry(p)])[-HISTORY:]
@@ -115,9 +124,10 @@ def resume(status: dict, spec: dict, config: Config, now: float) -> State:
     points, ceiling = [], None
     for entry in status.get("tuningHistory", []):
         t = parse_iso(entry["time"])
-        if t < now - config.memory_seconds or entry.get("tbtP99Ms") is None:
+        p99 = entry.get(entry.get("actedOn", "tbtP99Ms"))
+        if t < now - config.memory_seconds or p99 is None:
             continue
-        seen = Point(entry["previousTokenBudget"], entry["tbtP99Ms"] / 1000, t)
+        seen = Point(entry["previousTokenBudget"], p99 / 1000, t)
         if (entry.get("budgetBoundShare") or 0) >= config.min_bound_share:
             points.append(seen)
         if entry["action"] == "shrink" and (ceiling is None or seen.budget <= ceiling.budget):
@@ -130,16 +140,18 @@ def cleared(status: dict) -> dict:
     return {key: None for key in ("observed", "autotune") if key in status}
 
 
-def metrics(namespace: str, name: str, p: Pass, min_samples: int) -> None:
+def metrics(namespace: str, name: str, p: Pass) -> None:
     labels = (namespace, name)
     BUDGET.labels(*labels).set(p.decision.budget)
     DECISIONS.labels(*labels, p.decision.action).inc()
     SCRAPE_ERRORS.labels(*labels).inc(len(p.scrape_errors))
     APPLY_ERRORS.labels(*labels).inc(len(p.apply_errors))
     w = p.window
-    if w.tbt_samples >= min_samples:
-        TBT_P99.labels(*labels).set(w.tbt_p99)
-        TTFT_P99.labels(*labels).set(w.ttft_p99 or 0.0)
+    if p.evidence is not None:
+        for gauge, value in ((TBT_P99, w.tbt_p99), (ITERATION_P99, w.iterations.quantile(0.99)),
+                             (TTFT_P99, w.ttft_p99)):
+            if value is not None:
+                gauge.labels(*labels).set(value)
         REQUEST_RATE.labels(*labels).set(w.request_rate)
 
 

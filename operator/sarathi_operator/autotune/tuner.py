@@ -30,6 +30,7 @@ class Pass:
     applied: list[str]  # engines set to the decided budget in this pass
     apply_errors: dict[str, str]  # engines that still run another budget, and why
     reported: dict[str, int] = field(default_factory=dict)  # budget each scraped engine runs now
+    evidence: tuple[float, str] | None = None  # the P99 the decision acted on, and of what (decide.evidence)
 
 
 class Tuner:
@@ -50,9 +51,9 @@ class Tuner:
             self.window_start = now
         total, seconds, counted = self.scrapes.increase_since(self.window_start)
         window = summarize(total, seconds, counted, self.state.budget)
-        previous = self.state.budget
+        previous, found = self.state.budget, evidence(window, config)
         decision, self.state = decide(self.state, window, config, now)
-        if decision.budget != previous or evidence(window, config) is not None:
+        if decision.budget != previous or found is not None:
             self.window_start = now
 
         reported = {k: s.token_budget for k, s in snapshots.items() if s.token_budget is not None}
@@ -69,4 +70,5 @@ class Tuner:
             applied=applied,
             apply_errors={k: error for k, error in results.items() if error is not None},
             reported=reported,
+            evidence=found,
         )

@@ -4,8 +4,8 @@ restarted operator resumes from."""
 from prometheus_client import REGISTRY
 
 from sarathi_operator.autotune import record
-from sarathi_operator.autotune.aggregate import Window
-from sarathi_operator.autotune.decide import Config, Decision, State
+from sarathi_operator.autotune.aggregate import Histogram, Window
+from sarathi_operator.autotune.decide import Config, Decision, State, evidence
 from sarathi_operator.autotune.model import Point
 from sarathi_operator.autotune.tuner import Pass
 
@@ -15,17 +15,25 @@ SPEC = {"engine": {"tokenBudget": 512}}
 
 
 def a_pass(budget=384, previous=512, action="shrink", reason="P99 TBT 130 ms at budget 512 exceeds the SLO 100 ms",
-           samples=800, apply_errors=None, scrape_errors=None, t=T0, p99=0.13) -> Pass:
+           samples=800, apply_errors=None, scrape_errors=None, t=T0, p99=0.13,
+           iterations: Histogram = Histogram()) -> Pass:
     window = Window(seconds=30.04, engines=2, tbt_samples=samples, tbt_p99=p99, ttft_p99=None,
-                    request_rate=1.23456, budget_bound_share=0.4)
+                    request_rate=1.23456, budget_bound_share=0.4, iterations=iterations)
     return Pass(time=t, window=window, previous_budget=previous, decision=Decision(budget, action, reason),
-                scrape_errors=scrape_errors or {}, applied=["a"], apply_errors=apply_errors or {})
+                scrape_errors=scrape_errors or {}, applied=["a"], apply_errors=apply_errors or {},
+                evidence=evidence(window, CONFIG))
+
+
+def iteration_times(count: int, slow: int) -> Histogram:
+    """count iterations, slow of them between 0.2 and 0.5 s, the rest under 0.05 s."""
+    bounds = (0.05, 0.1, 0.2, 0.5, float("inf"))
+    return Histogram(bounds, (count - slow, count - slow, count - slow, count, count))
 
 
 def test_a_change_writes_observed_the_decision_and_a_history_entry():
-    patch = record.status_patch(a_pass(apply_errors={"pod-b": "ClientConnectorError: refused"}), [], 100)
-    assert patch["observed"] == {"tbtP99Ms": 130.0, "requestRate": 1.235, "windowSeconds": 30.0, "tbtSamples": 800,
-                                 "budgetBoundShare": 0.4, "time": "2025-06-15T15:06:40Z"}
+    patch = record.status_patch(a_pass(apply_errors={"pod-b": "ClientConnectorError: refused"}), [])
+    assert patch["observed"] == {"tbtP99Ms": 130.0, "actedOn": "tbtP99Ms", "requestRate": 1.235, "windowSeconds": 30.0,
+                                 "tbtSamples": 800, "budgetBoundShare": 0.4, "time": "2025-06-15T15:06:40Z"}
     assert patch["autotune"] == {
         "targetTokenBudget": 384, "lastDecision": "shrink: P99 TBT 130 ms at budget 512 exceeds the SLO 100 ms",
         "lastDecisionTime": "2025-06-15T15:06:40Z", "unappliedEngines": ["pod-b: ClientConnectorError: refused"],
@@ -36,14 +44,27 @@ def test_a_change_writes_observed_the_decision_and_a_history_entry():
 
 
 def test_a_hold_leaves_the_history_alone_and_a_thin_window_leaves_observed_alone():
-    patch = record.status_patch(a_pass(budget=512, action="hold", reason="too few samples", samples=10), [], 100)
+    patch = record.status_patch(a_pass(budget=512, action="hold", reason="too few samples", samples=10), [])
     assert "tuningHistory" not in patch and "observed" not in patch
     assert patch["autotune"]["lastDecision"] == "hold: too few samples"
 
 
+def test_a_decision_on_iteration_times_shows_them_and_a_restart_resumes_from_them():
+    shrink = a_pass(budget=96, previous=224, reason="P99 iteration time 350 ms at budget 224 exceeds the SLO 100 ms",
+                    samples=3, p99=0.04, iterations=iteration_times(150, 10))
+    patch = record.status_patch(shrink, [])
+    observed = patch["observed"]
+    assert observed["actedOn"] == "iterationP99Ms" and observed["iterations"] == 150 and observed["tbtSamples"] == 3
+    assert 200 < observed["iterationP99Ms"] <= 500 and observed["tbtP99Ms"] == 40.0
+    (entry,) = patch["tuningHistory"]
+    assert entry["actedOn"] == "iterationP99Ms" and entry["iterationP99Ms"] == observed["iterationP99Ms"]
+    state = record.resume({"autotune": {"targetTokenBudget": 96}, "tuningHistory": [entry]}, SPEC, CONFIG, now=T0)
+    assert state.ceiling == Point(224, observed["iterationP99Ms"] / 1000, T0)
+
+
 def test_the_history_keeps_the_latest_changes():
     history = [{"tokenBudget": i} for i in range(record.HISTORY)]
-    patched = record.status_patch(a_pass(), history, 100)["tuningHistory"]
+    patched = record.status_patch(a_pass(), history)["tuningHistory"]
     assert len(patched) == record.HISTORY and patched[0] == {"tokenBudget": 1} and patched[-1]["tokenBudget"] == 384
 
 
@@ -90,9 +111,8 @@ def test_metrics_per_resource_and_forgetting_them():
     def value(name, **labels):
         return REGISTRY.get_sample_value(name, {"namespace": "ns", "name": "chat", **labels})
 
-    record.metrics("ns", "chat", a_pass(), min_samples=100)
-    record.metrics("ns", "chat", a_pass(budget=384, previous=384, action="hold", reason="ok", samples=5, p99=9.0),
-                   min_samples=100)
+    record.metrics("ns", "chat", a_pass())
+    record.metrics("ns", "chat", a_pass(budget=384, previous=384, action="hold", reason="ok", samples=5, p99=9.0))
     assert value("sarathi_operator_autotune_token_budget") == 384
     assert value("sarathi_operator_autotune_tbt_p99_seconds") == 0.13  # the thin window is not shown
     assert value("sarathi_operator_autotune_decisions_total", action="shrink") == 1
