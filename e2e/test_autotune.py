@@ -97,7 +97,6 @@ class BackgroundLoad:
         return [r.ttft for r in self.records if r.ok and since <= self.began + r.send_time < until]
 
 
-
 class Timeline:
     """Steps with their time since the start, shown as they happen (the closing note's figures)."""
 

@@ -182,6 +182,10 @@ class Window:
     tbt: Histogram = Histogram()  # the token gaps themselves
     iterations: Histogram = Histogram()  # the engines' iteration times: the gaps a decode would have seen
 
+    @property
+    def iteration_p99(self) -> float | None:
+        return self.iterations.quantile(0.99)
+
 
 def summarize(total: Snapshot, seconds: float, engines: int, budget: int) -> Window:
     """Half the budget separates iterations the budget shaped from the rest: a chunked

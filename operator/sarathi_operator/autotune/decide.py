@@ -96,7 +96,7 @@ def evidence(window: Window, config: Config) -> tuple[float, str] | None:
     """The P99 to act on and what it is of, or None while there is too little to act on."""
     if window.tbt_p99 is not None and (window.tbt_samples >= config.min_samples or certainly_over(window.tbt, config)):
         return window.tbt_p99, "TBT"
-    iteration_p99 = window.iterations.quantile(0.99)
+    iteration_p99 = window.iteration_p99
     if iteration_p99 is not None and (window.iterations.count >= config.min_samples
                                       or certainly_over(window.iterations, config)):
         return iteration_p99, "iteration time"

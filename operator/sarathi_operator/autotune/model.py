@@ -43,13 +43,18 @@ def fitted_slope(points: list[Point]) -> float | None:
     return slope if slope > 0 else None
 
 
+def near(latest: Point, points: list[Point]) -> list[Point]:
+    """The points within a factor NEAR of latest's budget, in their order."""
+    return [p for p in points if latest.budget / NEAR <= p.budget <= latest.budget * NEAR]
+
+
 def moved(latest: Point, earlier: list[Point]) -> bool:
     """latest is more than MOVED times off what the most recent earlier observation near its
     budget predicts (proportionally)."""
-    near = [p for p in earlier if latest.budget / NEAR <= p.budget <= latest.budget * NEAR]
-    if not near:
+    close = near(latest, earlier)
+    if not close:
         return False
-    ratio = latest.tbt / (near[-1].tbt * latest.budget / near[-1].budget)
+    ratio = latest.tbt / (close[-1].tbt * latest.budget / close[-1].budget)
     return not 1 / MOVED <= ratio <= MOVED
 
 
@@ -62,6 +67,5 @@ def budget_for(target: float, latest: Point, points: list[Point]) -> float:
     """The budget at which P99 TBT is estimated to reach target seconds."""
     if moved(latest, [p for p in points if p != latest]):
         points = [latest]
-    near = [p for p in points if latest.budget / NEAR <= p.budget <= latest.budget * NEAR]
-    slope = fitted_slope(near) or latest.tbt / latest.budget
+    slope = fitted_slope(near(latest, points)) or latest.tbt / latest.budget
     return latest.budget + (target - latest.tbt) / slope

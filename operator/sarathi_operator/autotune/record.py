@@ -54,7 +54,7 @@ def observed(p: Pass) -> dict:
     w = p.window
     fields = {
         "tbtP99Ms": _ms(w.tbt_p99),
-        "iterationP99Ms": _ms(w.iterations.quantile(0.99)),
+        "iterationP99Ms": _ms(w.iteration_p99),
         "actedOn": ACTED_ON[p.evidence[1]] if p.evidence else None,
         "ttftP99Ms": _ms(w.ttft_p99),
         "requestRate": round(w.request_rate, 3),
@@ -148,7 +148,7 @@ def metrics(namespace: str, name: str, p: Pass) -> None:
     APPLY_ERRORS.labels(*labels).inc(len(p.apply_errors))
     w = p.window
     if p.evidence is not None:
-        for gauge, value in ((TBT_P99, w.tbt_p99), (ITERATION_P99, w.iterations.quantile(0.99)),
+        for gauge, value in ((TBT_P99, w.tbt_p99), (ITERATION_P99, w.iteration_p99),
                              (TTFT_P99, w.ttft_p99)):
             if value is not None:
                 gauge.labels(*labels).set(value)
