@@ -17,7 +17,8 @@ Rules, in order:
 4. Grow when P99 TBT is below `grow_below` x SLO *and* the budget holds prefill work back (at
    least `min_bound_share` of the tokens went through iterations filling more than half of
    it), in `grow_after` windows in a row at this budget: to the budget the model
-   expects to give `grow_aim` x SLO, by at least one multiple and at most doubling it. Without
+   expects to give `grow_aim` x SLO from the worst P99 still on its curve at this budget or
+   below, by at least one multiple and at most doubling it. Without
    prefill waiting, a larger budget changes nothing but the risk. A grow aims lower than a
    shrink: it acts on calm windows that may have been luck (a chat window's P99 varies by 2x at
    one budget), and landing mid-band leaves a fifth of the SLO for that before it breaks.
@@ -167,10 +168,12 @@ def _grow(state: State, config: Config, now: float, estimate: Estimator, seen: s
     if ceiling and ceiling.tbt > slo:
         limit = min(limit, ceiling.budget - config.multiple)
         note = f" (budget {ceiling.budget} gave P99 TBT {_ms(ceiling.tbt)} recently)"
-    # From the worst of the calm windows, so one lucky window does not set the step. At least
-    # one multiple: a step the model puts below that is still worth a try while P99 is this
-    # far below the SLO, and the ceiling stops a repeat if it fails.
-    anchor = Point(budget, max(state.calm), now)
+    # From the worst P99 still on the curve at this budget or below, the calm windows' too: TBT
+    # does not fall as the budget grows, so each is at least what this budget gives under the
+    # traffic it saw, and a few calm windows before a burst do not set the step. At least one
+    # multiple: a step the model puts below that is still worth a try while P99 is this far
+    # below the SLO, and the ceiling stops a repeat if it fails.
+    anchor = Point(budget, max([*state.calm, *(p.tbt for p in state.points if p.budget <= budget)]), now)
     new = round_down(min(max(estimate(target, anchor, list(state.points)), budget + config.multiple), limit), config)
     if new <= budget:
         return Decision(budget, "hold", f"{seen} is well within the SLO {_ms(slo)}, but no larger budget is "

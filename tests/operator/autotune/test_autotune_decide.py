@@ -123,6 +123,21 @@ def test_a_grow_starts_from_the_worse_calm_window_and_at_most_doubles():
     assert step(State(512, calm=(0.01,)), 0.01)[0].budget == 1024
 
 
+def test_a_grow_starts_from_the_worst_p99_on_the_curve_at_or_below_the_budget():
+    # Run 11 of the benchmark: 674 ms at 256 and then 410 and 254 ms at 288 grew to 544, into
+    # a burst. TBT does not fall as the budget grows, so 674 ms is at least what 288 gives under
+    # that traffic: proportional, 288 x 800 / 674 = 342 -> 320.
+    config = replace(CONFIG, slo=1.0)
+    seen = (Point(256, 0.674, 980.0), Point(288, 0.410, 990.0))
+    d, _ = step(State(288, points=seen, calm=(0.410,)), 0.254, config=config)
+    assert (d.budget, d.action) == (320, "grow")
+    assert step(State(288, points=seen[1:], calm=(0.410,)), 0.254, config=config)[0].budget == 544
+    # A point above the budget (here too far for the fit) bounds nothing: the worse calm window
+    # sets the step.
+    above = (Point(640, 0.9, 980.0), Point(288, 0.410, 990.0))
+    assert step(State(288, points=above, calm=(0.410,)), 0.254, config=config)[0].budget == 544
+
+
 def test_a_grow_is_at_least_one_multiple():
     # Slope from 512 and 640: 0.051 / 128 s per token, so 80 ms at 539.6 tokens, which rounds
     # down to 512: still one multiple up, 31% below the SLO.
