@@ -17,8 +17,8 @@ Rules, in order:
 4. Grow when P99 TBT is below `grow_below` x SLO *and* the budget holds prefill work back (at
    least `min_bound_share` of the tokens went through iterations filling more than half of
    it), in `grow_after` windows in a row at this budget: to the budget the model
-   expects to give `grow_aim` x SLO from the worst P99 still on its curve at this budget or
-   below, by at least one multiple and at most doubling it. Without
+   expects to give `grow_aim` x SLO from the worst P99 of the last `grow_memory` windows at this
+   budget or below, by at least one multiple and at most doubling it. Without
    prefill waiting, a larger budget changes nothing but the risk. A grow aims lower than a
    shrink: it acts on calm windows that may have been luck (a chat window's P99 varies by 2x at
    one budget), and landing mid-band leaves a fifth of the SLO for that before it breaks.
@@ -60,6 +60,7 @@ class Config:
     max_grow: float = 2.0
     max_shrink: float = 0.25
     grow_after: int = 2
+    grow_memory: int = 6  # windows whose P99 bounds a grow from below
     memory_seconds: float = 300.0
 
 
@@ -69,6 +70,7 @@ class State:
     points: tuple[Point, ...] = ()  # recent observations at budgets that held prefill back
     ceiling: Point | None = None  # the lowest budget recently seen above the SLO
     calm: tuple[float, ...] = ()  # P99s of the consecutive windows at this budget that would let it grow
+    recent: tuple[Point, ...] = ()  # the last grow_memory windows' P99s, on any curve
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,8 @@ def evidence(window: Window, config: Config) -> tuple[float, str] | None:
 def forget(state: State, config: Config, now: float) -> State:
     horizon = now - config.memory_seconds
     ceiling = state.ceiling if state.ceiling and state.ceiling.time >= horizon else None
-    return replace(state, points=tuple(p for p in state.points if p.time >= horizon), ceiling=ceiling)
+    return replace(state, points=tuple(p for p in state.points if p.time >= horizon), ceiling=ceiling,
+                   recent=tuple(p for p in state.recent if p.time >= horizon))
 
 
 def decide(state: State, window: Window, config: Config, now: float,
@@ -127,6 +130,7 @@ def decide(state: State, window: Window, config: Config, now: float,
     (p99, what), slo = found, config.slo
     seen = f"P99 {what} {_ms(p99)} at budget {budget}"
     latest = Point(budget, p99, now)
+    state = replace(state, recent=(*state.recent, latest)[-config.grow_memory:])
     pressed = (window.budget_bound_share or 0.0) >= config.min_bound_share
     if pressed:
         state = replace(state, points=tuple(on_the_curve(latest, list(state.points)))[-MAX_POINTS:])
@@ -168,12 +172,12 @@ def _grow(state: State, config: Config, now: float, estimate: Estimator, seen: s
     if ceiling and ceiling.tbt > slo:
         limit = min(limit, ceiling.budget - config.multiple)
         note = f" (budget {ceiling.budget} gave P99 TBT {_ms(ceiling.tbt)} recently)"
-    # From the worst P99 still on the curve at this budget or below, the calm windows' too: TBT
+    # From the worst P99 of the recent windows at this budget or below, on whatever curve: TBT
     # does not fall as the budget grows, so each is at least what this budget gives under the
-    # traffic it saw, and a few calm windows before a burst do not set the step. At least one
+    # traffic it saw, and a few calm windows after a burst do not set the step. At least one
     # multiple: a step the model puts below that is still worth a try while P99 is this far
     # below the SLO, and the ceiling stops a repeat if it fails.
-    anchor = Point(budget, max([*state.calm, *(p.tbt for p in state.points if p.budget <= budget)]), now)
+    anchor = Point(budget, max([*state.calm, *(p.tbt for p in state.recent if p.budget <= budget)]), now)
     new = round_down(min(max(estimate(target, anchor, list(state.points)), budget + config.multiple), limit), config)
     if new <= budget:
         return Decision(budget, "hold", f"{seen} is well within the SLO {_ms(slo)}, but no larger budget is "

@@ -118,21 +118,24 @@ def event(p: Pass, previous: dict) -> tuple[str, str, str] | None:
 
 def resume(status: dict, spec: dict, config: Config, now: float) -> State:
     """The controller state after an operator restart: the target it had set, and the
-    observations and ceiling that its history still remembers."""
+    observations and ceiling that its history still remembers (holds are not in it, so the
+    recent windows a grow starts from are the changes')."""
     budget = status.get("autotune", {}).get("targetTokenBudget") or status.get("tokenBudget") \
         or spec["engine"]["tokenBudget"]
-    points, ceiling = [], None
+    points, recent, ceiling = [], [], None
     for entry in status.get("tuningHistory", []):
         t = parse_iso(entry["time"])
         p99 = entry.get(entry.get("actedOn", "tbtP99Ms"))
         if t < now - config.memory_seconds or p99 is None:
             continue
         seen = Point(entry["previousTokenBudget"], p99 / 1000, t)
+        recent.append(seen)
         if (entry.get("budgetBoundShare") or 0) >= config.min_bound_share:
             points.append(seen)
         if entry["action"] == "shrink" and (ceiling is None or seen.budget <= ceiling.budget):
             ceiling = seen
-    return State(budget=budget, points=tuple(points[-5:]), ceiling=ceiling)
+    return State(budget=budget, points=tuple(points[-5:]), ceiling=ceiling,
+                 recent=tuple(recent[-config.grow_memory:]))
 
 
 def cleared(status: dict) -> dict:

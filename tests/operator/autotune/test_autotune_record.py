@@ -94,6 +94,7 @@ def test_a_restarted_operator_resumes_from_the_target_and_the_recent_history():
     # The grow is older than memory_seconds: forgotten.
     assert state.points == (Point(1024, 0.15, T0 - 60), Point(640, 0.11, T0 - 30))
     assert state.ceiling == Point(640, 0.11, T0 - 30)
+    assert state.recent == state.points
 
 
 def test_without_a_target_it_resumes_from_the_budget_in_force_or_the_spec():
