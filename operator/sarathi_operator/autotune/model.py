@@ -8,8 +8,8 @@ clearly different budgets near the latest one (curves bend: far points give a se
 local slope); the line is anchored at the latest observation, which says most about the load
 of the moment, and a latest observation far off what the others predict means the traffic
 changed, and the curve with it: the others are dropped. Without a usable slope (one budget
-seen so far, or a fit that noise made flat or falling), TBT is taken as proportional to the
-budget: that overstates the slope when a > 0, so a step that grows the budget falls short of
+seen so far, or a fit that noise made falling or nearly flat), TBT is taken as proportional to
+the budget: that overstates the slope when a > 0, so a step that grows the budget falls short of
 the target rather than past it, and a step that shrinks it may need a second step.
 """
 
@@ -22,6 +22,10 @@ NEAR = 2.0
 # A latest observation further than this factor from what the others predict at its budget
 # comes from another curve. Wide, because a P99 of a few hundred gaps is noisy.
 MOVED = 2.0
+# A fitted slope under this share of the proportional one says the budget hardly sets TBT, which
+# is more often two noisy windows than the curve: the engine's curves here give 0.4-0.9, and two
+# windows with the same P99 at 256 and 160 (1412 and 1411 ms) sent a shrink to the floor.
+MIN_SLOPE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -67,5 +71,8 @@ def budget_for(target: float, latest: Point, points: list[Point]) -> float:
     """The budget at which P99 TBT is estimated to reach target seconds."""
     if moved(latest, [p for p in points if p != latest]):
         points = [latest]
-    slope = fitted_slope(near(latest, points)) or latest.tbt / latest.budget
+    proportional = latest.tbt / latest.budget
+    slope = fitted_slope(near(latest, points))
+    if slope is None or slope < MIN_SLOPE_SHARE * proportional:
+        slope = proportional
     return latest.budget + (target - latest.tbt) / slope

@@ -86,11 +86,17 @@ def test_a_shrink_is_at_most_to_a_quarter_and_lands_on_a_multiple():
 
 
 
-def test_a_window_barely_over_the_slo_on_a_flat_fit_shrinks_at_most_to_half_of_proportional():
-    # Noise made the slope nearly flat (0.1 ms over 128 tokens): the line would need budget -188.
+def test_a_nearly_flat_fit_is_no_slope_and_a_shallow_one_shrinks_at_most_to_half_of_proportional():
+    # Noise made the slope nearly flat (0.1 ms over 128 tokens, 0.5% of proportional): the line
+    # would need budget -188, so TBT is taken as proportional: 224 x 0.09 / 0.1041 = 193.7.
     flat = State(224, points=(Point(352, 0.1058, 980.0), Point(288, 0.1040, 990.0)))
     d, _ = step(flat, 0.1041, bound=1.0)
-    assert (d.budget, d.action) == (128, "shrink")  # 224 x 0.09 / 0.1041 / 2 = 96.8, rounded up
+    assert (d.budget, d.action) == (192, "shrink")
+    # A third of proportional is a slope, but its line reaches 90 ms at 38: at most half of what
+    # proportional gives, 224 x 0.09 / 0.12 / 2 = 84, rounded up.
+    shallow = State(224, points=(Point(288, 0.1303, 990.0),))
+    d, _ = step(shallow, 0.12, bound=1.0)
+    assert (d.budget, d.action) == (96, "shrink")
 
 
 def test_above_the_slo_at_the_minimum_holds_and_says_so():

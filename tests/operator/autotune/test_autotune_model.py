@@ -32,6 +32,16 @@ def test_without_a_slope_tbt_is_taken_as_proportional_to_the_budget():
     assert budget_for(0.3, latest, [latest]) == pytest.approx(600)
 
 
+def test_a_fit_under_a_quarter_of_proportional_is_taken_as_no_slope():
+    # Benchmark run 13: 1412 ms at 256, 1411 at 160. The fit's 0.01 ms per token would put 0.9 s
+    # at budget -48000; proportional puts it at 102.
+    latest = Point(160, 1.411, 1)
+    assert budget_for(0.9, latest, [Point(256, 1.412, 0), latest]) == pytest.approx(160 * 0.9 / 1.411)
+    # 0.3 of proportional is kept: 0.2 + 0.0003 x (budget - 400) = 0.18 at 333.
+    steeper = Point(400, 0.2, 1)
+    assert budget_for(0.18, steeper, [Point(500, 0.23, 0), steeper]) == pytest.approx(400 - 0.02 / 0.0003)
+
+
 def test_far_observations_are_left_out_of_the_fit():
     # A convex curve: the secant from 4096 is much steeper than the slope near 1024.
     def curve(b):
