@@ -37,7 +37,7 @@ def test_a_fit_under_a_quarter_of_proportional_is_taken_as_no_slope():
     # at budget -48000; proportional puts it at 102.
     latest = Point(160, 1.411, 1)
     assert budget_for(0.9, latest, [Point(256, 1.412, 0), latest]) == pytest.approx(160 * 0.9 / 1.411)
-    # 0.3 of proportional is kept: 0.2 + 0.0003 x (budget - 400) = 0.18 at 333.
+    # 0.6 of proportional is a slope: 0.2 + 0.0003 x (budget - 400) = 0.18 at 333.
     steeper = Point(400, 0.2, 1)
     assert budget_for(0.18, steeper, [Point(500, 0.23, 0), steeper]) == pytest.approx(400 - 0.02 / 0.0003)
 
