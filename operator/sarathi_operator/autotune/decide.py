@@ -5,7 +5,8 @@ Rules, in order:
 1. Bounds first: a budget outside [min, max] (the spec's bounds changed) moves to the nearest bound.
 2. Hold while the window holds fewer than `min_samples` token gaps: a P99 of fewer is noise.
    Unless more than 1% of `min_samples` of them are already over the SLO: then the P99 of any
-   `min_samples` gaps that include them is over it too, and rule 3 applies. Failing that, the
+   `min_samples` gaps that include them is over it too, and rule 3 applies, to the least such a
+   P99 can be (not to the few gaps' own P99, which is their largest). Failing that, the
    engines' iteration times stand in for the gaps, on the same terms: a decode waits one
    iteration per token, so they are the gaps any decode among them would have had. Traffic of
    long prompts and short outputs gives few gaps, and none at all until its first prompts are
@@ -95,14 +96,23 @@ def certainly_over(gaps: Histogram, config: Config) -> bool:
     return gaps.count_above(config.slo) > 0.01 * config.min_samples
 
 
+def least_p99(few: Histogram, config: Config) -> float | None:
+    """The least P99 that any `min_samples` samples including these few can have: the value with
+    1% of `min_samples` of them above it. Their own P99 is their largest, one transient
+    iteration of a traffic switch, which would set the size of a shrink."""
+    return few.quantile(1 - 0.01 * config.min_samples / few.count)
+
+
 def evidence(window: Window, config: Config) -> tuple[float, str] | None:
     """The P99 to act on and what it is of, or None while there is too little to act on."""
-    if window.tbt_p99 is not None and (window.tbt_samples >= config.min_samples or certainly_over(window.tbt, config)):
+    if window.tbt_p99 is not None and window.tbt_samples >= config.min_samples:
         return window.tbt_p99, "TBT"
-    iteration_p99 = window.iteration_p99
-    if iteration_p99 is not None and (window.iterations.count >= config.min_samples
-                                      or certainly_over(window.iterations, config)):
-        return iteration_p99, "iteration time"
+    if window.tbt_p99 is not None and certainly_over(window.tbt, config):
+        return least_p99(window.tbt, config), "TBT"
+    if window.iterations.count >= config.min_samples:
+        return window.iteration_p99, "iteration time"
+    if certainly_over(window.iterations, config):
+        return least_p99(window.iterations, config), "iteration time"
     return None
 
 
