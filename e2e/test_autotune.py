@@ -269,9 +269,9 @@ def test_the_autotuner_holds_a_tight_slo_and_grows_the_budget_when_it_is_relaxed
         timeline.append(f"operator restarted, resumed at "
                         f"{st['autotune']['targetTokenBudget']}")
         # Late in the tight phase, so the probes see the queue a small budget builds.
-        tight_budgets = engine_budget(ip)
+        budget_before_probes = engine_budget(ip)
         tight_ttft = probe_ttft(ip, NAME, TTFT_INTERVALS * INTERVAL)
-        tight_budgets = (tight_budgets, engine_budget(ip))
+        tight_budgets = (budget_before_probes, engine_budget(ip))
 
         # 4. Relaxed past the starting P99: the budget grows back.
         relaxed_slo = round(start_p99 * 2)
@@ -288,9 +288,9 @@ def test_the_autotuner_holds_a_tight_slo_and_grows_the_budget_when_it_is_relaxed
         # TTFT of the relaxed steady state, not of the backlog left by the tight phase.
         wait_until("the tight phase's backlog drained", lambda: engine_waiting(ip) == 0,
                    timeout=GROW_INTERVALS * INTERVAL, every=0.5)
-        relaxed_since, relaxed_budgets = time.perf_counter(), engine_budget(ip)
+        relaxed_since, budget_before_probes = time.perf_counter(), engine_budget(ip)
         relaxed_ttft = probe_ttft(ip, NAME, TTFT_INTERVALS * INTERVAL)
-        relaxed_budgets = (relaxed_budgets, engine_budget(ip))
+        relaxed_budgets = (budget_before_probes, engine_budget(ip))
         timeline.append(f"median TTFT of a 128-token probe {statistics.median(tight_ttft):.2f} s (tight, "
                         f"{len(tight_ttft)} probes, budget {tight_budgets[0]} -> {tight_budgets[1]}) -> "
                         f"{statistics.median(relaxed_ttft):.2f} s (relaxed, {len(relaxed_ttft)}, "
