@@ -6,7 +6,9 @@ Rules, in order:
 2. Hold while the window holds fewer than `min_samples` token gaps: a P99 of fewer is noise.
    Unless more than 1% of `min_samples` of them are already over the SLO: then the P99 of any
    `min_samples` gaps that include them is over it too, and rule 3 applies, to the least such a
-   P99 can be (not to the few gaps' own P99, which is their largest). Failing that, the
+   P99 can be (not to the few gaps' own P99, which is their largest). That is a bound, not a
+   point of the curve: the model does not keep it, and the shrink is proportional to it, the
+   least shrink that a line through it with a non-negative intercept allows. Failing that, the
    engines' iteration times stand in for the gaps, on the same terms: a decode waits one
    iteration per token, so they are the gaps any decode among them would have had. Traffic of
    long prompts and short outputs gives few gaps, and none at all until its first prompts are
@@ -142,7 +144,8 @@ def decide(state: State, window: Window, config: Config, now: float,
     latest = Point(budget, p99, now)
     state = replace(state, recent=(*state.recent, latest)[-config.grow_memory:])
     pressed = (window.budget_bound_share or 0.0) >= config.min_bound_share
-    if pressed:
+    bound = (window.tbt_samples if what == "TBT" else window.iterations.count) < config.min_samples
+    if pressed and not bound:
         state = replace(state, points=tuple(on_the_curve(latest, list(state.points)))[-MAX_POINTS:])
     target = config.aim * slo
 
@@ -151,7 +154,7 @@ def decide(state: State, window: Window, config: Config, now: float,
             state = replace(state, ceiling=latest)
         if budget <= config.min_budget:
             return Decision(budget, "hold", f"{seen} exceeds the SLO {_ms(slo)} {AT_MINIMUM}"), state
-        estimated = estimate(target, latest, list(state.points))
+        estimated = estimate(target, latest, [] if bound else list(state.points))
         # Half of what TBT proportional to the budget would give: a window barely over the SLO
         # next to a slope that noise made nearly flat must not send the budget to the floor.
         lowest = max(budget * config.max_shrink, budget * target / p99 / 2)

@@ -57,6 +57,26 @@ def test_a_few_samples_shrink_by_the_least_p99_they_imply_not_by_their_largest()
     assert (d.budget, d.action) == (224, "shrink") and "P99 iteration time 200 ms at budget 512" in d.reason
 
 
+def test_the_bound_a_few_samples_give_shrinks_proportionally_and_stays_out_of_the_model():
+    # Benchmark run 17: chat's shallow slope around 224 (points at a tenth of its times), then
+    # summarisation's first iterations, over the SLO at 224. Along chat's slope the fit sent the
+    # budget to its floor, 96; proportional to the bound gives 155 -> 128, which held the SLO.
+    chat = (Point(352, 0.120, 950), Point(256, 0.1014, 960), Point(224, 0.0665, 970), Point(224, 0.0888, 980))
+    bounds = (0.1, 0.12, 0.14, 0.2, float("inf"))
+
+    def iterations(*seconds: float) -> Window:
+        counts = tuple(float(sum(g <= b for g in seconds)) for b in bounds)
+        return Window(seconds=10, engines=1, tbt_samples=0, tbt_p99=None, ttft_p99=None, request_rate=0.0,
+                      budget_bound_share=1.0, iterations=Histogram(bounds, counts))
+
+    d, s = decide(State(224, points=chat), iterations(0.11, 0.11, 0.11, 0.11, 0.13, 0.135), CONFIG, 1000.0)
+    assert (d.budget, d.action) == (128, "shrink") and "P99 iteration time 130 ms at budget 224" in d.reason
+    assert s.points == chat and s.ceiling == Point(224, pytest.approx(0.13), 1000.0)
+    # A P99 of enough iterations is a point of the curve: the fit goes by it, the slope and all.
+    d, s = decide(State(224, points=chat), iterations(*[0.11] * 80, *[0.13] * 20), CONFIG, 1000.0)
+    assert (d.budget, d.action) == (96, "shrink") and s.points[-1] == Point(224, pytest.approx(0.139), 1000.0)
+
+
 def test_with_too_few_gaps_the_iterations_stand_in_for_the_gaps_any_decode_would_have_had():
     def prefill_only(*iterations: float, samples: int = 0) -> Window:
         return Window(seconds=50, engines=1, tbt_samples=samples, tbt_p99=None, ttft_p99=None, request_rate=0.0,
