@@ -45,7 +45,7 @@ def pass_record(p: Pass) -> dict:
         "time": round(p.time, 3), "budget": p.decision.budget, "previous": p.previous_budget,
         "action": p.decision.action, "reason": p.decision.reason, "tbt_p99": w.tbt_p99, "ttft_p99": w.ttft_p99,
         "tbt_samples": w.tbt_samples, "iteration_p99": w.iteration_p99,
-        "acted_on": p.evidence[1] if p.evidence else None, "request_rate": w.request_rate,
+        "acted_on": p.evidence.of if p.evidence else None, "request_rate": w.request_rate,
         "window_seconds": w.seconds, "budget_bound_share": w.budget_bound_share, "applied": p.applied, "apply_errors": p.apply_errors,
         "scrape_errors": p.scrape_errors,
     }

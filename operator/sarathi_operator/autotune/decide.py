@@ -39,6 +39,7 @@ budget.
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from .aggregate import Histogram, Window
 from .model import Point, budget_for, on_the_curve
@@ -105,16 +106,22 @@ def least_p99(few: Histogram, config: Config) -> float | None:
     return few.quantile(1 - 0.01 * config.min_samples / few.count)
 
 
-def evidence(window: Window, config: Config) -> tuple[float, str] | None:
-    """The P99 to act on and what it is of, or None while there is too little to act on."""
+class Evidence(NamedTuple):
+    p99: float  # to act on
+    of: str  # TBT or iteration time
+    bound: bool  # the least P99 of too few samples (least_p99), not a point of the curve
+
+
+def evidence(window: Window, config: Config) -> Evidence | None:
+    """The P99 to act on, or None while there is too little to act on."""
     if window.tbt_p99 is not None and window.tbt_samples >= config.min_samples:
-        return window.tbt_p99, "TBT"
+        return Evidence(window.tbt_p99, "TBT", bound=False)
     if window.tbt_p99 is not None and certainly_over(window.tbt, config):
-        return least_p99(window.tbt, config), "TBT"
+        return Evidence(least_p99(window.tbt, config), "TBT", bound=True)
     if window.iterations.count >= config.min_samples:
-        return window.iteration_p99, "iteration time"
+        return Evidence(window.iteration_p99, "iteration time", bound=False)
     if certainly_over(window.iterations, config):
-        return least_p99(window.iterations, config), "iteration time"
+        return Evidence(least_p99(window.iterations, config), "iteration time", bound=True)
     return None
 
 
@@ -139,12 +146,11 @@ def decide(state: State, window: Window, config: Config, now: float,
         return Decision(budget, "hold", f"too few samples: {window.tbt_samples} token gaps "
                                         f"in {window.seconds:.0f} s, {config.min_samples} needed"), state
 
-    (p99, what), slo = found, config.slo
+    (p99, what, bound), slo = found, config.slo
     seen = f"P99 {what} {_ms(p99)} at budget {budget}"
     latest = Point(budget, p99, now)
     state = replace(state, recent=(*state.recent, latest)[-config.grow_memory:])
     pressed = (window.budget_bound_share or 0.0) >= config.min_bound_share
-    bound = (window.tbt_samples if what == "TBT" else window.iterations.count) < config.min_samples
     if pressed and not bound:
         state = replace(state, points=tuple(on_the_curve(latest, list(state.points)))[-MAX_POINTS:])
     target = config.aim * slo

@@ -55,7 +55,7 @@ def observed(p: Pass) -> dict:
     fields = {
         "tbtP99Ms": _ms(w.tbt_p99),
         "iterationP99Ms": _ms(w.iteration_p99),
-        "actedOn": ACTED_ON[p.evidence[1]] if p.evidence else None,
+        "actedOn": ACTED_ON[p.evidence.of] if p.evidence else None,
         "ttftP99Ms": _ms(w.ttft_p99),
         "requestRate": round(w.request_rate, 3),
         "windowSeconds": round(w.seconds, 1),

@@ -14,7 +14,7 @@ import aiohttp
 
 from . import apply, fetch
 from .aggregate import Scrapes, Window, summarize
-from .decide import Config, Decision, State, decide, evidence
+from .decide import Config, Decision, Evidence, State, decide, evidence
 
 # Scrapes older than this many intervals are dropped: the longest a window can grow.
 KEEP_INTERVALS = 5
@@ -30,7 +30,7 @@ class Pass:
     applied: list[str]  # engines set to the decided budget in this pass
     apply_errors: dict[str, str]  # engines that still run another budget, and why
     reported: dict[str, int] = field(default_factory=dict)  # budget each scraped engine runs now
-    evidence: tuple[float, str] | None = None  # the P99 the decision acted on, and of what (decide.evidence)
+    evidence: Evidence | None = None  # the P99 the decision acted on, and of what
 
 
 class Tuner:
