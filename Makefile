@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 # engine processes, a request, its status (e2e/demo.py). Left running; `make demo-down` ends it.
 demo: install
 	$(SARATHI) model prepare
+	$(SARATHI) kernels
 	$(PY) -m e2e.demo
 
 demo-down: install
@@ -26,6 +27,7 @@ demo-down: install
 
 test: install
 	$(SARATHI) model prepare
+	$(SARATHI) kernels
 	$(PY) -m pytest
 
 # A real control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok GPU nodes)

@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-# What a container inherits from "the image": where to find the checkout's tools, the model cache,
-# and the OpenBLAS settings some processors here need.
-IMAGE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "SARATHI_CACHE",
+# What a container inherits from "the image": where to find the checkout's tools, the model cache
+# and the built CPU kernels, and the OpenBLAS settings some processors here need.
+IMAGE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "SARATHI_CACHE", "SARATHI_KERNELS_DIR",
              "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 POD_IP_ENV = "SARATHI_PODRUNNER_POD_IP"
 SHIM_DIR = Path(__file__).resolve().parent / "shim"

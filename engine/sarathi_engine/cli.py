@@ -40,6 +40,20 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from sarathi_engine import kernels
+
+    if kernels.unusable_reason():
+        print(f"the CPU kernels do not apply here ({kernels.unusable_reason()}): the engine uses torch ops")
+        return 0
+    reason = kernels.load()
+    if reason:
+        print(f"the CPU kernels could not be built: {reason}", file=sys.stderr)
+        return 1
+    print(kernels.library_path())
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from sarathi_engine import LLM, SamplingParams
 
@@ -67,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="prepare the bundled model")
     model.add_argument("action", choices=["prepare"])
     model.set_defaults(func=cmd_model)
+
+    kernels = sub.add_parser("kernels", help="build the CPU kernels once (engine starts then only load them)")
+    kernels.set_defaults(func=cmd_kernels)
 
     generate = sub.add_parser("generate", help="complete one prompt offline")
     add_engine_args(generate)

@@ -15,6 +15,7 @@ from sarathi_engine.distributed import agree_min
 from sarathi_engine.kv_cache import BlockManager, allocate_kv_cache, bytes_per_block
 from sarathi_engine.model.llama import LlamaForCausalLM
 from sarathi_engine.model.loader import load_weights
+from sarathi_engine.model.ops import select_ops
 from sarathi_engine.sampler import sample
 from sarathi_engine.scheduler import ScheduledChunk
 
@@ -62,7 +63,9 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, folder: Path, cache: CacheConfig, device: torch.device, seed: int) -> None:
         self.cfg = cfg
         self.device = device
-        self.backend = select_backend(device)
+        self.ops = select_ops(device, cfg.dtype, cfg.head_dim)
+        self.activation_dtype = self.ops.activation_dtype
+        self.backend = select_backend(device, self.ops.name)
         if self.backend.name == "flash-attn":
             cache.block_size = FLASH_BLOCK_SIZE
         self.block_size = cache.block_size
@@ -72,10 +75,11 @@ class ModelRunner:
         torch.set_default_dtype(cfg.dtype)
         try:
             with torch.device(device):
-                self.model = LlamaForCausalLM(cfg, self.backend)
+                self.model = LlamaForCausalLM(cfg, self.backend, self.ops)
         finally:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, folder)
+        self.model.prepare()
         self.model.eval()
         attention = self.model.attention_layers()
         kv_heads = attention[0].num_kv_heads

@@ -186,8 +186,9 @@ class Driver:
         rows = batch.inputs.sample_rows
         if not rows:
             return [None] * len(batch.chunks)
-        cfg = self.runner.cfg
-        hidden = self.link.recv(self.state.prev_rank, (len(rows), cfg.hidden_size), cfg.dtype, self.runner.device)
+        runner = self.runner
+        hidden = self.link.recv(self.state.prev_rank, (len(rows), runner.cfg.hidden_size), runner.activation_dtype,
+                                runner.device)
         with self.clock:
             logits = self.runner.logits(hidden)
         return self.runner.sample(batch, logits)
@@ -228,7 +229,8 @@ def serve(runner: ModelRunner, state: ParallelState, timeout: float) -> None:
             rows = inputs.sample_rows
             hidden = None
             if not state.is_first_stage:
-                hidden = link.recv(source, (len(inputs.input_ids), *hidden_shape), runner.cfg.dtype, runner.device)
+                hidden = link.recv(source, (len(inputs.input_ids), *hidden_shape), runner.activation_dtype,
+                                   runner.device)
             with clock:
                 hidden = runner.forward(inputs, hidden)
                 if state.pp_size == 1 and rows:
@@ -244,7 +246,7 @@ def serve(runner: ModelRunner, state: ParallelState, timeout: float) -> None:
         elif kind == COLLECT:
             n = awaiting_rows.popleft()
             if n:
-                hidden = link.recv(state.prev_rank, (n, *hidden_shape), runner.cfg.dtype, runner.device)
+                hidden = link.recv(state.prev_rank, (n, *hidden_shape), runner.activation_dtype, runner.device)
                 with clock:
                     runner.logits(hidden)
         else:

@@ -6,7 +6,7 @@ import random
 import pytest
 from reference_models import TINY_CONFIGS, hf_greedy
 
-from sarathi_engine import LLM, SamplingParams
+from sarathi_engine import LLM, SamplingParams, kernels
 
 MAX_NEW = 24
 
@@ -46,10 +46,15 @@ def test_smollm2_matches_transformers_under_every_policy_and_budget(
 
 @pytest.mark.parametrize("kind", sorted(TINY_CONFIGS))
 @pytest.mark.parametrize("budget", [16, 512])
-def test_random_weight_models_match_transformers(tiny_models, kind, budget):
+@pytest.mark.parametrize("ops", ["cpu-kernels", "torch"])
+def test_random_weight_models_match_transformers(tiny_models, kind, budget, ops, monkeypatch):
+    if ops == "cpu-kernels" and kernels.load() is not None:
+        pytest.skip(f"CPU kernels cannot run here: {kernels.load()}")
+    monkeypatch.setenv("SARATHI_CPU_KERNELS", "1" if ops == "cpu-kernels" else "0")
     prompts = random_prompts([1, 5, 40, 77, 130], seed=1)
     reference = hf_greedy(tiny_models[kind], prompts, MAX_NEW)
     llm = LLM(str(tiny_models[kind]), dtype="float32", token_budget=budget, kv_cache_memory="64MiB")
+    assert llm.engine.runner.ops.name == ops
     outputs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW))
     assert [o.token_ids for o in outputs] == reference
 

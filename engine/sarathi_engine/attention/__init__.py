@@ -7,6 +7,7 @@ every query to its sequence's cached prefix plus, causally, its own chunk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -25,6 +26,12 @@ class AttentionMetadata:
     @property
     def num_prefill_tokens(self) -> int:
         return sum(self.query_lens[: self.num_prefills])
+
+    @cached_property
+    def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables and context lengths of the decodes (the rows after the prefills): sliced
+        once per batch, not in every layer."""
+        return self.block_tables[self.num_prefills :], self.context_lens_tensor[self.num_prefills :]
 
 
 class AttentionBackend(Protocol):
@@ -46,14 +53,14 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor: ...
 
 
-def select_backend(device: torch.device) -> AttentionBackend:
-    """flash-attn on CUDA when it is installed, the torch backend everywhere else."""
+def select_backend(device: torch.device, ops_name: str = "torch") -> AttentionBackend:
+    """flash-attn on CUDA when it is installed; the C++ kernels' attention where the model runs on
+    them; the torch backend everywhere else."""
     if device.type == "cuda":
         from sarathi_engine.attention.flash_backend import FlashAttentionBackend, flash_attn_available
 
         if flash_attn_available():
             return FlashAttentionBackend()
-    from sarathi_engine.attention.torch_backend import TorchAttentionBackend
+    from sarathi_engine.attention.torch_backend import CpuKernelAttentionBackend, TorchAttentionBackend
 
-    return TorchAttentionBackend()
-
+    return CpuKernelAttentionBackend() if ops_name == "cpu-kernels" else TorchAttentionBackend()

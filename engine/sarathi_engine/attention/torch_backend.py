@@ -3,7 +3,7 @@
 The cache is laid out [kv_heads, blocks, block_size, head_dim], so gathering a sequence's blocks
 is one index_select per tensor whose result is already [kv_heads, tokens, head_dim]: far cheaper
 on a CPU than advanced indexing over a token-major layout. Prefill chunks attend one sequence at a
-time; all decodes attend in one padded call. Grouped query heads are folded into the query length
+time; all decodes attend in one padded call (or, with the CPU kernels, read the cache in place). Grouped query heads are folded into the query length
 so keys and values are never repeated.
 """
 from __future__ import annotations
@@ -21,8 +21,9 @@ class TorchAttentionBackend:
         return (num_kv_heads, num_blocks, block_size, head_dim)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
-        write(k, k_cache, meta.slot_mapping)
-        write(v, v_cache, meta.slot_mapping)
+        self.write(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.num_prefills == 0:
+            return self.attend_decodes(q, k_cache, v_cache, *meta.decode_tables, scale, sliding_window)
         out = torch.empty_like(q)
         start = 0
         for i in range(meta.num_prefills):
@@ -31,15 +32,34 @@ class TorchAttentionBackend:
                 keys, values = k[start : start + n].transpose(0, 1), v[start : start + n].transpose(0, 1)
             else:
                 blocks = meta.block_tables[i, : -(-length // k_cache.shape[2])]
-                keys, values = gather(k_cache, blocks)[:, :length], gather(v_cache, blocks)[:, :length]
+                keys, values = (gather(cache, blocks)[:, :length].to(q.dtype) for cache in (k_cache, v_cache))
             out[start : start + n] = attend_chunk(q[start : start + n], keys, values, scale, sliding_window)
             start += n
         if start < q.shape[0]:
-            out[start:] = attend_decodes(
-                q[start:], k_cache, v_cache, meta.block_tables[meta.num_prefills :],
-                meta.context_lens_tensor[meta.num_prefills :], scale, sliding_window,
-            )
+            out[start:] = self.attend_decodes(q[start:], k_cache, v_cache, *meta.decode_tables, scale, sliding_window)
         return out
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slots: torch.Tensor) -> None:
+        write(k, k_cache, slots)
+        write(v, v_cache, slots)
+
+    def attend_decodes(self, q, k_cache, v_cache, block_tables, context_lens, scale, window):
+        return attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, window)
+
+
+class CpuKernelAttentionBackend(TorchAttentionBackend):
+    """The C++ kernels' attention (sarathi_engine.kernels): queries in float32 over a cache in the
+    model's dtype; decodes read the paged cache in place, prefill chunks go through SDPA."""
+
+    name = "cpu-kernels"
+
+    def write(self, k, v, k_cache, v_cache, slots) -> None:
+        torch.ops.sarathi.write_kv(k, v, k_cache, v_cache, slots)
+
+    def attend_decodes(self, q, k_cache, v_cache, block_tables, context_lens, scale, window):
+        return torch.ops.sarathi.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                                        window or 0)
 
 
 def write(new: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:

@@ -6,24 +6,23 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sarathi_engine.distributed import parallel_state, tp_all_reduce, tp_gather_last_dim
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, ops) -> None:
         super().__init__()
         self.eps = eps
+        self.ops = ops
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and cast back before the scale, exactly as transformers does.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The norm of x; with a residual, residual += x first (in place) and the norm of that."""
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.add_rms_norm(residual, x, self.weight, self.eps)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -52,32 +51,45 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding (rotate the two halves), cos/sin cached in float32."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, ops) -> None:
         super().__init__()
         inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
+        self.ops = ops
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return self.ops.rotary(positions, q, k, self.cos, self.sin)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class LinearBase(nn.Module):
+    """A layer with a linear product through the model's ops: `weight` is [out, in] as checkpoints
+    store it, and `prepare()` hands it to the ops once loaded (the CPU kernels pack it)."""
+
+    def __init__(self, ops) -> None:
+        super().__init__()
+        self.ops = ops
+        self.prepared = None
+        self.shares_weight = False  # a tied LM head: its weight is also the embedding's
+
+    def prepare(self) -> None:
+        self.prepared = self.ops.prepare_weight(self.weight)
+        if self.prepared is not self.weight and not self.shares_weight:
+            self.weight.data = self.weight.data.new_empty(0)  # the ops keep their own copy
+
+    def product(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ops.linear(x, self.prepared, bias)
 
 
-class ShardedLinear(nn.Module):
+class ShardedLinear(LinearBase):
     """A linear whose weight holds several logical parts side by side (q|k|v, gate|up), each
     part cut along its output rows for this rank; `load(part, weight)` copies one part in."""
 
-    def __init__(self, input_size: int, parts: list[range], bias: bool) -> None:
+    def __init__(self, input_size: int, parts: list[range], bias: bool, ops) -> None:
         # parts: the rows of each full checkpoint tensor that this rank holds
-        super().__init__()
+        super().__init__(ops)
         self.parts = parts
         rows = sum(len(r) for r in parts)
         self.weight = nn.Parameter(torch.empty(rows, input_size), requires_grad=False)
@@ -90,7 +102,7 @@ class ShardedLinear(nn.Module):
         target.data[offset : offset + len(rows)].copy_(tensor[rows.start : rows.stop])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.product(x, self.bias)
 
 
 def even_split(n: int, parts: int, index: int) -> range:
@@ -144,11 +156,11 @@ def column_part(size: int) -> range:
     return even_split(size, state.tp_size, state.tp_rank)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearBase):
     """Input features split across ranks (`columns`, this rank's share); partial outputs summed by all-reduce."""
 
-    def __init__(self, columns: range, output_size: int, bias: bool = False) -> None:
-        super().__init__()
+    def __init__(self, columns: range, output_size: int, ops, bias: bool = False) -> None:
+        super().__init__(ops)
         self.columns = columns
         self.weight = nn.Parameter(torch.empty(output_size, len(columns)), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False) if bias else None
@@ -160,16 +172,17 @@ class RowParallelLinear(nn.Module):
             self.weight.data.copy_(tensor[:, self.columns.start : self.columns.stop])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(F.linear(x, self.weight))
+        y = tp_all_reduce(self.product(x))  # the bias is added once, to the sum
         return y if self.bias is None else y + self.bias
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(LinearBase):
     """Embedding rows split across ranks in equal shards (the last padded with zero rows, so that
-    gathered shards line up); each rank looks up its own rows and all-reduce fills in the rest."""
+    gathered shards line up); each rank looks up its own rows and all-reduce fills in the rest.
+    As the LM head, the same rows make the logits."""
 
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
-        super().__init__()
+    def __init__(self, vocab_size: int, hidden_size: int, ops) -> None:
+        super().__init__(ops)
         state = parallel_state()
         self.vocab_size = vocab_size
         self.tp_size = state.tp_size
@@ -181,17 +194,23 @@ class VocabParallelEmbedding(nn.Module):
         shard = tensor[self.first : self.first + self.rows]
         self.weight.data[: len(shard)].copy_(shard)
 
+    def prepare(self) -> None:
+        """Nothing: rows are looked up, never multiplied."""
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.embedding(ids, self.weight)
+            return self.ops.embed(ids, self.weight)
         local = ids - self.first
         outside = (local < 0) | (local >= self.rows)
-        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        x = self.ops.embed(local.masked_fill(outside, 0), self.weight)
         return tp_all_reduce(x.masked_fill(outside.unsqueeze(-1), 0))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
+    prepare = LinearBase.prepare
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Full logits on tensor-parallel rank 0, None on the others."""
-        logits = tp_gather_last_dim(F.linear(hidden, self.weight))
+        logits = tp_gather_last_dim(self.product(hidden))
         return None if logits is None else logits[..., : self.vocab_size]
+

@@ -8,13 +8,13 @@ sampled back to the first, where rank 0 samples.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sarathi_engine.attention import AttentionBackend, AttentionMetadata
 from sarathi_engine.config import ModelConfig
 from sarathi_engine.distributed import parallel_state
 from sarathi_engine.model.layers import (
+    LinearBase,
     ParallelLMHead,
     RMSNorm,
     RotaryEmbedding,
@@ -30,13 +30,13 @@ from sarathi_engine.model.layers import (
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, ops) -> None:
         super().__init__()
         parts, shard = qkv_parts(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.num_heads, self.num_kv_heads = len(shard.heads), len(shard.kv_heads)
         self.head_dim = cfg.head_dim
-        self.qkv_proj = ShardedLinear(cfg.hidden_size, parts, bias=cfg.qkv_bias)
-        self.o_proj = RowParallelLinear(scaled(shard.heads, cfg.head_dim), cfg.hidden_size)
+        self.qkv_proj = ShardedLinear(cfg.hidden_size, parts, cfg.qkv_bias, ops)
+        self.o_proj = RowParallelLinear(scaled(shard.heads, cfg.head_dim), cfg.hidden_size, ops)
         self.rotary = rotary
         self.backend = backend
         self.scale = cfg.head_dim**-0.5
@@ -55,28 +55,30 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ops) -> None:
         super().__init__()
         part = column_part(cfg.intermediate_size)
-        self.gate_up_proj = ShardedLinear(cfg.hidden_size, [part, part], bias=False)
-        self.down_proj = RowParallelLinear(part, cfg.hidden_size)
+        self.ops = ops
+        self.gate_up_proj = ShardedLinear(cfg.hidden_size, [part, part], False, ops)
+        self.down_proj = RowParallelLinear(part, cfg.hidden_size, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, ops) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary, backend)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.self_attn = Attention(cfg, rotary, backend, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.mlp = MLP(cfg, ops)
 
     def forward(self, positions, hidden, meta):
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        """hidden is the residual stream; it is updated in place and returned."""
+        attn = self.self_attn(positions, self.input_layernorm(hidden), meta)
+        mlp = self.mlp(self.post_attention_layernorm(attn, residual=hidden))
+        return hidden.add_(mlp)
 
 
 def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
@@ -96,18 +98,26 @@ def check_layout(cfg: ModelConfig, tp_size: int, pp_size: int) -> None:
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, ops) -> None:
         super().__init__()
         state = parallel_state()
         self.cfg = cfg
         self.layer_ids = stage_layers(cfg.num_layers, state.pp_size, state.pp_rank)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size) if state.is_first_stage else None
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size) if state.is_first_stage else None
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, ops)
+        first, last = state.is_first_stage, state.is_last_stage
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ops) if first else None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ops) if first else None
         if self.lm_head is not None and cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend) for _ in self.layer_ids)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if state.is_last_stage else None
+            self.lm_head.shares_weight = True
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend, ops) for _ in self.layer_ids)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops) if last else None
+
+    def prepare(self) -> None:
+        """Hand the loaded weights to the ops (the CPU kernels pack them)."""
+        for module in self.modules():
+            if isinstance(module, LinearBase):
+                module.prepare()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 hidden: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,671 @@
+// CPU kernels for the engine's hot path on x86 with AVX2 and FMA, registered as torch.ops.sarathi.*.
+//
+// Weights stay in the checkpoint's dtype (bfloat16 halves the bytes a decode step reads) and every
+// activation is float32: a bfloat16 value becomes float32 by a 16-bit shift, so weights and the KV
+// cache are widened in registers as they are read and no bfloat16 arithmetic is done.
+//
+// Parallel loops hand out small work items from an atomic counter on torch's own thread pool
+// (at::parallel_for), so a thread that loses its core to another process takes fewer items
+// instead of holding every other thread at the end of the loop.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+
+// ---- loads and stores of 8 lanes -------------------------------------------------------------
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline __m256 load8(const BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// e^x for 8 lanes (Cephes' polynomial, as in avx_mathfun): within 2 ulp over the clamped range.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(BFloat16 x) { return static_cast<float>(x); }
+
+template <typename T>
+inline T from_float(float x) { return static_cast<T>(x); }  // BFloat16: round to nearest even
+
+// ---- dynamic work sharing --------------------------------------------------------------------
+
+// Runs f(i) for i in [0, n) on torch's threads, each taking the next item when it is done.
+template <typename F>
+void for_each_item(int64_t n, const F& f) {
+  int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(i);
+  });
+}
+
+// ---- linear: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) ---------------------------------
+//
+// The weight is packed once, at load, into panels of 16 output rows: panel p holds w[16p + j, k]
+// at [p][k][j]. A tile of up to 6 rows of x times one panel keeps 6 x 2 accumulators of 8 lanes in
+// registers; each step reads 16 consecutive weights (one contiguous stream per panel, which the
+// hardware prefetcher follows at full bandwidth) and broadcasts one input per row.
+
+constexpr int64_t kPanel = 16;
+constexpr int kTileRows = 6;
+
+int64_t num_panels(int64_t N) { return (N + kPanel - 1) / kPanel; }
+
+template <typename W>
+void pack_panels(const W* w, W* packed, int64_t N, int64_t K) {
+  for_each_item(num_panels(N), [&](int64_t p) {
+    W* dst = packed + p * K * kPanel;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const int64_t n = p * kPanel + j;
+        dst[k * kPanel + j] = n < N ? w[n * K + k] : W(0.f);
+      }
+  });
+}
+
+// U independent sets of accumulators over interleaved k: with few rows, one set would make every
+// FMA wait for the previous one (4 cycles of latency), far below the load rate.
+template <int MR, typename W>
+inline void linear_tile(const float* x, int64_t ldx, const W* panel, int64_t K, float* out, int64_t ldo,
+                        int64_t cols, const float* bias) {
+  constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+  __m256 acc[U][MR][2];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) acc[u][r][0] = acc[u][r][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const __m256 b0 = load8(panel + (k + u) * kPanel), b1 = load8(panel + (k + u) * kPanel + 8);
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) {
+        const __m256 a = _mm256_broadcast_ss(x + r * ldx + k + u);
+        acc[u][r][0] = _mm256_fmadd_ps(a, b0, acc[u][r][0]);
+        acc[u][r][1] = _mm256_fmadd_ps(a, b1, acc[u][r][1]);
+      }
+    }
+  }
+  for (; k < K; ++k) {
+    const __m256 b0 = load8(panel + k * kPanel), b1 = load8(panel + k * kPanel + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
+      acc[0][r][0] = _mm256_fmadd_ps(a, b0, acc[0][r][0]);
+      acc[0][r][1] = _mm256_fmadd_ps(a, b1, acc[0][r][1]);
+    }
+  }
+  // Fully unrolled, so that the accumulators never leave registers inside the k loop.
+  alignas(32) float rows[MR][kPanel];
+  const __m256 bias0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    __m256 lo = acc[0][r][0], hi = acc[0][r][1];
+#pragma GCC unroll 4
+    for (int u = 1; u < U; ++u) {
+      lo = _mm256_add_ps(lo, acc[u][r][0]);
+      hi = _mm256_add_ps(hi, acc[u][r][1]);
+    }
+    _mm256_store_ps(rows[r], _mm256_add_ps(lo, bias0));
+    _mm256_store_ps(rows[r] + 8, _mm256_add_ps(hi, bias1));
+  }
+  for (int r = 0; r < MR; ++r) std::copy(rows[r], rows[r] + cols, out + r * ldo);
+}
+
+template <typename W>
+void linear_kernel(const float* x, const W* packed, const float* bias, float* out, int64_t M, int64_t N,
+                   int64_t K) {
+  // Work items: a chunk of rows of x (kept in cache while its panels stream past) times a few
+  // panels; small enough that both threads get many of them.
+  const int64_t m_chunk = 8 * kTileRows;
+  const int64_t m_chunks = (M + m_chunk - 1) / m_chunk;
+  const int64_t panels = num_panels(N);
+  int64_t per_item = 4;
+  while (per_item > 1 && m_chunks * ((panels + per_item - 1) / per_item) < 8 * at::get_num_threads()) per_item /= 2;
+  const int64_t n_items = (panels + per_item - 1) / per_item;
+  // A bias padded to whole panels, so a tile always reads 16 values.
+  std::vector<float> padded_bias;
+  if (bias) {
+    padded_bias.assign(panels * kPanel, 0.f);
+    std::copy(bias, bias + N, padded_bias.begin());
+  }
+  for_each_item(m_chunks * n_items, [&](int64_t item) {
+    const int64_t m0 = (item / n_items) * m_chunk, m1 = std::min(M, m0 + m_chunk);
+    const int64_t p0 = (item % n_items) * per_item, p1 = std::min(panels, p0 + per_item);
+    for (int64_t p = p0; p < p1; ++p) {
+      const W* panel = packed + p * K * kPanel;
+      const int64_t n = p * kPanel, cols = std::min(kPanel, N - n);
+      const float* b = bias ? padded_bias.data() + n : nullptr;
+      int64_t m = m0;
+      for (; m + kTileRows <= m1; m += kTileRows)
+        linear_tile<kTileRows>(x + m * K, K, panel, K, out + m * N + n, N, cols, b);
+      switch (m1 - m) {
+        case 5: linear_tile<5>(x + m * K, K, panel, K, out + m * N + n, N, cols, b); break;
+        case 4: linear_tile<4>(x + m * K, K, panel, K, out + m * N + n, N, cols, b); break;
+        case 3: linear_tile<3>(x + m * K, K, panel, K, out + m * N + n, N, cols, b); break;
+        case 2: linear_tile<2>(x + m * K, K, panel, K, out + m * N + n, N, cols, b); break;
+        case 1: linear_tile<1>(x + m * K, K, panel, K, out + m * N + n, N, cols, b); break;
+        default: break;
+      }
+    }
+  });
+}
+
+at::Tensor as_float_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "expected a 2-D tensor, got ", x.dim(), " dimensions");
+  return x.to(at::kFloat).contiguous();
+}
+
+// [N, K] -> [panels, K, 16], rows past N zero.
+at::Tensor pack_linear_weight(const at::Tensor& w_in) {
+  TORCH_CHECK(w_in.dim() == 2, "pack: weight must be 2-D");
+  TORCH_CHECK(w_in.scalar_type() == at::kBFloat16 || w_in.scalar_type() == at::kFloat,
+              "pack: weight must be bfloat16 or float32");
+  at::Tensor w = w_in.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor packed = at::empty({num_panels(N), K, kPanel}, w.options());
+  if (w.scalar_type() == at::kBFloat16)
+    pack_panels(w.data_ptr<BFloat16>(), packed.data_ptr<BFloat16>(), N, K);
+  else
+    pack_panels(w.data_ptr<float>(), packed.data_ptr<float>(), N, K);
+  return packed;
+}
+
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N,
+                  const std::optional<at::Tensor>& bias_in) {
+  at::Tensor x = as_float_rows(x_in);
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous(),
+              "linear: weight must be packed by pack_linear_weight");
+  TORCH_CHECK(packed.size(1) == x.size(1), "linear: input has ", x.size(1), " features, weight ", packed.size(1));
+  TORCH_CHECK(N > (packed.size(0) - 1) * kPanel && N <= packed.size(0) * kPanel,
+              "linear: ", N, " outputs do not match ", packed.size(0), " panels");
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor out = at::empty({M, N}, x.options());
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias.numel() == N, "linear: bias must hold ", N, " values");
+  }
+  const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (M == 0) return out;
+  if (packed.scalar_type() == at::kBFloat16) {
+    linear_kernel(x.data_ptr<float>(), packed.data_ptr<BFloat16>(), b, out.data_ptr<float>(), M, N, K);
+  } else {
+    TORCH_CHECK(packed.scalar_type() == at::kFloat, "linear: weight must be bfloat16 or float32");
+    linear_kernel(x.data_ptr<float>(), packed.data_ptr<float>(), b, out.data_ptr<float>(), M, N, K);
+  }
+  return out;
+}
+
+// ---- RMSNorm, optionally after adding into the residual stream -------------------------------
+
+template <typename W>
+void rms_norm_rows(float* residual, const float* x, const W* w, float eps, float* out, int64_t M, int64_t H) {
+  for_each_item((M + 7) / 8, [&](int64_t item) {
+    for (int64_t m = item * 8; m < std::min(M, item * 8 + 8); ++m) {
+      const float* in = x + m * H;
+      float* row = residual ? residual + m * H : nullptr;
+      __m256 sq = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 8 <= H; i += 8) {
+        __m256 v = load8(in + i);
+        if (row) {
+          v = _mm256_add_ps(v, load8(row + i));
+          _mm256_storeu_ps(row + i, v);
+        }
+        sq = _mm256_fmadd_ps(v, v, sq);
+      }
+      float total = hsum(sq);
+      for (; i < H; ++i) {
+        const float v = row ? (row[i] += in[i]) : in[i];
+        total += v * v;
+      }
+      const float* src = row ? row : in;
+      const float inv = 1.f / std::sqrt(total / H + eps);
+      const __m256 scale = _mm256_set1_ps(inv);
+      float* o = out + m * H;
+      for (i = 0; i + 8 <= H; i += 8) _mm256_storeu_ps(o + i, _mm256_mul_ps(load8(w + i), _mm256_mul_ps(load8(src + i), scale)));
+      for (; i < H; ++i) o[i] = to_float(w[i]) * (src[i] * inv);
+    }
+  });
+}
+
+at::Tensor norm_dispatch(float* residual, const at::Tensor& x, const at::Tensor& w, double eps) {
+  const int64_t M = x.size(0), H = x.size(1);
+  TORCH_CHECK(w.numel() == H && w.is_contiguous(), "rms_norm: weight must hold ", H, " values");
+  at::Tensor out = at::empty_like(x);
+  if (w.scalar_type() == at::kBFloat16)
+    rms_norm_rows(residual, x.data_ptr<float>(), w.data_ptr<BFloat16>(), float(eps), out.data_ptr<float>(), M, H);
+  else
+    rms_norm_rows(residual, x.data_ptr<float>(), w.data_ptr<float>(), float(eps), out.data_ptr<float>(), M, H);
+  return out;
+}
+
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w, double eps) {
+  return norm_dispatch(nullptr, as_float_rows(x_in), w, eps);
+}
+
+// residual += x, then the norm of the new residual.
+at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& x_in, const at::Tensor& w, double eps) {
+  TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.is_contiguous() && residual.dim() == 2,
+              "add_rms_norm: the residual must be a contiguous 2-D float32 tensor");
+  at::Tensor x = as_float_rows(x_in);
+  TORCH_CHECK(x.sizes() == residual.sizes(), "add_rms_norm: input and residual differ in shape");
+  return norm_dispatch(residual.data_ptr<float>(), x, w, eps);
+}
+
+// ---- SwiGLU: [M, 2I] (gate | up) -> silu(gate) * up ------------------------------------------
+
+at::Tensor silu_mul(const at::Tensor& gu_in) {
+  at::Tensor gu = as_float_rows(gu_in);
+  const int64_t M = gu.size(0), I = gu.size(1) / 2;
+  at::Tensor out = at::empty({M, I}, gu.options());
+  const float* g = gu.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for_each_item((M + 7) / 8, [&](int64_t item) {
+    for (int64_t m = item * 8; m < std::min(M, item * 8 + 8); ++m) {
+      const float* gate = g + m * 2 * I;
+      float* dst = o + m * I;
+      int64_t i = 0;
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; i + 8 <= I; i += 8) {
+        const __m256 g = load8(gate + i);
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(silu, load8(gate + I + i)));
+      }
+      for (; i < I; ++i) dst[i] = gate[i] / (1.f + std::exp(-gate[i])) * gate[I + i];
+    }
+  });
+  return out;
+}
+
+// ---- rotary embedding (neox style: rotate the two halves), in place on strided q and k --------
+
+void rotate_heads(float* base, int64_t row_stride, int64_t heads, int64_t D, const int64_t* positions,
+                  const float* cos, const float* sin, int64_t T) {
+  const int64_t half = D / 2;
+  for_each_item((T + 7) / 8, [&](int64_t item) {
+    for (int64_t t = item * 8; t < std::min(T, item * 8 + 8); ++t) {
+      const float* c = cos + positions[t] * D;  // each row holds the angles twice: [f, f]
+      const float* s = sin + positions[t] * D;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* v = base + t * row_stride + h * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * c[i] - b * s[i];
+          v[i + half] = b * c[i + half] + a * s[i + half];
+        }
+      }
+    }
+  });
+}
+
+void check_heads(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 3 && t.stride(2) == 1 && t.stride(1) == t.size(2),
+              "rotary: ", name, " must be float32 [tokens, heads, head_dim] with contiguous heads");
+}
+
+void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions_in, const at::Tensor& cos,
+             const at::Tensor& sin) {
+  check_heads(q, "q");
+  check_heads(k, "k");
+  at::Tensor positions = positions_in.to(at::kLong).contiguous();
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat,
+              "rotary: cos and sin must be contiguous float32 [positions, head_dim]");
+  const int64_t T = q.size(0), D = q.size(2);
+  rotate_heads(q.data_ptr<float>(), q.stride(0), q.size(1), D, positions.data_ptr<int64_t>(),
+               cos.data_ptr<float>(), sin.data_ptr<float>(), T);
+  rotate_heads(k.data_ptr<float>(), k.stride(0), k.size(1), D, positions.data_ptr<int64_t>(),
+               cos.data_ptr<float>(), sin.data_ptr<float>(), T);
+}
+
+// ---- paged KV cache: [kv_heads, blocks, block_size, head_dim] --------------------------------
+
+template <typename C>
+void write_cache(const at::Tensor& src, at::Tensor& cache, const int64_t* slots, int64_t T) {
+  const int64_t heads = cache.size(0), D = cache.size(3);
+  const int64_t head_stride = cache.stride(0);
+  C* dst = cache.data_ptr<C>();
+  const float* s = src.data_ptr<float>();
+  const int64_t row = src.stride(0), hs = src.stride(1);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      C* to = dst + h * head_stride + slots[t] * D;
+      const float* from = s + t * row + h * hs;
+      for (int64_t i = 0; i < D; ++i) to[i] = from_float<C>(from[i]);
+    }
+  }
+}
+
+void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slots_in) {
+  check_heads(k, "k");
+  check_heads(v, "v");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4,
+              "write_kv: caches must be contiguous [kv_heads, blocks, block_size, head_dim]");
+  at::Tensor slots = slots_in.to(at::kLong).contiguous();
+  const int64_t T = k.size(0);
+  if (k_cache.scalar_type() == at::kBFloat16) {
+    write_cache<BFloat16>(k, k_cache, slots.data_ptr<int64_t>(), T);
+    write_cache<BFloat16>(v, v_cache, slots.data_ptr<int64_t>(), T);
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "write_kv: cache must be bfloat16 or float32");
+    write_cache<float>(k, k_cache, slots.data_ptr<int64_t>(), T);
+    write_cache<float>(v, v_cache, slots.data_ptr<int64_t>(), T);
+  }
+}
+
+// ---- decode attention over the paged cache, read in place ------------------------------------
+//
+// One query token per sequence. A work item is one sequence, one KV head (its group of query
+// heads share every key and value read) and one partition of the context; partitions let a short
+// batch of long contexts use both threads. Each partition keeps its max, sum of exponentials and
+// unnormalised output, merged at the end. Within a partition, scores come from tiles of up to 3
+// query heads by 4 keys (12 accumulators along head_dim), and the output from tiles of up to 3
+// heads by 32 lanes of head_dim.
+
+struct Partial {
+  float max, sum;
+};
+
+struct Context {
+  const int64_t* table;  // this sequence's blocks
+  int64_t block_size, D;
+};
+
+// scores[g][t - start] = q_g . k_t for t in [start, end), g < G.
+template <int G, int T, typename C>
+inline void score_tile(const float* q, const C* const* keys, int64_t D, float* scores, int64_t stride) {
+  __m256 acc[G][T];
+#pragma GCC unroll 3
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) acc[g][t] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < D; i += 8) {
+    __m256 k[T];
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) k[t] = load8(keys[t] + i);
+#pragma GCC unroll 3
+    for (int g = 0; g < G; ++g) {
+      const __m256 qv = _mm256_loadu_ps(q + g * D + i);
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) acc[g][t] = _mm256_fmadd_ps(qv, k[t], acc[g][t]);
+    }
+  }
+#pragma GCC unroll 3
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) scores[g * stride + t] = hsum(acc[g][t]);
+}
+
+// Asks for `bytes` starting at p to be brought into cache: the next block's rows while this
+// block's are read, since blocks are scattered and each is too short for the hardware prefetcher.
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(static_cast<const char*>(p) + o, _MM_HINT_T0);
+}
+
+// The score and value loops below walk a sequence's blocks rather than divide per token.
+template <int G, typename C>
+void score_rows(const float* q, const C* k_head, const Context& ctx, int64_t start, int64_t end, float* scores,
+                int64_t stride) {
+  for (int64_t blk = start / ctx.block_size; blk * ctx.block_size < end; ++blk) {
+    const C* base = k_head + ctx.table[blk] * ctx.block_size * ctx.D;
+    const int64_t t0 = std::max(start, blk * ctx.block_size), t1 = std::min(end, (blk + 1) * ctx.block_size);
+    const int64_t row_bytes = ctx.D * sizeof(C);
+    const C* next = (blk + 1) * ctx.block_size < end ? k_head + ctx.table[blk + 1] * ctx.block_size * ctx.D : nullptr;
+    const C* keys[4];
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4) {
+      if (next) prefetch(next + (t - blk * ctx.block_size) * ctx.D, 4 * row_bytes);
+      for (int i = 0; i < 4; ++i) keys[i] = base + (t + i - blk * ctx.block_size) * ctx.D;
+      score_tile<G, 4>(q, keys, ctx.D, scores + (t - start), stride);
+    }
+    for (; t < t1; ++t) {
+      keys[0] = base + (t - blk * ctx.block_size) * ctx.D;
+      score_tile<G, 1>(q, keys, ctx.D, scores + (t - start), stride);
+    }
+  }
+}
+
+// acc[g][d0 : d0 + 8 NV] = sum_t p[g][t] v_t[d0 : d0 + 8 NV].
+template <int G, int NV, typename C>
+void weigh_value_lanes(const float* probs, int64_t stride, const C* v_head, const Context& ctx, int64_t start,
+                       int64_t end, int64_t d0, float* acc) {
+  __m256 sum[G][NV];
+#pragma GCC unroll 3
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) sum[g][c] = _mm256_setzero_ps();
+  for (int64_t blk = start / ctx.block_size; blk * ctx.block_size < end; ++blk) {
+    const C* base = v_head + ctx.table[blk] * ctx.block_size * ctx.D + d0;
+    const int64_t t0 = std::max(start, blk * ctx.block_size), t1 = std::min(end, (blk + 1) * ctx.block_size);
+    const C* next = d0 == 0 && (blk + 1) * ctx.block_size < end
+                        ? v_head + ctx.table[blk + 1] * ctx.block_size * ctx.D : nullptr;
+    for (int64_t t = t0; t < t1; ++t) {
+      const C* row = base + (t - blk * ctx.block_size) * ctx.D;
+      if (next) prefetch(next + (t - blk * ctx.block_size) * ctx.D, ctx.D * sizeof(C));
+      __m256 v[NV];
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) v[c] = load8(row + 8 * c);
+#pragma GCC unroll 3
+      for (int g = 0; g < G; ++g) {
+        const __m256 p = _mm256_broadcast_ss(probs + g * stride + (t - start));
+#pragma GCC unroll 4
+        for (int c = 0; c < NV; ++c) sum[g][c] = _mm256_fmadd_ps(p, v[c], sum[g][c]);
+      }
+    }
+  }
+#pragma GCC unroll 3
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(acc + g * ctx.D + d0 + 8 * c, sum[g][c]);
+}
+
+// acc[g][:] = sum_t p[g][t] v_t, head_dim in chunks of up to 32 lanes (G x 4 accumulators).
+template <int G, typename C>
+void weigh_values(const float* probs, int64_t stride, const C* v_head, const Context& ctx, int64_t start, int64_t end,
+                  float* acc) {
+  for (int64_t d0 = 0; d0 < ctx.D; d0 += 32) {
+    switch (std::min<int64_t>(4, (ctx.D - d0) / 8)) {
+      case 4: weigh_value_lanes<G, 4>(probs, stride, v_head, ctx, start, end, d0, acc); break;
+      case 3: weigh_value_lanes<G, 3>(probs, stride, v_head, ctx, start, end, d0, acc); break;
+      case 2: weigh_value_lanes<G, 2>(probs, stride, v_head, ctx, start, end, d0, acc); break;
+      default: weigh_value_lanes<G, 1>(probs, stride, v_head, ctx, start, end, d0, acc); break;
+    }
+  }
+}
+
+// Turns scores into exp(score * scale - max) in place; returns {max, sum}.
+inline Partial softmax_row(float* s, int64_t len, float scale) {
+  __m256 mx8 = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mx8);
+  float mx = *std::max_element(lanes, lanes + 8);
+  for (; j < len; ++j) mx = std::max(mx, s[j]);
+  mx *= scale;
+  const __m256 sc = _mm256_set1_ps(scale), shift = _mm256_set1_ps(mx);
+  __m256 sum8 = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= len; j += 8) {
+    const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), sc, shift));
+    _mm256_storeu_ps(s + j, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  float sum = hsum(sum8);
+  for (; j < len; ++j) {
+    s[j] = std::exp(s[j] * scale - mx);
+    sum += s[j];
+  }
+  return {mx, sum};
+}
+
+template <typename C>
+void decode_partition(const float* q, int64_t group, const C* k_head, const C* v_head, const Context& ctx,
+                      int64_t start, int64_t end, float scale, float* acc, Partial* partial) {
+  const int64_t len = end - start;
+  thread_local std::vector<float> scores;
+  scores.resize(std::max<int64_t>(scores.size(), 3 * len));
+  for (int64_t g0 = 0; g0 < group; g0 += 3) {
+    const int64_t G = std::min<int64_t>(3, group - g0);
+    const float* qg = q + g0 * ctx.D;
+    float* out = acc + g0 * ctx.D;
+    switch (G) {
+      case 3: score_rows<3>(qg, k_head, ctx, start, end, scores.data(), len); break;
+      case 2: score_rows<2>(qg, k_head, ctx, start, end, scores.data(), len); break;
+      default: score_rows<1>(qg, k_head, ctx, start, end, scores.data(), len); break;
+    }
+    for (int64_t g = 0; g < G; ++g) partial[g0 + g] = softmax_row(scores.data() + g * len, len, scale);
+    switch (G) {
+      case 3: weigh_values<3>(scores.data(), len, v_head, ctx, start, end, out); break;
+      case 2: weigh_values<2>(scores.data(), len, v_head, ctx, start, end, out); break;
+      default: weigh_values<1>(scores.data(), len, v_head, ctx, start, end, out); break;
+    }
+  }
+}
+
+template <typename C>
+void decode_attention_kernel(const float* q, const C* k_cache, const C* v_cache, const int64_t* tables,
+                             int64_t table_width, const int64_t* lens, int64_t B, int64_t Hq, int64_t Hk,
+                             int64_t D, int64_t block_size, int64_t head_stride, float scale, int64_t window,
+                             float* out) {
+  const int64_t group = Hq / Hk;
+  std::vector<int64_t> first(B), parts(B), offset(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) first[b] = window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0;
+  // Partitions as long as possible while every thread still gets a few items.
+  int64_t partition = 512;
+  for (;; partition /= 2) {
+    for (int64_t b = 0; b < B; ++b) {
+      parts[b] = std::max<int64_t>(1, (lens[b] - first[b] + partition - 1) / partition);
+      offset[b + 1] = offset[b] + parts[b] * Hk;
+    }
+    if (partition <= 64 || offset[B] >= 4 * at::get_num_threads()) break;
+  }
+  const int64_t items = offset[B];
+  std::vector<float> acc(items * group * D);
+  std::vector<Partial> partials(items * group);
+  for_each_item(items, [&](int64_t item) {
+    const int64_t b = std::upper_bound(offset.begin(), offset.end(), item) - offset.begin() - 1;
+    const int64_t local = item - offset[b], h = local / parts[b], part = local % parts[b];
+    const int64_t start = first[b] + part * partition, end = std::min(lens[b], start + partition);
+    const Context ctx{tables + b * table_width, block_size, D};
+    decode_partition(q + (b * Hq + h * group) * D, group, k_cache + h * head_stride, v_cache + h * head_stride, ctx,
+                     start, end, scale, acc.data() + item * group * D, partials.data() + item * group);
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < Hk; ++h) {
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t base = offset[b] + h * parts[b];
+        float mx = -INFINITY;
+        for (int64_t p = 0; p < parts[b]; ++p) mx = std::max(mx, partials[(base + p) * group + g].max);
+        float total = 0.f;
+        float* o = out + (b * Hq + h * group + g) * D;
+        std::fill(o, o + D, 0.f);
+        for (int64_t p = 0; p < parts[b]; ++p) {
+          const Partial& part = partials[(base + p) * group + g];
+          const float w = std::exp(part.max - mx);
+          total += w * part.sum;
+          const float* a = acc.data() + ((base + p) * group + g) * D;
+          for (int64_t i = 0; i < D; ++i) o[i] += w * a[i];
+        }
+        for (int64_t i = 0; i < D; ++i) o[i] /= total;
+      }
+    }
+  }
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables_in, const at::Tensor& context_lens_in,
+                                  double scale, int64_t window) {
+  at::Tensor q = q_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(q.dim() == 3, "decode attention: q must be [batch, heads, head_dim]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4,
+              "decode attention: caches must be contiguous [kv_heads, blocks, block_size, head_dim]");
+  TORCH_CHECK(q.size(2) % 8 == 0, "decode attention: head_dim must be a multiple of 8, got ", q.size(2));
+  at::Tensor tables = block_tables_in.to(at::kLong).contiguous();
+  at::Tensor lens = context_lens_in.to(at::kLong).contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hk = k_cache.size(0);
+  TORCH_CHECK(Hq % Hk == 0, "decode attention: ", Hq, " query heads over ", Hk, " KV heads");
+  TORCH_CHECK(tables.size(0) == B && lens.numel() == B, "decode attention: one block table and length per query");
+  at::Tensor out = at::empty_like(q);
+  if (B == 0) return out;
+  const int64_t* l = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(l[b] >= 1, "decode attention: empty context");
+  if (k_cache.scalar_type() == at::kBFloat16) {
+    decode_attention_kernel(q.data_ptr<float>(), k_cache.data_ptr<BFloat16>(), v_cache.data_ptr<BFloat16>(),
+                            tables.data_ptr<int64_t>(), tables.size(1), l, B, Hq, Hk, D, k_cache.size(2),
+                            k_cache.stride(0), float(scale), window, out.data_ptr<float>());
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "decode attention: cache must be bfloat16 or float32");
+    decode_attention_kernel(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                            tables.data_ptr<int64_t>(), tables.size(1), l, B, Hq, Hk, D, k_cache.size(2),
+                            k_cache.stride(0), float(scale), window, out.data_ptr<float>());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sarathi, m) {
+  m.def("pack_linear_weight(Tensor w) -> Tensor");
+  m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos, Tensor sin) -> ()");
+  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()");
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sarathi, CPU, m) {
+  m.impl("pack_linear_weight", &pack_linear_weight);
+  m.impl("linear", &linear);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rotary_", &rotary_);
+  m.impl("write_kv", &write_kv);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}

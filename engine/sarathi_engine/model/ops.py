@@ -1,0 +1,101 @@
+"""The decoder's per-layer arithmetic behind one interface, chosen once per model.
+
+`TorchOps` is plain PyTorch in the model's dtype, step for step as transformers computes it: the
+reference, and the path on CUDA or wherever the CPU kernels cannot run. `CpuKernelOps` runs the C++
+kernels of sarathi_engine.kernels: weights stay in the checkpoint's dtype, packed once for the
+GEMM, and activations are float32 between layers.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+class TorchOps:
+    name = "torch"
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.activation_dtype = dtype
+
+    def prepare_weight(self, weight: torch.Tensor):
+        """What linear() takes for a loaded [out, in] weight."""
+        return weight
+
+    def linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, weight)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # Normalise in float32 and cast back before the scale, exactly as transformers does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x.to(dtype)
+
+    def add_rms_norm(self, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """residual += x in place, then the norm of the new residual."""
+        residual.add_(x)
+        return self.rms_norm(residual, weight, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neox-style rotary embedding; cos and sin are float32 [positions, head_dim]."""
+        cos = cos[positions].unsqueeze(1).to(q.dtype)
+        sin = sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class CpuKernelOps(TorchOps):
+    name = "cpu-kernels"
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__(torch.float32)
+        self.ops = torch.ops.sarathi
+
+    def prepare_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return self.ops.pack_linear_weight(weight), weight.shape[0]
+
+    def linear(self, x: torch.Tensor, weight: tuple[torch.Tensor, int], bias: torch.Tensor | None) -> torch.Tensor:
+        packed, out_features = weight
+        return self.ops.linear(x, packed, out_features, bias)
+
+    def embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, weight).float()
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.ops.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.ops.add_rms_norm(residual, x, weight, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.ops.silu_mul(gate_up)
+
+    def rotary(self, positions, q, k, cos, sin):
+        self.ops.rotary_(q, k, positions, cos, sin)
+        return q, k
+
+
+def select_ops(device: torch.device, dtype: torch.dtype, head_dim: int) -> TorchOps:
+    """The C++ kernels on a CPU that can run them (unless SARATHI_CPU_KERNELS=0), plain torch
+    everywhere else."""
+    wanted = os.environ.get("SARATHI_CPU_KERNELS", "1") != "0"
+    if wanted and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and head_dim % 8 == 0:
+        from sarathi_engine import kernels
+
+        if kernels.load() is None:
+            return CpuKernelOps(dtype)
+    return TorchOps(dtype)

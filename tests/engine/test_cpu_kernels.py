@@ -1,0 +1,112 @@
+"""The C++ CPU kernels against plain torch on the same inputs, shapes chosen to hit every tile
+and tail (rows that do not fill a tile, outputs that do not fill a panel, contexts that end
+mid-block, partitions merged across a long context, sliding windows)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sarathi_engine import kernels
+from sarathi_engine.attention.torch_backend import attend_decodes, write
+from sarathi_engine.model.ops import TorchOps
+
+pytestmark = pytest.mark.skipif(kernels.unusable_reason() is not None,
+                                reason=f"CPU kernels cannot run here: {kernels.unusable_reason()}")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    assert kernels.load() is None, kernels.load()
+    return torch.ops.sarathi
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    scale = expected.abs().max().item() or 1.0
+    assert (actual - expected).abs().max().item() <= rtol * scale, (actual - expected).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 576, 576), (5, 33, 64), (7, 16, 8), (13, 1000, 96), (64, 47, 130)])
+def test_linear_matches_torch(ops, dtype, m, n, k):
+    torch.manual_seed(m * n + k)
+    x, w, bias = torch.randn(m, k), torch.randn(n, k).to(dtype), torch.randn(n)
+    packed = ops.pack_linear_weight(w)
+    close(ops.linear(x, packed, n, bias), F.linear(x, w.float(), bias))
+    close(ops.linear(x, packed, n, None), F.linear(x, w.float()))
+
+
+def test_linear_rejects_a_mismatched_input(ops):
+    packed = ops.pack_linear_weight(torch.randn(32, 16))
+    with pytest.raises(RuntimeError, match="features"):
+        ops.linear(torch.randn(2, 17), packed, 32, None)
+    with pytest.raises(RuntimeError, match="panels"):
+        ops.linear(torch.randn(2, 16), packed, 64, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_match_transformers_arithmetic(ops, dtype):
+    torch.manual_seed(0)
+    x, residual, weight = torch.randn(9, 100), torch.randn(9, 100), torch.randn(100).to(dtype)
+    reference = TorchOps(torch.float32)
+    close(ops.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight.float(), 1e-5))
+    mine, theirs = residual.clone(), residual.clone()
+    close(ops.add_rms_norm(mine, x, weight, 1e-5), reference.add_rms_norm(theirs, x, weight.float(), 1e-5))
+    close(mine, theirs)
+
+
+def test_silu_mul(ops):
+    gate_up = torch.randn(5, 2 * 37) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    close(ops.silu_mul(gate_up), F.silu(gate) * up)
+
+
+def test_rotary_in_place_on_strided_heads(ops):
+    torch.manual_seed(1)
+    heads, kv_heads, dim, tokens = 4, 2, 16, 6
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    q = qkv[:, : heads * dim].view(tokens, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    angles = torch.randn(50, dim // 2)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    positions = torch.tensor([0, 3, 7, 8, 20, 49])
+    expected_q, expected_k = TorchOps(torch.float32).rotary(positions, q.clone(), k.clone(), cos, sin)
+    ops.rotary_(q, k, positions, cos, sin)
+    close(q, expected_q)
+    close(k, expected_k)
+
+
+def paged_case(dtype, lens, kv_heads=2, dim=16, block_size=4, seed=0):
+    """A cache of scattered blocks holding random keys and values for sequences of `lens` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    widest = -(-max(lens) // block_size)
+    blocks = torch.randperm(len(lens) * widest + 3, generator=g)[: len(lens) * widest].view(len(lens), widest)
+    k_cache = torch.zeros(kv_heads, len(lens) * widest + 3, block_size, dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.cat([blocks[i, torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size
+                       for i, n in enumerate(lens)])
+    k = torch.randn(len(slots), kv_heads, dim, generator=g)
+    v = torch.randn(len(slots), kv_heads, dim, generator=g)
+    return k, v, k_cache, v_cache, slots, blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_matches_index_copy(ops, dtype):
+    k, v, k_cache, v_cache, slots, _ = paged_case(dtype, [5, 9])
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    write(k.to(dtype), expected_k, slots)
+    write(v.to(dtype), expected_v, slots)
+    ops.write_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens,window", [([1, 7, 13], None), ([3000, 5], None), ([130, 64, 9], 20), ([1200], 1100)])
+def test_decode_attention_reads_the_paged_cache_as_torch_does(ops, dtype, lens, window):
+    heads, kv_heads, dim = 6, 2, 16
+    k, v, k_cache, v_cache, slots, blocks = paged_case(dtype, lens, kv_heads, dim)
+    ops.write_kv(k, v, k_cache, v_cache, slots)
+    q = torch.randn(len(lens), heads, dim)
+    context = torch.tensor(lens, dtype=torch.int32)
+    expected = attend_decodes(q, k_cache.float(), v_cache.float(), blocks, context, 0.25, window)
+    close(ops.paged_decode_attention(q, k_cache, v_cache, blocks, context, 0.25, window or 0), expected, 1e-4)
