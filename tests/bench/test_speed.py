@@ -1,0 +1,72 @@
+"""`sarathi bench speed`: the protocol driving a real engine, the floors' arithmetic, and the
+report. (The figures themselves live in docs/benchmarks.md, not in tests.)"""
+from __future__ import annotations
+
+import pytest
+
+from sarathi_engine import LLM
+from sarathi_engine.bench import speed
+from sarathi_engine.bench.speed_protocol import run_cells
+from sarathi_engine.config import ModelConfig
+
+
+def test_the_protocol_drives_our_engine_through_every_kind_of_cell(tiny_models):
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", token_budget=64, kv_cache_memory="64MiB")
+    cells = [{"kind": "decode", "batch": 3, "context": 20, "steps": 4, "budget": 64},
+             {"kind": "prefill", "prompts": 2, "prompt_len": 100, "budget": 64},
+             {"kind": "mixed", "decodes": 4, "context": 10, "prompt_len": 150, "budget": 64}]
+    results = run_cells(speed.OursAdapter(llm.engine), cells, repeats=2, progress=lambda _: None)
+    assert [{k: v for k, v in r.items() if k != "figures"} for r in results] == cells
+    assert all(len(r["figures"]) == 2 and min(r["figures"]) > 0 for r in results)
+    # Every request was finished or aborted: the engine is idle and every block is free again.
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+    # The mixed iterations really held a chunk: some iteration had decodes and prefill together.
+    assert any(it.num_prefill_tokens and it.num_decode_tokens for it in llm.engine.iterations)
+
+
+def test_costs_of_smollm2(smollm2_dir):
+    costs = speed.ModelCosts.of(ModelConfig.from_folder(smollm2_dir, "bfloat16"), 2)
+    assert costs.weight_bytes == pytest.approx(269.0e6, rel=0.01)  # 134.5M parameters, LM head included
+    assert costs.kv_bytes_per_token == 30 * 2 * 3 * 64 * 2
+    assert costs.flops_per_token == pytest.approx(2 * 106.2e6, rel=0.01)
+
+
+def test_floors_are_the_slower_of_bandwidth_and_compute():
+    costs = speed.ModelCosts(weight_bytes=1e9, flops_per_token=1e9, lm_head_flops=0.0, kv_bytes_per_token=0.0,
+                             attention_flops_per_key=0.0)
+    decode = {"kind": "decode", "batch": 1, "context": 10, "budget": 16}
+    assert speed.floor_ms(decode, costs, bandwidth=1e10, gemm=1e12) == pytest.approx(100.0)  # memory bound
+    big = {**decode, "batch": 1000}
+    assert speed.floor_ms(big, costs, bandwidth=1e10, gemm=1e12) == pytest.approx(1000.0)  # compute bound
+    prefill = {"kind": "prefill", "prompts": 1, "prompt_len": 512, "budget": 500}
+    # 500 tokens x 1 GFLOP at 1 TFLOP/s = 0.5 s per iteration: 1000 tokens/s.
+    assert speed.floor_figure(prefill, costs, bandwidth=1e12, gemm=1e12) == pytest.approx(1000.0)
+
+
+def test_ratios_say_how_many_times_faster_ours_is():
+    decode, prefill = {"kind": "decode"}, {"kind": "prefill"}
+    assert speed.speed_ratio(decode, ours=20.0, peer=40.0) == 2.0  # ms: less is faster
+    assert speed.speed_ratio(prefill, ours=300.0, peer=100.0) == 3.0  # tokens/s: more is faster
+
+
+def test_the_table_and_the_contention_table():
+    cells = [{"kind": "decode", "batch": 1, "context": 256, "steps": 8, "budget": 512, "floor": 10.0},
+             {"kind": "prefill", "prompts": 4, "prompt_len": 512, "budget": 128, "floor": 400.0}]
+    quiet = {"cells": cells, "engines": [
+        {"name": "ours", "results": [{"figures": [20.0, 21.0, 25.0]}, {"figures": [300.0, 310.0, 290.0]}]},
+        {"name": "peer", "results": [{"figures": [40.0, 42.0, 44.0]}, {"figures": [100.0, 90.0, 95.0]}]}]}
+    text = speed.table(quiet)
+    assert "| decode step, batch 1, context 256 | ms | 21.0 (20.0-25.0) | 42.0 (40.0-44.0) | 2.00x | 10.0 | 2.10x |" in text
+    assert "| prefill 4 x 512, chunk 128 | tokens/s | 300.0 (290.0-310.0) | 95.0 (90.0-100.0) | 3.16x | 400.0 | 1.33x |" in text
+    loaded = {"cells": cells, "engines": [
+        {"name": "ours", "results": [{"figures": [42.0]}, {"figures": [150.0]}]},
+        {"name": "peer", "results": [{"figures": [126.0]}, {"figures": [19.0]}]}]}
+    text = speed.contention_table(quiet, loaded)
+    assert "| decode step, batch 1, context 256 | 2.00x | 3.00x |" in text
+    assert "| prefill 4 x 512, chunk 128 | 2.00x | 5.00x |" in text
+
+
+def test_cpu_lists():
+    assert speed.cpu_list("0-1") == [0, 1]
+    assert speed.cpu_list("0,2-3") == [0, 2, 3]
