@@ -30,6 +30,7 @@ from sarathi_engine.pipeline import Driver, RankFailure, StageTiming
 from sarathi_engine.sampling_params import SamplingParams
 from sarathi_engine.scheduler import SchedulerOutput, make_scheduler
 from sarathi_engine.sequence import Sequence
+from sarathi_engine.threads import set_engine_threads
 
 
 HEARTBEAT = 2.0  # seconds without a batch after which check_health() asks every rank to answer
@@ -121,6 +122,7 @@ class LLMEngine:
         self.local_ranks: LocalRanks | None = None
         self.failure: BaseException | None = None
         if config.parallel.world_size == 1:
+            set_engine_threads()
             self.runner = ModelRunner(self.model_config, folder, config.cache, pick_device(config.device), config.seed)
         else:
             self.runner, state, self.local_ranks = start_pod(config, self.model_config, folder, placement)

@@ -28,6 +28,7 @@ from sarathi_engine.distributed import ParallelState, init_distributed
 from sarathi_engine.model.llama import check_layout
 from sarathi_engine.model_runner import ModelRunner, pick_device
 from sarathi_engine.pipeline import RankFailure
+from sarathi_engine.threads import set_engine_threads, threads_per_rank
 
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_TIMEOUT = 600.0  # seconds: joining, loading weights on every rank, and any one wait within a step
@@ -138,10 +139,6 @@ class LocalRanks:
                 proc.wait()
 
 
-def threads_per_rank(ranks_per_pod: int) -> int:
-    return max(1, (os.cpu_count() or 1) // ranks_per_pod)
-
-
 def watched(fn: Callable[[], T], children: LocalRanks) -> T:
     """fn() run while watching the children: if one exits first, raise at once instead of
     waiting for the process group to time out."""
@@ -184,8 +181,7 @@ def start_pod(config: EngineConfig, model_cfg: ModelConfig, folder: Path,
     parallel = config.parallel
     check_layout(model_cfg, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
     master = placement.master or f"127.0.0.1:{free_port()}"
-    if placement.ranks_per_pod > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(threads_per_rank(placement.ranks_per_pod))
+    set_engine_threads(placement.ranks_per_pod)
     config = dataclasses.replace(config, model=str(folder))
     children = LocalRanks(config, placement, master)
     try:
