@@ -117,9 +117,9 @@ def measure_bandwidth(repeats: int = 5) -> float:
     return data.numel() * 4 / best
 
 
-def measure_gemm(costs_cfg, repeats: int = 5) -> dict[str, float]:
+def measure_gemm(costs_cfg, dtype: str, repeats: int = 5) -> dict[str, float]:
     """FLOP/s of the model's own GEMM shapes at 512 rows: torch's float32 matmul (MKL), and our
-    kernel on bfloat16 weights where it can run. The floor uses the best of them."""
+    kernel on weights of `dtype` where it can run. The floor uses the best of them."""
     import torch
 
     from sarathi_engine import kernels
@@ -143,8 +143,8 @@ def measure_gemm(costs_cfg, repeats: int = 5) -> dict[str, float]:
     ws = [torch.randn(n, k) for k, n in shapes]
     rates["torch float32 matmul"] = rate([lambda x=x, w=w: x @ w.T for x, w in zip(xs, ws)])
     if kernels.load() is None:
-        packed = [torch.ops.sarathi.pack_linear_weight(w.bfloat16()) for w in ws]
-        rates["sarathi kernel, bfloat16 weights"] = rate(
+        packed = [torch.ops.sarathi.pack_linear_weight(w.to(getattr(torch, dtype))) for w in ws]
+        rates[f"sarathi kernel, {dtype} weights"] = rate(
             [lambda x=x, p=p, n=n: torch.ops.sarathi.linear(x, p, n, None) for x, p, (_, n) in zip(xs, packed, shapes)])
     return rates
 
@@ -226,11 +226,11 @@ def cpu_list(text: str) -> list[int]:
     return cpus
 
 
-def run_engine(engine: Engine, model_dir: Path, cells: list[dict], repeats: int, say=print) -> list[dict]:
+def run_engine(engine: Engine, model_dir: Path, dtype: str, cells: list[dict], repeats: int, say=print) -> list[dict]:
     """Every cell on a fresh engine per token budget, in the cells' order."""
     results = []
     for budget, group in by_budget(cells).items():
-        spec = {"model": str(model_dir), "dtype": "bfloat16", "max_model_len": 4096, "max_num_seqs": 64,
+        spec = {"model": str(model_dir), "dtype": dtype, "max_model_len": 4096, "max_num_seqs": 64,
                 "budget": budget, "cells": group, "repeats": repeats}
         argv, env = engine.command(spec)
         say(f"{engine.name}: {len(group)} cells at token budget {budget}")
@@ -290,6 +290,120 @@ def worker(spec: dict) -> None:
     results = run_cells(OursAdapter(llm.engine), spec["cells"], spec["repeats"],
                         progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(RESULTS_MARK + json.dumps({"results": results}), flush=True)
+
+
+# --- served against offline ----------------------------------------------------------------------
+
+SERVING_MIX = dict(workload="sharegpt4", scale=0.25, max_model_len=4096, seed=0)
+
+
+def serving_mix(num_requests: int) -> tuple[list[list[int]], list[int]]:
+    """The prompts and output lengths of the serving comparison: sharegpt4 scaled to 1/4."""
+    from sarathi_engine.bench.experiment import WorkloadSpec
+    from sarathi_engine.bench.workloads import prompt_token_ids
+
+    specs = WorkloadSpec(num_requests=num_requests, **SERVING_MIX).requests()
+    return prompt_token_ids(specs, SERVING_MIX["seed"]), [s.output_len for s in specs]
+
+
+def offline_worker(spec: dict) -> None:
+    """Every request of the mix at once through LLM.generate, `repeats` times: output tokens/s."""
+    from sarathi_engine import LLM, SamplingParams
+
+    prompts, outputs = serving_mix(spec["requests"])
+    llm = LLM(spec["model"], dtype=spec.get("dtype", "bfloat16"), token_budget=spec["budget"],
+              max_model_len=SERVING_MIX["max_model_len"],
+              kv_cache_memory="4GiB")
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in outputs]
+    figures = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        done = llm.generate(prompts, params)
+        figures.append(sum(len(o.token_ids) for o in done) / (time.perf_counter() - start))
+        print(f"offline: {figures[-1]:.1f} output tokens/s", file=sys.stderr, flush=True)
+    print(RESULTS_MARK + json.dumps({"results": figures}), flush=True)
+
+
+def served_throughput(model_dir: Path, dtype: str, requests: int, budget: int, repeats: int, say=print) -> list[float]:
+    """The same mix sent all at once to `sarathi serve` over HTTP (streamed, as clients do):
+    output tokens/s from the first send to the last token, `repeats` times on one server."""
+    import asyncio
+
+    from sarathi_engine.bench.loadgen import Load, run_load
+    from sarathi_engine.server.launcher import ServerProcess
+
+    prompts, outputs = serving_mix(requests)
+    server = ServerProcess(["--model", str(model_dir), "--served-model-name", "speed", "--dtype", dtype,
+                            "--token-budget", str(budget), "--max-model-len", str(SERVING_MIX["max_model_len"]),
+                            "--kv-cache-memory", "4GiB"])
+    server.start()
+    figures = []
+    try:
+        for _ in range(repeats):
+            records, duration = asyncio.run(run_load(server.url, "speed", Load(prompts, outputs, [0.0] * requests)))
+            failed = [r for r in records if not r.ok]
+            if failed:
+                raise RuntimeError(f"{len(failed)} served requests failed: {failed[0].error}")
+            figures.append(sum(len(r.token_times) for r in records) / duration)
+            say(f"served: {figures[-1]:.1f} output tokens/s")
+    finally:
+        server.stop()
+    return figures
+
+
+def measure_serving(model_dir: Path, dtype: str, requests: int, budget: int, repeats: int, say=print) -> dict:
+    spec = {"model": str(model_dir), "dtype": dtype, "requests": requests, "budget": budget, "repeats": repeats}
+    say(f"serving: {requests} requests of sharegpt4 x0.25 at once, offline then served, token budget {budget}")
+    proc = subprocess.run([sys.executable, "-m", "sarathi_engine.bench.speed", "offline", json.dumps(spec)],
+                          stdout=subprocess.PIPE, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULTS_MARK)), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"the offline run failed (exit {proc.returncode})")
+    offline = json.loads(line[len(RESULTS_MARK):])["results"]
+    served = served_throughput(model_dir, dtype, requests, budget, repeats, say)
+    return {**spec, "offline": offline, "served": served}
+
+
+def serving_line(serving: dict) -> str:
+    offline, served = (statistics.median(serving[k]) for k in ("offline", "served"))
+    return (f"Served against offline, {serving['requests']} requests of sharegpt4 x0.25 at once, token budget "
+            f"{serving['budget']}: offline {fmt(summary(serving['offline']))} output tokens/s, served "
+            f"{fmt(summary(serving['served']))}: **{served / offline:.0%}** of offline.")
+
+
+# --- startup ------------------------------------------------------------------------------------
+
+def time_to_ready(model_dir: Path, dtype: str, env: dict | None = None) -> float:
+    """Seconds from starting `sarathi serve` to its /ready answering 200."""
+    from sarathi_engine.server.launcher import ServerProcess
+
+    server = ServerProcess(["--model", str(model_dir), "--dtype", dtype], env=env)
+    start = time.perf_counter()
+    server.start()
+    ready = time.perf_counter() - start
+    server.stop()
+    return ready
+
+
+def measure_startup(model_dir: Path, dtype: str, repeats: int, say=print) -> dict:
+    """Cold: the CPU kernels not yet built (a fresh kernels folder); warm: built."""
+    import tempfile
+
+    cold = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as fresh:
+            cold.append(time_to_ready(model_dir, dtype, {"SARATHI_KERNELS_DIR": fresh}))
+        say(f"startup, kernels not built: {cold[-1]:.1f} s")
+    warm = []
+    for _ in range(repeats):
+        warm.append(time_to_ready(model_dir, dtype))
+        say(f"startup, kernels built: {warm[-1]:.1f} s")
+    return {"cold": cold, "warm": warm}
+
+
+def startup_line(startup: dict) -> str:
+    return (f"Time from `sarathi serve` to `/ready`: {fmt(summary(startup['cold']))} s cold (the CPU kernels "
+            f"compiled first), {fmt(summary(startup['warm']))} s warm.")
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -368,6 +482,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def render_section(results: dict, figure: str, contention: str | None) -> str:
+    """The generated part of docs/benchmarks.md for one run."""
     m = results["machine"]
     lines = [
         f"Run {results['started']} on {m['cpu']}, {m['cores']} cores, torch {m['torch']}; engine at commit "
@@ -379,7 +494,7 @@ def render_section(results: dict, figure: str, contention: str | None) -> str:
         results["command"],
         "```",
         "",
-        f"SmolLM2-135M, bfloat16, {results['repeats']} repeats per figure (median and range). "
+        f"SmolLM2-135M, {results['dtype']}, {results['repeats']} repeats per figure (median and range). "
         + "; ".join(f"{e['name']}: {e['setting']}" for e in results["engines"]) + ".",
         f"Measured here: read bandwidth {results['bandwidth'] / 1e9:.1f} GB/s; GEMM rate at 512 rows "
         + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in results["gemm"].items())
@@ -389,6 +504,9 @@ def render_section(results: dict, figure: str, contention: str | None) -> str:
     ]
     if contention:
         lines += ["", "Beside one CPU-bound process (`--contention`), each figure's slowdown:", "", contention]
+    if results.get("serving"):
+        lines += ["", serving_line(results["serving"])]
+    lines += ["", startup_line(results["startup"])]
     lines += ["", f"![speed]({figure})"]
     return "\n".join(lines)
 
@@ -398,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["worker"]:
         worker(json.loads(argv[1]))
         return 0
+    if argv[:1] == ["offline"]:
+        offline_worker(json.loads(argv[1]))
+        return 0
     parser = argparse.ArgumentParser(prog="sarathi bench speed", description=__doc__)
     add_speed_args(parser)
     return cmd_speed(parser.parse_args(argv))
@@ -405,9 +526,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_speed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="the model's weights, KV cache and (for vLLM) arithmetic")
     parser.add_argument("--steps", type=int, default=8, help="decode steps per repeat")
     parser.add_argument("--contention", action="store_true", help="also run beside one CPU-bound process")
     parser.add_argument("--no-peer", action="store_true", help="our engine alone")
+    parser.add_argument("--serving-requests", type=int, default=48,
+                        help="requests of the served-against-offline comparison (0 skips it)")
     parser.add_argument("--vllm-venv", type=Path, default=Path(".cache/vllm-venv"))
     parser.add_argument("--vllm-threads-bind", default="0-1",
                         help="VLLM_CPU_OMP_THREADS_BIND; 'auto' leaves vLLM's default (one thread on 2 cores)")
@@ -437,7 +562,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
     out = args.out or Path("bench-results") / f"speed-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model("smollm2-135m-instruct")
-    cfg = ModelConfig.from_folder(model_dir, "bfloat16")
+    cfg = ModelConfig.from_folder(model_dir, args.dtype)
     cells = json.loads(args.cells) if args.cells else default_cells(args.steps)
     engines: list[Engine] = [Ours("sarathi", f"{torch.get_num_threads()} torch threads, CPU kernels")]
     if not args.no_peer:
@@ -447,16 +572,16 @@ def cmd_speed(args: argparse.Namespace) -> int:
         engines.append(Vllm(f"vllm-cpu {VLLM_VERSION}", f"VLLM_CPU_OMP_THREADS_BIND={args.vllm_threads_bind}, {mode}",
                             args.vllm_venv, args.vllm_threads_bind, args.vllm_eager))
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": machine(),
-               "command": shlex.join(["sarathi", "bench", "speed", *speed_args(sys.argv)]), "repeats": args.repeats,
-               "load_before": os.getloadavg()}
+               "command": shlex.join(["sarathi", "bench", "speed", *speed_args(sys.argv)]),
+               "repeats": args.repeats, "dtype": args.dtype, "load_before": os.getloadavg()}
     say(f"load average before: {results['load_before']}")
     results["bandwidth"] = measure_bandwidth()
-    results["gemm"] = measure_gemm(cfg)
-    costs = ModelCosts.of(cfg, 2)
+    results["gemm"] = measure_gemm(cfg, args.dtype)
+    costs = ModelCosts.of(cfg, 2 if args.dtype == "bfloat16" else 4)
     gemm = max(results["gemm"].values())
     results["cells"] = [{**c, "floor": floor_figure(c, costs, results["bandwidth"], gemm)} for c in cells]
     results["engines"] = [{"name": e.name, "setting": e.setting,
-                           "results": run_engine(e, model_dir, cells, args.repeats, say)} for e in engines]
+                           "results": run_engine(e, model_dir, args.dtype, cells, args.repeats, say)} for e in engines]
     contention = None
     if args.contention:
         loaded = dict(results)
@@ -464,13 +589,20 @@ def cmd_speed(args: argparse.Namespace) -> int:
         for e in engines:
             with Hog():
                 loaded["engines"].append({"name": e.name, "setting": e.setting,
-                                          "results": run_engine(e, model_dir, cells, args.repeats, say)})
+                                          "results": run_engine(e, model_dir, args.dtype, cells, args.repeats, say)})
         results["contention"] = loaded["engines"]
         contention = contention_table(results, loaded)
+    results["startup"] = measure_startup(model_dir, args.dtype, args.repeats, say)
+    serving = None
+    if args.serving_requests:
+        results["serving"] = serving = measure_serving(model_dir, args.dtype, args.serving_requests, 512,
+                                                       args.repeats, say)
     results["load_after"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "speed.png")
     text = table(results) + (f"\n\nBeside one CPU-bound process:\n\n{contention}" if contention else "")
+    text += f"\n\n{serving_line(serving)}" if serving else ""
+    text += f"\n\n{startup_line(results['startup'])}"
     (out / "table.md").write_text(text + "\n")
     print(text)
     print(f"load average before: {results['load_before']}, after: {results['load_after']}; results in {out}/")

@@ -7,8 +7,8 @@ vLLM's own environment (sarathi_engine.bench.speed_vllm).
 
 - decode: `batch` requests of `context` random prompt tokens decode together; once every one has
   its first token and two more, each repeat is the time for every request to gain `steps` tokens,
-  divided by the tokens gained: milliseconds per decode step. The contexts grow by
-  2 + steps * repeats tokens over the cell.
+  divided by the tokens gained: milliseconds per decode step. The first requests decode while the
+  others prefill, so contexts reach up to context + batch * context / budget + steps * repeats.
 - prefill: `prompts` prompts of `prompt_len` tokens, one output token each, at a token budget of
   `chunk`: prompt tokens per second from adding them to the last one finishing.
 - mixed: `decodes` requests at `context` decode while a prompt of `prompt_len` tokens is
@@ -17,6 +17,7 @@ vLLM's own environment (sarathi_engine.bench.speed_vllm).
 """
 from __future__ import annotations
 
+import inspect
 import random
 import statistics
 import time
@@ -72,6 +73,8 @@ class Driver:
 
     def step_until(self, done) -> None:
         while not done():
+            if not self.adapter.has_unfinished():
+                raise RuntimeError("the engine has nothing left to run, but the cell is not done")
             self.step()
 
     def drain(self, request_ids: list[str]) -> None:
@@ -86,8 +89,10 @@ class Driver:
             self.step()
 
 
-def decode_cell(d: Driver, batch: int, context: int, steps: int, repeats: int) -> list[float]:
-    ids = [d.add(context, 2 + steps * (repeats + 2) + 8) for _ in range(batch)]
+def decode_cell(d: Driver, batch: int, context: int, steps: int, budget: int, repeats: int) -> list[float]:
+    # The first requests decode while the later ones prefill (one budget of prompt tokens per
+    # iteration), so each needs tokens for those iterations as well as for the timed ones.
+    ids = [d.add(context, batch * context // budget + steps * (repeats + 2) + 8) for _ in range(batch)]
     d.step_until(lambda: min(d.counts[r] for r in ids) >= 3)
     figures = []
     for _ in range(repeats):
@@ -141,8 +146,9 @@ def run_cells(adapter: Adapter, cells: list[dict], repeats: int, seed: int = 0, 
     driver = Driver(adapter, seed)
     results = []
     for cell in cells:
-        args = {k: v for k, v in cell.items() if k not in ("kind", "budget")}
-        figures = CELLS[cell["kind"]](driver, repeats=repeats, **args)
+        measure = CELLS[cell["kind"]]
+        wanted = inspect.signature(measure).parameters  # a cell also names its engine's token budget
+        figures = measure(driver, repeats=repeats, **{k: v for k, v in cell.items() if k in wanted})
         progress(f"{cell}: {', '.join(f'{f:.1f}' for f in figures)}")
         results.append({**cell, "figures": figures})
     return results

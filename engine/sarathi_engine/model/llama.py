@@ -39,19 +39,19 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(scaled(shard.heads, cfg.head_dim), cfg.hidden_size, ops)
         self.rotary = rotary
         self.backend = backend
+        self.ops = ops
         self.scale = cfg.head_dim**-0.5
         self.sliding_window = cfg.sliding_window
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner once memory is sized
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, pending: torch.Tensor | None, norm: RMSNorm,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """From the residual stream (hidden += pending, normed) to the heads' output over the
+        cache, [tokens, heads * head_dim], before o_proj."""
+        q, k, v = self.ops.attention_input(hidden, pending, norm, self.qkv_proj, self.rotary, positions,
+                                           self.num_heads, self.num_kv_heads)
         out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(out.flatten(1))
+        return out.flatten(1)
 
 
 class MLP(nn.Module):
@@ -69,16 +69,18 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, ops) -> None:
         super().__init__()
+        self.ops = ops
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.self_attn = Attention(cfg, rotary, backend, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.mlp = MLP(cfg, ops)
 
-    def forward(self, positions, hidden, meta):
-        """hidden is the residual stream; it is updated in place and returned."""
-        attn = self.self_attn(positions, self.input_layernorm(hidden), meta)
-        mlp = self.mlp(self.post_attention_layernorm(attn, residual=hidden))
-        return hidden.add_(mlp)
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata,
+                pending: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden is the residual stream, updated in place; pending, the previous layer's MLP
+        output not yet added to it. Returns this layer's MLP output: the next one's pending."""
+        heads = self.self_attn(positions, hidden, pending, self.input_layernorm, meta)
+        return self.ops.attention_output(heads, self.self_attn.o_proj, hidden, self.post_attention_layernorm, self.mlp)
 
 
 def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
@@ -124,9 +126,12 @@ class LlamaForCausalLM(nn.Module):
         """Token ids on the first stage, the previous stage's hidden states on the others."""
         if self.embed_tokens is not None:
             hidden = self.embed_tokens(input_ids)
+        pending = None
         for layer in self.layers:
-            hidden = layer(positions, hidden, meta)
-        return hidden if self.norm is None else self.norm(hidden)
+            pending = layer(positions, hidden, meta, pending)
+        if self.norm is not None:
+            return self.norm(pending, residual=hidden)
+        return hidden.add_(pending)  # the next stage receives the whole residual stream
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits of the last stage's normed rows, on tensor-parallel rank 0 of the first

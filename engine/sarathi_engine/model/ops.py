@@ -53,6 +53,23 @@ class TorchOps:
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+    def attention_input(self, hidden: torch.Tensor, pending: torch.Tensor | None, norm, qkv, rotary,
+                        positions: torch.Tensor, num_heads: int, num_kv_heads: int):
+        """(hidden += pending), the input norm, the qkv projection and rotary: q, k and v as
+        [tokens, heads, head_dim]."""
+        x = norm(hidden) if pending is None else norm(pending, residual=hidden)
+        out = qkv(x)
+        head_dim = out.shape[-1] // (num_heads + 2 * num_kv_heads)
+        q, k, v = out.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+        q, k = rotary(positions, q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim))
+        return q, k, v.view(-1, num_kv_heads, head_dim)
+
+    def attention_output(self, heads: torch.Tensor, o_proj, hidden: torch.Tensor, norm, mlp) -> torch.Tensor:
+        """The o projection, hidden += it, the post-attention norm and the MLP: the MLP's output,
+        which the next layer (or the final norm) adds to hidden."""
+        return mlp(norm(o_proj(heads), residual=hidden))
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -62,8 +79,11 @@ class CpuKernelOps(TorchOps):
     name = "cpu-kernels"
 
     def __init__(self, dtype: torch.dtype) -> None:
+        from sarathi_engine.distributed import parallel_state
+
         super().__init__(torch.float32)
         self.ops = torch.ops.sarathi
+        self.tp_size = parallel_state().tp_size
 
     def prepare_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
         return self.ops.pack_linear_weight(weight), weight.shape[0]
@@ -87,6 +107,16 @@ class CpuKernelOps(TorchOps):
     def rotary(self, positions, q, k, cos, sin):
         self.ops.rotary_(q, k, positions, cos, sin)
         return q, k
+
+    def attention_input(self, hidden, pending, norm, qkv, rotary, positions, num_heads, num_kv_heads):
+        return self.ops.attention_input(hidden, pending, norm.weight, norm.eps, *qkv.prepared, qkv.bias, positions,
+                                        rotary.cos, rotary.sin, num_heads, num_kv_heads)
+
+    def attention_output(self, heads, o_proj, hidden, norm, mlp):
+        if self.tp_size > 1 or o_proj.bias is not None:  # the partial products are summed between them
+            return super().attention_output(heads, o_proj, hidden, norm, mlp)
+        return self.ops.attention_output(heads, *o_proj.prepared, hidden, norm.weight, norm.eps,
+                                         *mlp.gate_up_proj.prepared, *mlp.down_proj.prepared)
 
 
 def select_ops(device: torch.device, dtype: torch.dtype, head_dim: int) -> TorchOps:
