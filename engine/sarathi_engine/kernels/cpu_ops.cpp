@@ -86,6 +86,10 @@ void for_each_item(int64_t n, const F& f) {
 // hardware prefetcher follows at full bandwidth) and broadcasts one input per row.
 
 constexpr int64_t kPanel = 16;
+// How far ahead of the tile the weight stream is prefetched. The hardware prefetcher stops at each
+// 4 KiB page, and a panel is read while its tile computes; asking 2 KiB ahead kept the stream
+// going (model-shaped bf16 products at 1, 8 and 32 rows ran 10-15% faster; 1-4 KiB were within noise).
+constexpr int64_t kPrefetchBytes = 2048;
 constexpr int kTileRows = 6;
 
 int64_t num_panels(int64_t N) { return (N + kPanel - 1) / kPanel; }
@@ -114,7 +118,12 @@ inline void linear_tile(const float* x, int64_t ldx, const W* panel, int64_t K, 
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) acc[u][r][0] = acc[u][r][1] = _mm256_setzero_ps();
   int64_t k = 0;
+  const char* ahead = reinterpret_cast<const char*>(panel) + kPrefetchBytes;
   for (; k + U <= K; k += U) {
+    // Every cache line the U steps will read (bf16 at U = 1 reads half a line).
+#pragma GCC unroll 4
+    for (int64_t line = 0; line < int64_t(U * kPanel * sizeof(W)); line += 64)
+      _mm_prefetch(ahead + k * kPanel * sizeof(W) + line, _MM_HINT_T0);
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
       const __m256 b0 = load8(panel + (k + u) * kPanel), b1 = load8(panel + (k + u) * kPanel + 8);
