@@ -13,6 +13,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} or a local Hugging Face folder")
     parser.add_argument("--policy", default="sarathi", choices=POLICIES)
     parser.add_argument("--token-budget", type=int, default=512, help="most tokens one iteration may hold")
+    parser.add_argument("--tbt-slo-ms", type=float, default=None,
+                        help="sarathi policy: size each iteration's prefill chunks so that its predicted time "
+                             "stays within this time between tokens (the token budget stays the cap)")
+    parser.add_argument("--min-prefill-chunk", type=int, default=16,
+                        help="prompt tokens an iteration takes under --tbt-slo-ms even when its decodes fill the SLO")
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -30,6 +35,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
         kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        tbt_slo_ms=args.tbt_slo_ms, min_prefill_chunk=args.min_prefill_chunk,
     )
 
 

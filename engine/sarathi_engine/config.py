@@ -99,6 +99,10 @@ class SchedulerConfig:
     token_budget: int = 512
     max_num_seqs: int = 128
     max_model_len: int | None = None  # None: the model's own context length
+    # The sarathi policy's per-iteration planning: prefill chunks sized so the predicted
+    # iteration time stays within this TBT (None: the token budget alone decides).
+    tbt_slo_ms: float | None = None
+    min_prefill_chunk: int = 16  # what prefill gets per iteration even when the decodes fill the SLO
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -106,6 +110,12 @@ class SchedulerConfig:
         check_token_budget(self.token_budget)
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        check_tbt_slo_ms(self.tbt_slo_ms)
+        if self.tbt_slo_ms is not None and self.policy != "sarathi":
+            raise ValueError(f"tbt_slo_ms plans the sarathi policy's chunks; policy {self.policy!r} does not chunk")
+        if isinstance(self.min_prefill_chunk, bool) or not isinstance(self.min_prefill_chunk, int) \
+                or self.min_prefill_chunk < 1:
+            raise ValueError(f"min_prefill_chunk must be a positive integer, got {self.min_prefill_chunk!r}")
 
     @property
     def max_batched_tokens_unchunked(self) -> int:
@@ -117,6 +127,18 @@ def check_token_budget(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"token_budget must be a positive integer, got {value!r}")
     return value
+
+
+MAX_TBT_SLO_MS = 3_600_000.0  # an hour: anything longer is a mistake, not an SLO
+
+
+def check_tbt_slo_ms(value: object) -> float | None:
+    """None (no SLO) or a positive number of milliseconds up to an hour."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TBT_SLO_MS:
+        raise ValueError(f"tbt_slo_ms must be a number of milliseconds in (0, {MAX_TBT_SLO_MS:.0f}], got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -147,13 +169,15 @@ class EngineConfig:
 def make_engine_config(model: str, policy: str = "sarathi", token_budget: int = 512, max_num_seqs: int = 128,
                        max_model_len: int | None = None, dtype: str = "auto", device: str = "auto",
                        kv_cache_memory: str | int = "1GiB", block_size: int = 16, seed: int = 0,
-                       tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> EngineConfig:
+                       tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                       tbt_slo_ms: float | None = None, min_prefill_chunk: int = 16) -> EngineConfig:
     """The engine settings from the flat keyword arguments that LLM(...) and the CLI share."""
     return EngineConfig(
         model=model, dtype=dtype, device=device, seed=seed,
         cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_memory_size(kv_cache_memory)),
         scheduler=SchedulerConfig(policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
-                                  max_model_len=max_model_len),
+                                  max_model_len=max_model_len, tbt_slo_ms=tbt_slo_ms,
+                                  min_prefill_chunk=min_prefill_chunk),
         parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size),
     )
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from sarathi_engine.config import EngineConfig, ModelConfig, check_token_budget
+from sarathi_engine.config import EngineConfig, ModelConfig, check_tbt_slo_ms, check_token_budget
 from sarathi_engine.detokenizer import IncrementalDetokenizer, find_stop
 from sarathi_engine.distributed import shutdown_distributed
 from sarathi_engine.kv_cache import BlockManager
@@ -30,6 +31,7 @@ from sarathi_engine.pipeline import Driver, RankFailure, StageTiming
 from sarathi_engine.sampling_params import SamplingParams
 from sarathi_engine.scheduler import SchedulerOutput, make_scheduler
 from sarathi_engine.sequence import Sequence
+from sarathi_engine.slo_planner import BatchShape, SloPlanner, shape_of
 from sarathi_engine.threads import set_engine_threads
 
 
@@ -61,6 +63,8 @@ class IterationStats:
     num_decode_tokens: int
     num_seqs: int
     token_budget: int
+    predicted: float | None = None  # seconds, the planner's cost model's prediction before it ran
+    infeasible_iterations: int = 0  # the planner's count so far
 
 
 @dataclass
@@ -88,6 +92,7 @@ class _Flight:
     schedule_time: float
     token_budget: int
     tokens: list[int | None] | None  # None until collected from the last stage
+    shape: BatchShape | None  # for the planner's cost model
 
 
 def read_eos_token_ids(folder: Path, tokenizer) -> set[int]:
@@ -118,6 +123,9 @@ class LLMEngine:
         if placement.pod != 0:
             raise ValueError(f"this is pod {placement.pod} of {placement.pods}: only pod 0 runs the engine's "
                              "scheduler; the others run sarathi_engine.worker.run_pod (sarathi serve does so)")
+        if sched.tbt_slo_ms is not None and config.parallel.pipeline_parallel_size > 1:
+            raise ValueError("tbt_slo_ms: per-iteration SLO planning does not support pipeline parallelism yet "
+                             "(each stage would need a cost model of its own)")
         self.driver: Driver | None = None
         self.local_ranks: LocalRanks | None = None
         self.failure: BaseException | None = None
@@ -141,12 +149,30 @@ class LLMEngine:
                 "give it more memory or lower max_model_len"
             )
         self.blocks = BlockManager(self.runner.num_blocks, self.runner.block_size, config.cache.watermark)
-        self.scheduler = make_scheduler(sched, self.blocks)
+        # Fitted from every iteration under the sarathi policy, so an SLO set live plans at once.
+        self.planner = SloPlanner(sched) if sched.policy == "sarathi" and self._depth == 1 else None
+        self.scheduler = make_scheduler(sched, self.blocks, self.planner)
         self.iterations: deque[IterationStats] = deque(maxlen=iteration_history)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}
         self._ids_lock = threading.Lock()
         self._ids_in_use: set[str] = set()
+        if sched.tbt_slo_ms is not None:
+            self.calibrate()
+
+    def calibrate(self) -> None:
+        """Seed the SLO planner's cost model before any request: a few prompts of random tokens,
+        chunked by the token budget at several contexts and then decoding together, run to
+        completion. Their iterations stay out of the history."""
+        budget, limit = self.token_budget, self.config.scheduler.max_model_len
+        lengths = [min(n, limit - 17) for n in (2 * budget, budget // 2, 48, 8)]
+        rng = random.Random(0)
+        for i, n in enumerate(lengths):
+            prompt = [rng.randrange(3, self.model_config.vocab_size) for _ in range(max(n, 1))]
+            self.add_request(f"calibration-{i}", prompt, SamplingParams(max_tokens=16, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()
+        self.iterations.clear()
 
     # --- called from any thread -------------------------------------------------------------
 
@@ -189,6 +215,17 @@ class LLMEngine:
     def set_token_budget(self, value: int) -> None:
         """Takes effect from the next iteration."""
         self.config.scheduler.token_budget = check_token_budget(value)
+
+    @property
+    def tbt_slo_ms(self) -> float | None:
+        return self.config.scheduler.tbt_slo_ms
+
+    def set_tbt_slo_ms(self, value: float | None) -> None:
+        """The TBT the sarathi policy plans each iteration's chunks for (None: the budget alone),
+        from the next iteration."""
+        if self.planner is None:
+            raise ValueError("tbt_slo_ms needs the sarathi policy without pipeline parallelism")
+        self.config.scheduler.tbt_slo_ms = check_tbt_slo_ms(value)
 
     # --- the stepping thread ----------------------------------------------------------------
 
@@ -242,9 +279,10 @@ class LLMEngine:
             return False
         if self._depth > 1:  # otherwise every batch lands within the step that launched it
             self.scheduler.launch(plan)
+        shape = shape_of(plan.chunks) if self.planner is not None else None
         batch = self.runner.prepare(plan.chunks, self.blocks)
         tokens = self.runner.execute(batch) if self.driver is None else self.driver.launch(batch)
-        self._in_flight.append(_Flight(plan, batch, start, scheduled - start, self.token_budget, tokens))
+        self._in_flight.append(_Flight(plan, batch, start, scheduled - start, self.token_budget, tokens, shape))
         return True
 
     def _land(self, flight: _Flight) -> list[RequestOutput]:
@@ -253,6 +291,10 @@ class LLMEngine:
         if self._depth > 1:
             self.scheduler.land(flight.plan)
         now = self._last_contact = time.monotonic()
+        predicted = None
+        if flight.shape is not None:
+            predicted = self.planner.model.predict(flight.shape)
+            self.planner.model.observe(flight.shape, now - flight.start)
         prefill_tokens = sum(c.num_tokens for c in batch.chunks if not c.seq.is_decoding)
         outputs = []
         for chunk, token in zip(batch.chunks, tokens):
@@ -266,7 +308,8 @@ class LLMEngine:
         self.iterations.append(IterationStats(
             start=flight.start, duration=now - flight.start, schedule_time=flight.schedule_time,
             num_tokens=num_tokens, num_prefill_tokens=prefill_tokens, num_decode_tokens=num_tokens - prefill_tokens,
-            num_seqs=len(batch.chunks), token_budget=flight.token_budget,
+            num_seqs=len(batch.chunks), token_budget=flight.token_budget, predicted=predicted,
+            infeasible_iterations=self.planner.infeasible if self.planner is not None else 0,
         ))
         return outputs + self._abort_deferred()
 

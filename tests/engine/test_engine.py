@@ -111,3 +111,41 @@ def test_impossible_settings_are_refused_at_start(tiny_models):
         LLM(str(tiny_models["llama"]), max_model_len=4096)
     with pytest.raises(ValueError, match="KV cache holds 160 tokens, fewer than max_model_len 1000"):
         LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory=10 * 8192, max_model_len=1000)
+
+
+def test_an_slo_no_iteration_can_meet_plans_minimum_chunks_counts_them_and_changes_no_output(tiny_models):
+    folder = str(tiny_models["llama"])
+    prompts = [[100 + (7 * i + j) % 900 for j in range(n)] for i, n in enumerate((700, 40, 300))]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(folder, dtype="float32", token_budget=128).generate(prompts, params)]
+
+    llm = LLM(folder, dtype="float32", token_budget=128, tbt_slo_ms=0.001, min_prefill_chunk=8)
+    engine, planner = llm.engine, llm.engine.planner
+    # Calibrated at start, its iterations out of the history: the fit drives the first request.
+    assert planner.active and not engine.iterations and engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected  # the chunking never changes a token
+    assert all(v >= 0 for v in planner.model.coefficients().values())
+    planned = list(engine.iterations)
+    # Nothing fits a microsecond: every iteration holds at most the minimum chunk.
+    assert len(planned) > 1040 // 8 and all(it.num_prefill_tokens <= 8 for it in planned)
+    assert planner.infeasible > 0 and engine.iterations[-1].infeasible_iterations == planner.infeasible
+    assert all(it.predicted is not None and it.predicted > 0 for it in planned)
+
+    engine.set_tbt_slo_ms(None)  # live: the budget alone again
+    engine.add_request("after", prompts[0], SamplingParams(max_tokens=1))
+    engine.step()
+    assert engine.iterations[-1].num_prefill_tokens == 128
+    run_to_completion(engine)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    with pytest.raises(ValueError, match="tbt_slo_ms must be a number of milliseconds"):
+        engine.set_tbt_slo_ms(-5)
+
+
+def test_an_slo_is_refused_where_no_planner_can_run(tiny_models):
+    with pytest.raises(ValueError, match="policy 'vllm' does not chunk"):
+        SchedulerConfig(policy="vllm", tbt_slo_ms=100)
+    with pytest.raises(ValueError, match="min_prefill_chunk must be a positive integer"):
+        SchedulerConfig(min_prefill_chunk=0)
+    engine = LLM(str(tiny_models["llama"]), dtype="float32", policy="orca").engine
+    with pytest.raises(ValueError, match="needs the sarathi policy"):
+        engine.set_tbt_slo_ms(100)

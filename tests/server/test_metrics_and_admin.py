@@ -1,4 +1,5 @@
-"""/metrics tells the truth about what was served, and the admin API turns the token budget live."""
+"""/metrics tells the truth about what was served, and the admin API turns the token budget and the TBT SLO
+live."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -69,13 +70,41 @@ def test_patching_the_budget_changes_the_gauge_and_the_iterations(smol_server):
     ({"token_budget": 64}, "wrong", 401, "missing or wrong admin bearer token"),
     ({"token_budget": 0}, ADMIN_TOKEN, 400, "token_budget must be a positive integer"),
     ({"token_budget": "64"}, ADMIN_TOKEN, 400, "token_budget must be a positive integer"),
-    ({"token_budget": 64, "policy": "vllm"}, ADMIN_TOKEN, 400, "only the token budget can change live"),
-    ([], ADMIN_TOKEN, 400, "only the token budget can change live"),
+    ({"token_budget": 64, "policy": "vllm"}, ADMIN_TOKEN, 400, "only these change live"),
+    ([], ADMIN_TOKEN, 400, "only these change live"),
+    ({}, ADMIN_TOKEN, 400, "only these change live"),
+    ({"tbt_slo_ms": 0}, ADMIN_TOKEN, 400, "tbt_slo_ms must be a number of milliseconds"),
+    ({"tbt_slo_ms": "50"}, ADMIN_TOKEN, 400, "tbt_slo_ms must be a number of milliseconds"),
+    ({"tbt_slo_ms": 1e12}, ADMIN_TOKEN, 400, "tbt_slo_ms must be a number of milliseconds"),
+    ({"token_budget": 64, "tbt_slo_ms": -1}, ADMIN_TOKEN, 400, "tbt_slo_ms must be"),  # and the budget stays
 ])
 def test_admin_api_refuses_bad_tokens_and_values(smol_server, body, token, status, message):
     code, error = admin(smol_server, body, token)
     assert code == status and message in error["error"]["message"]
-    assert admin(smol_server)[1]["token_budget"] == 256
+    assert admin(smol_server)[1]["token_budget"] == 256 and admin(smol_server)[1]["tbt_slo_ms"] is None
+
+
+def test_a_live_tbt_slo_plans_the_iterations_and_shows_its_model(smol_server):
+    status, config = admin(smol_server, {"tbt_slo_ms": 250})
+    assert status == 200 and config["tbt_slo_ms"] == 250 and config["token_budget"] == 256
+    assert count(scrape(smol_server.url), "sarathi_tbt_slo_seconds") == 0.25
+    before = scrape(smol_server.url)
+    assert post(smol_server.url + "/v1/completions", {"prompt": [100 + i for i in range(300)], "max_tokens": 16,
+                                                      "temperature": 0})[0] == 200
+    after = scrape(smol_server.url)
+    iterations = count(after, "sarathi_iteration_seconds_count") - count(before, "sarathi_iteration_seconds_count")
+    ratios = (count(after, "sarathi_iteration_predicted_ratio_count")
+              - count(before, "sarathi_iteration_predicted_ratio_count"))
+    assert iterations >= 16 and ratios == iterations  # the model predicted every one of them
+    assert any(k[0] == "sarathi_slo_infeasible_iterations_total" for k in after)
+    planning = admin(smol_server)[1]["slo_planning"]
+    assert planning["active"] and planning["samples"] > 0 and planning["margin"] == 1.0
+    assert set(planning["coefficients_seconds"]) == {"constant", "any_prefill", "tokens", "prefill_attention",
+                                                   "decode_context", "sequences"}
+    assert planning["prediction_ratio_p99"] >= 1.0
+    status, config = admin(smol_server, {"tbt_slo_ms": None})
+    assert status == 200 and config["tbt_slo_ms"] is None
+    assert count(scrape(smol_server.url), "sarathi_tbt_slo_seconds") == 0
 
 
 def test_admin_api_is_disabled_without_a_token(tiny_server):

@@ -9,6 +9,7 @@ from sarathi_engine.scheduler.fastertransformer import FasterTransformerSchedule
 from sarathi_engine.scheduler.orca import OrcaScheduler
 from sarathi_engine.scheduler.sarathi import SarathiScheduler
 from sarathi_engine.scheduler.vllm import VLLMScheduler
+from sarathi_engine.slo_planner import SloPlanner
 
 POLICY_CLASSES: dict[str, type[Scheduler]] = {
     "sarathi": SarathiScheduler,
@@ -18,8 +19,8 @@ POLICY_CLASSES: dict[str, type[Scheduler]] = {
 }
 
 
-def make_scheduler(config: SchedulerConfig, blocks: BlockManager) -> Scheduler:
-    return POLICY_CLASSES[config.policy](config, blocks)
+def make_scheduler(config: SchedulerConfig, blocks: BlockManager, planner: SloPlanner | None = None) -> Scheduler:
+    return POLICY_CLASSES[config.policy](config, blocks, planner)
 
 
 __all__ = ["ScheduledChunk", "Scheduler", "SchedulerOutput", "make_scheduler", "POLICY_CLASSES"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from sarathi_engine.config import SchedulerConfig
 from sarathi_engine.kv_cache import BlockManager
 from sarathi_engine.sequence import Sequence, Status
+from sarathi_engine.slo_planner import SloPlanner
 
 
 @dataclass
@@ -32,9 +33,10 @@ class SchedulerOutput:
 
 
 class Scheduler(ABC):
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, planner: SloPlanner | None = None) -> None:
         self.config = config
         self.blocks = blocks
+        self.planner = planner  # sizes the sarathi policy's prefill chunks under a TBT SLO
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; the last is the youngest
         self.in_flight: set[Sequence] = set()

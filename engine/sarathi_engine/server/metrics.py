@@ -46,6 +46,11 @@ class ServerMetrics:
         self.iteration_tokens = histogram("sarathi_iteration_tokens", "Tokens (prefill + decode) per engine iteration.",
                                           buckets=token_buckets())
         self.iteration_seconds = histogram("sarathi_iteration_seconds", "Wall time of one engine iteration.")
+        self.predicted_ratio = histogram(
+            "sarathi_iteration_predicted_ratio", "Iteration time over the SLO planner's prediction for it.",
+            buckets=latency_buckets(0.25, 8.0, 1.1))
+        self.infeasible = counter("sarathi_slo_infeasible_iterations",
+                                  "Iterations whose decodes alone were predicted over the TBT SLO.")
         self.preemptions = counter("sarathi_num_preemptions", "Sequences preempted (recomputed later) for lack of KV blocks.")
         self.prompt_tokens = counter("sarathi_prompt_tokens", "Prompt tokens of requests admitted.")
         self.generation_tokens = counter("sarathi_generation_tokens", "Output tokens generated.")
@@ -57,13 +62,19 @@ class ServerMetrics:
         gauge("sarathi_num_requests_waiting", "Requests waiting to be admitted.", lambda: engine.num_waiting)
         gauge("sarathi_kv_cache_usage_ratio", "Share of KV cache blocks in use.", lambda: engine.blocks.usage)
         gauge("sarathi_token_budget", "The token budget in force for the next iteration.", lambda: engine.token_budget)
-        self._preemptions_seen = 0
+        gauge("sarathi_tbt_slo_seconds", "The TBT SLO each iteration is planned for (0: none).",
+              lambda: (engine.tbt_slo_ms or 0) / 1e3)
+        self._preemptions_seen = self._infeasible_seen = 0
 
     def observe_iteration(self, stats, total_preemptions: int) -> None:
         self.iteration_tokens.observe(stats.num_tokens)
         self.iteration_seconds.observe(stats.duration)
         self.preemptions.inc(total_preemptions - self._preemptions_seen)
         self._preemptions_seen = total_preemptions
+        if stats.predicted:
+            self.predicted_ratio.observe(stats.duration / stats.predicted)
+        self.infeasible.inc(stats.infeasible_iterations - self._infeasible_seen)
+        self._infeasible_seen = stats.infeasible_iterations
 
     def finished(self, reason: str) -> None:
         self.requests.labels(self.model_name, reason).inc()
