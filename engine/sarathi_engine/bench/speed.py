@@ -506,7 +506,7 @@ def render_section(results: dict, figure: str, contention: str | None) -> str:
         lines += ["", "Beside one CPU-bound process (`--contention`), each figure's slowdown:", "", contention]
     if results.get("serving"):
         lines += ["", serving_line(results["serving"])]
-    lines += ["", startup_line(results["startup"])]
+    lines += ["", startup_line(results["startup"])] if results.get("startup") else []
     lines += ["", f"![speed]({figure})"]
     return "\n".join(lines)
 
@@ -531,6 +531,7 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=8, help="decode steps per repeat")
     parser.add_argument("--contention", action="store_true", help="also run beside one CPU-bound process")
     parser.add_argument("--no-peer", action="store_true", help="our engine alone")
+    parser.add_argument("--no-startup", action="store_true", help="skip the time-to-ready measurement")
     parser.add_argument("--serving-requests", type=int, default=48,
                         help="requests of the served-against-offline comparison (0 skips it)")
     parser.add_argument("--vllm-venv", type=Path, default=Path(".cache/vllm-venv"))
@@ -598,7 +599,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
                                           "results": run_engine(e, model_dir, args.dtype, cells, args.repeats, say)})
         results["contention"] = loaded["engines"]
         contention = contention_table(results, loaded)
-    results["startup"] = measure_startup(model_dir, args.dtype, args.repeats, say)
+    results["startup"] = None if args.no_startup else measure_startup(model_dir, args.dtype, args.repeats, say)
     partial.write_text(json.dumps(results, indent=1))
     serving = None
     if args.serving_requests:
@@ -609,7 +610,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
     plot(results, out / "speed.png")
     text = table(results) + (f"\n\nBeside one CPU-bound process:\n\n{contention}" if contention else "")
     text += f"\n\n{serving_line(serving)}" if serving else ""
-    text += f"\n\n{startup_line(results['startup'])}"
+    text += f"\n\n{startup_line(results['startup'])}" if results["startup"] else ""
     (out / "table.md").write_text(text + "\n")
     print(text)
     print(f"load average before: {results['load_before']}, after: {results['load_after']}; results in {out}/")
