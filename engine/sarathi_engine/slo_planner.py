@@ -99,6 +99,11 @@ class CostModel:
         gain = px / (self.forgetting + x @ px)
         self.theta = self.theta + gain * (seconds - x @ self.theta)
         self.covariance = (self.covariance - np.outer(gain, px)) / self.forgetting
+        # Forgetting inflates the covariance along shapes that stop occurring (hours of decodes
+        # without a prefill) without bound; cap it at the prior's size.
+        trace, cap = np.trace(self.covariance), self.prior_variance * len(FEATURES)
+        if trace > cap:
+            self.covariance *= cap / trace
         self.samples += 1
         self.largest_prefill = max(self.largest_prefill, shape.prefill_tokens)
         return True

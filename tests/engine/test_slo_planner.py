@@ -135,3 +135,15 @@ def test_the_sarathi_scheduler_plans_chunks_within_the_slo_and_exactly_as_before
     config.tbt_slo_ms = None  # live: the budget alone again, all but the five decodes' tokens
     s.add(seq("next", 900))
     assert plan_of(s.schedule())[-1] == ("next", 512 - 5)
+
+
+def test_hours_of_one_shape_neither_blow_up_the_fit_nor_forget_the_others():
+    model = fitted(0.05)
+    mixed = BatchShape().with_decode(500).with_chunk(256, 0)
+    before = model.predict(mixed)
+    decodes = BatchShape().with_decode(500).with_decode(700)
+    for _ in range(50_000):  # decode-only iterations, half an hour of them
+        model.observe(decodes, true_time(decodes))
+    assert np.isfinite(model.covariance).all() and np.trace(model.covariance) <= 1e4 * len(FEATURES) * 1.0001
+    assert model.predict(decodes) == pytest.approx(true_time(decodes), rel=0.01)
+    assert model.predict(mixed) == pytest.approx(before, rel=0.25)
