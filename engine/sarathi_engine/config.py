@@ -113,9 +113,7 @@ class SchedulerConfig:
         check_tbt_slo_ms(self.tbt_slo_ms)
         if self.tbt_slo_ms is not None and self.policy != "sarathi":
             raise ValueError(f"tbt_slo_ms plans the sarathi policy's chunks; policy {self.policy!r} does not chunk")
-        if isinstance(self.min_prefill_chunk, bool) or not isinstance(self.min_prefill_chunk, int) \
-                or self.min_prefill_chunk < 1:
-            raise ValueError(f"min_prefill_chunk must be a positive integer, got {self.min_prefill_chunk!r}")
+        check_positive_int("min_prefill_chunk", self.min_prefill_chunk)
 
     @property
     def max_batched_tokens_unchunked(self) -> int:
@@ -123,10 +121,14 @@ class SchedulerConfig:
         return max(self.token_budget, self.max_model_len or 0)
 
 
-def check_token_budget(value: object) -> int:
+def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"token_budget must be a positive integer, got {value!r}")
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def check_token_budget(value: object) -> int:
+    return check_positive_int("token_budget", value)
 
 
 MAX_TBT_SLO_MS = 3_600_000.0  # an hour: anything longer is a mistake, not an SLO

@@ -258,12 +258,13 @@ async def patch_admin_config(request: web.Request) -> web.Response:
             values[name] = LIVE_SETTINGS[name](value)
         except ValueError as e:
             raise RequestError(str(e), param=name) from None
-    if "tbt_slo_ms" in values and engine.planner is None:
-        raise RequestError("tbt_slo_ms needs the sarathi policy without pipeline parallelism", param="tbt_slo_ms")
+    if "tbt_slo_ms" in values:  # first: the engine may refuse it, and then nothing has changed
+        try:
+            engine.set_tbt_slo_ms(values["tbt_slo_ms"])
+        except ValueError as e:
+            raise RequestError(str(e), param="tbt_slo_ms") from None
     if "token_budget" in values:
         engine.set_token_budget(values["token_budget"])
-    if "tbt_slo_ms" in values:
-        engine.set_tbt_slo_ms(values["tbt_slo_ms"])
     log.info("live settings changed: %s", values)
     return web.json_response(live_config(request.app[STATE]))
 
