@@ -102,6 +102,9 @@ class SchedulerConfig:
     # The sarathi policy's per-iteration planning: prefill chunks sized so the predicted
     # iteration time stays within this TBT (None: the token budget alone decides).
     tbt_slo_ms: float | None = None
+    # The planner aims at tbt_slo_ms x slo_margin: the operator's outer loop moves the margin to
+    # correct the bias between predicted iteration times and the P99 TBT clients observe.
+    slo_margin: float = 1.0
     min_prefill_chunk: int = 16  # what prefill gets per iteration even when the decodes fill the SLO
 
     def __post_init__(self) -> None:
@@ -113,6 +116,7 @@ class SchedulerConfig:
         check_tbt_slo_ms(self.tbt_slo_ms)
         if self.tbt_slo_ms is not None and self.policy != "sarathi":
             raise ValueError(f"tbt_slo_ms plans the sarathi policy's chunks; policy {self.policy!r} does not chunk")
+        check_slo_margin(self.slo_margin)
         check_positive_int("min_prefill_chunk", self.min_prefill_chunk)
 
     @property
@@ -140,6 +144,15 @@ def check_tbt_slo_ms(value: object) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TBT_SLO_MS:
         raise ValueError(f"tbt_slo_ms must be a number of milliseconds in (0, {MAX_TBT_SLO_MS:.0f}], got {value!r}")
+    return float(value)
+
+
+MIN_SLO_MARGIN, MAX_SLO_MARGIN = 0.1, 2.0
+
+
+def check_slo_margin(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_SLO_MARGIN <= value <= MAX_SLO_MARGIN:
+        raise ValueError(f"slo_margin must be a number in [{MIN_SLO_MARGIN}, {MAX_SLO_MARGIN}], got {value!r}")
     return float(value)
 
 
@@ -172,14 +185,15 @@ def make_engine_config(model: str, policy: str = "sarathi", token_budget: int = 
                        max_model_len: int | None = None, dtype: str = "auto", device: str = "auto",
                        kv_cache_memory: str | int = "1GiB", block_size: int = 16, seed: int = 0,
                        tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                       tbt_slo_ms: float | None = None, min_prefill_chunk: int = 16) -> EngineConfig:
+                       tbt_slo_ms: float | None = None, slo_margin: float = 1.0,
+                       min_prefill_chunk: int = 16) -> EngineConfig:
     """The engine settings from the flat keyword arguments that LLM(...) and the CLI share."""
     return EngineConfig(
         model=model, dtype=dtype, device=device, seed=seed,
         cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_memory_size(kv_cache_memory)),
         scheduler=SchedulerConfig(policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
                                   max_model_len=max_model_len, tbt_slo_ms=tbt_slo_ms,
-                                  min_prefill_chunk=min_prefill_chunk),
+                                  slo_margin=slo_margin, min_prefill_chunk=min_prefill_chunk),
         parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size),
     )
 

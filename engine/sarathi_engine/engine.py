@@ -65,6 +65,7 @@ class IterationStats:
     token_budget: int
     predicted: float | None = None  # seconds, the planner's cost model's prediction before it ran
     infeasible_iterations: int = 0  # the planner's count so far
+    limited_iterations: int = 0  # the planner's count so far
 
 
 @dataclass
@@ -310,6 +311,7 @@ class LLMEngine:
             num_tokens=num_tokens, num_prefill_tokens=prefill_tokens, num_decode_tokens=num_tokens - prefill_tokens,
             num_seqs=len(batch.chunks), token_budget=flight.token_budget, predicted=predicted,
             infeasible_iterations=self.planner.infeasible if self.planner is not None else 0,
+            limited_iterations=self.planner.limited if self.planner is not None else 0,
         ))
         return outputs + self._abort_deferred()
 

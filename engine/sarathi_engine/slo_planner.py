@@ -15,9 +15,10 @@ non-negative part; samples far off the fit (a page fault, another process on the
 out of it.
 
 The planner adds prefill tokens while the prediction, times the fit's recent error quantile,
-stays within slo x margin. It never plans past 1.25 x the largest prefill it has seen (no
-extrapolation); a minimum chunk keeps prefills moving when even the decodes alone are predicted
-over the target, and such iterations are counted as infeasible.
+stays within slo x margin (the config's slo_margin, which the operator's outer loop moves). It
+never plans past 1.25 x the largest prefill it has seen (no extrapolation); a minimum chunk keeps
+prefills moving when even the decodes alone are predicted over the target, and such iterations
+are counted as infeasible; iterations whose prefill the target cut short are counted as limited.
 """
 from __future__ import annotations
 
@@ -134,15 +135,16 @@ class SloPlanner:
 
     config: SchedulerConfig
     model: CostModel = field(default_factory=CostModel)
-    margin: float = 1.0  # the target is the SLO x margin; the operator's outer loop corrects it
     min_samples: int = 16  # before this many iterations, plan by the token budget alone
-    infeasible: int = 0
+    infeasible: int = 0  # iterations whose decodes alone were predicted over the target
+    limited: int = 0  # iterations whose prefill the target cut short of what the budget allowed
+    _cut: bool = False  # this iteration is counted in limited
 
     @property
     def target(self) -> float | None:
         """Seconds an iteration may take, None when no SLO is set."""
         slo = self.config.tbt_slo_ms
-        return None if slo is None else slo / 1e3 * self.margin
+        return None if slo is None else slo / 1e3 * self.config.slo_margin
 
     @property
     def active(self) -> bool:
@@ -158,7 +160,7 @@ class SloPlanner:
         gets at least the minimum chunk, so prefills move even when the decodes alone miss it."""
         if not self.active:
             return wanted
-        min_chunk = self.config.min_prefill_chunk
+        min_chunk, allowed = self.config.min_prefill_chunk, wanted
         # Never past 1.25 x the largest prefill the fit has seen: no extrapolation.
         wanted = min(wanted, max(min_chunk, int(1.25 * self.model.largest_prefill) - shape.prefill_tokens))
         low, high = 0, wanted  # the prediction grows with the chunk: the largest that fits
@@ -170,11 +172,14 @@ class SloPlanner:
                 high = mid - 1
         if shape.prefills == 0:
             low = max(low, min(min_chunk, wanted))
+        if low < allowed and not self._cut:
+            self.limited, self._cut = self.limited + 1, True
         return low
 
     def account(self, decodes: BatchShape) -> None:
-        """While active: count the iteration infeasible when its decodes alone are predicted over
-        the target."""
+        """While active, at the start of each iteration's planning: count the iteration infeasible
+        when its decodes alone are predicted over the target."""
+        self._cut = False
         if decodes.decodes and not self.fits(decodes):
             self.infeasible += 1
 

@@ -79,6 +79,18 @@ def test_the_planner_takes_the_largest_chunk_that_fits():
     assert planner.model.predict(decodes.with_chunk(chunk + 1, 256)) > target
     # By the true machine too: 100 ms leaves some 50 tokens beside these decodes.
     assert true_time(decodes.with_chunk(chunk, 256)) == pytest.approx(0.100, rel=0.03)
+    assert planner.limited == 1  # the SLO, not the budget, cut this iteration's prefill
+    planner.account(decodes)
+    assert planner.chunk(decodes, cached=256, wanted=10) == 10 and planner.limited == 1
+
+
+def test_the_margin_scales_the_target():
+    planner = planner_for(100)
+    decodes = BatchShape().with_decode(512)
+    full = planner.chunk(decodes, cached=0, wanted=2000)
+    planner.config.slo_margin = 0.5
+    assert planner.target == pytest.approx(0.050)
+    assert planner.chunk(decodes, cached=0, wanted=2000) < full
 
 
 def test_the_planner_never_extrapolates_past_what_it_has_seen():

@@ -77,11 +77,14 @@ def test_patching_the_budget_changes_the_gauge_and_the_iterations(smol_server):
     ({"tbt_slo_ms": "50"}, ADMIN_TOKEN, 400, "tbt_slo_ms must be a number of milliseconds"),
     ({"tbt_slo_ms": 1e12}, ADMIN_TOKEN, 400, "tbt_slo_ms must be a number of milliseconds"),
     ({"token_budget": 64, "tbt_slo_ms": -1}, ADMIN_TOKEN, 400, "tbt_slo_ms must be"),  # and the budget stays
+    ({"slo_margin": 0}, ADMIN_TOKEN, 400, "slo_margin must be a number in [0.1, 2.0]"),
+    ({"token_budget": 64, "slo_margin": "0.9"}, ADMIN_TOKEN, 400, "slo_margin must be"),
 ])
 def test_admin_api_refuses_bad_tokens_and_values(smol_server, body, token, status, message):
     code, error = admin(smol_server, body, token)
     assert code == status and message in error["error"]["message"]
-    assert admin(smol_server)[1]["token_budget"] == 256 and admin(smol_server)[1]["tbt_slo_ms"] is None
+    config = admin(smol_server)[1]
+    assert config["token_budget"] == 256 and config["tbt_slo_ms"] is None and config["slo_margin"] == 1.0
 
 
 def test_a_live_tbt_slo_plans_the_iterations_and_shows_its_model(smol_server):
@@ -98,10 +101,13 @@ def test_a_live_tbt_slo_plans_the_iterations_and_shows_its_model(smol_server):
     assert iterations >= 16 and ratios == iterations  # the model predicted every one of them
     assert any(k[0] == "sarathi_slo_infeasible_iterations_total" for k in after)
     planning = admin(smol_server)[1]["slo_planning"]
-    assert planning["active"] and planning["samples"] > 0 and planning["margin"] == 1.0
+    assert planning["active"] and planning["samples"] > 0 and config["slo_margin"] == 1.0
     assert set(planning["coefficients_seconds"]) == {"constant", "any_prefill", "tokens", "prefill_attention",
                                                    "decode_context", "sequences"}
     assert planning["prediction_ratio_p99"] >= 1.0
+    status, config = admin(smol_server, {"slo_margin": 0.8})
+    assert status == 200 and config["slo_margin"] == 0.8 and count(scrape(smol_server.url), "sarathi_slo_margin") == 0.8
+    assert admin(smol_server, {"slo_margin": 1.0})[0] == 200
     status, config = admin(smol_server, {"tbt_slo_ms": None})
     assert status == 200 and config["tbt_slo_ms"] is None
     assert count(scrape(smol_server.url), "sarathi_tbt_slo_seconds") == 0

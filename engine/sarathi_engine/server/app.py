@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sarathi_engine.config import check_tbt_slo_ms, check_token_budget
+from sarathi_engine.config import check_slo_margin, check_tbt_slo_ms, check_token_budget
 from sarathi_engine.server import protocol
 from sarathi_engine.server.async_engine import AsyncEngine, EngineDead, Overloaded
 from sarathi_engine.server.openapi import openapi_document
@@ -221,22 +221,23 @@ def check_admin(request: web.Request) -> None:
 def live_config(state: ServerState) -> dict:
     engine = loaded(state).engine
     config = {"token_budget": engine.token_budget, "tbt_slo_ms": engine.tbt_slo_ms,
+              "slo_margin": engine.config.scheduler.slo_margin,
               "policy": engine.config.scheduler.policy, "max_num_seqs": engine.config.scheduler.max_num_seqs,
               "max_model_len": state.max_model_len, "max_waiting": state.engine.max_waiting,
               "served_model_name": state.served_model_name}
     if engine.planner is not None:
         planner, model = engine.planner, engine.planner.model
         config["slo_planning"] = {
-            "active": planner.active, "margin": planner.margin,
+            "active": planner.active,
             "min_prefill_chunk": engine.config.scheduler.min_prefill_chunk,
             "samples": model.samples, "coefficients_seconds": model.coefficients(),
             "prediction_ratio_p50": model.ratio_median, "prediction_ratio_p99": model.error,
-            "infeasible_iterations": planner.infeasible,
+            "infeasible_iterations": planner.infeasible, "limited_iterations": planner.limited,
         }
     return config
 
 
-LIVE_SETTINGS = {"token_budget": check_token_budget, "tbt_slo_ms": check_tbt_slo_ms}
+LIVE_SETTINGS = {"token_budget": check_token_budget, "tbt_slo_ms": check_tbt_slo_ms, "slo_margin": check_slo_margin}
 
 
 async def get_admin_config(request: web.Request) -> web.Response:
@@ -245,12 +246,13 @@ async def get_admin_config(request: web.Request) -> web.Response:
 
 
 async def patch_admin_config(request: web.Request) -> web.Response:
-    """{"token_budget": N} and/or {"tbt_slo_ms": N or null}: every value is checked before any applies."""
+    """Any of {"token_budget": N, "tbt_slo_ms": N or null, "slo_margin": x}: every value is checked
+    before any applies."""
     check_admin(request)
     body = await read_json(request)
     if not isinstance(body, dict) or not body or not set(body) <= set(LIVE_SETTINGS):
-        raise RequestError('the body must be {"token_budget": N, "tbt_slo_ms": N or null} (either or both): '
-                           "only these change live")
+        raise RequestError('the body must hold some of {"token_budget": N, "tbt_slo_ms": N or null, '
+                           '"slo_margin": x}: only these change live')
     engine = loaded(request.app[STATE]).engine
     values = {}
     for name, value in body.items():
@@ -265,6 +267,8 @@ async def patch_admin_config(request: web.Request) -> web.Response:
             raise RequestError(str(e), param="tbt_slo_ms") from None
     if "token_budget" in values:
         engine.set_token_budget(values["token_budget"])
+    if "slo_margin" in values:
+        engine.config.scheduler.slo_margin = values["slo_margin"]
     log.info("live settings changed: %s", values)
     return web.json_response(live_config(request.app[STATE]))
 

@@ -15,8 +15,9 @@ from aiohttp import web
 
 from sarathi_engine.config import make_engine_config
 from sarathi_engine.engine import LLMEngine
+from sarathi_engine.flags import engine_kwargs
 from sarathi_engine.launch import placement_from_env
-from sarathi_engine.server.app import STATE, ServerState, build_app
+from sarathi_engine.server.app import ServerState, build_app
 from sarathi_engine.server.async_engine import AsyncEngine
 from sarathi_engine.server.metrics import ServerMetrics
 from sarathi_engine.worker import run_pod
@@ -25,8 +26,6 @@ log = logging.getLogger("sarathi.server")
 
 
 async def serve(args) -> int:
-    from sarathi_engine.cli import engine_kwargs
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     exit_code = 0
@@ -82,8 +81,6 @@ def add_serve_args(parser) -> None:
 
 
 def run(args) -> int:
-    from sarathi_engine.cli import engine_kwargs
-
     prometheus_client.disable_created_metrics()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = make_engine_config(**engine_kwargs(args))

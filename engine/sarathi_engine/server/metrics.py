@@ -51,6 +51,8 @@ class ServerMetrics:
             buckets=latency_buckets(0.25, 8.0, 1.1))
         self.infeasible = counter("sarathi_slo_infeasible_iterations",
                                   "Iterations whose decodes alone were predicted over the TBT SLO.")
+        self.limited = counter("sarathi_slo_limited_iterations",
+                               "Iterations whose prefill the TBT SLO cut short of what the token budget allowed.")
         self.preemptions = counter("sarathi_num_preemptions", "Sequences preempted (recomputed later) for lack of KV blocks.")
         self.prompt_tokens = counter("sarathi_prompt_tokens", "Prompt tokens of requests admitted.")
         self.generation_tokens = counter("sarathi_generation_tokens", "Output tokens generated.")
@@ -64,7 +66,9 @@ class ServerMetrics:
         gauge("sarathi_token_budget", "The token budget in force for the next iteration.", lambda: engine.token_budget)
         gauge("sarathi_tbt_slo_seconds", "The TBT SLO each iteration is planned for (0: none).",
               lambda: (engine.tbt_slo_ms or 0) / 1e3)
-        self._preemptions_seen = self._infeasible_seen = 0
+        gauge("sarathi_slo_margin", "The share of the TBT SLO each iteration is planned for.",
+              lambda: engine.config.scheduler.slo_margin)
+        self._preemptions_seen = self._infeasible_seen = self._limited_seen = 0
 
     def observe_iteration(self, stats, total_preemptions: int) -> None:
         self.iteration_tokens.observe(stats.num_tokens)
@@ -75,6 +79,8 @@ class ServerMetrics:
             self.predicted_ratio.observe(stats.duration / stats.predicted)
         self.infeasible.inc(stats.infeasible_iterations - self._infeasible_seen)
         self._infeasible_seen = stats.infeasible_iterations
+        self.limited.inc(stats.limited_iterations - self._limited_seen)
+        self._limited_seen = stats.limited_iterations
 
     def finished(self, reason: str) -> None:
         self.requests.labels(self.model_name, reason).inc()
