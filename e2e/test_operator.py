@@ -240,7 +240,7 @@ def test_crd_is_served_and_explains_the_documented_fields(k, crd):
         assert f"  {field}\t" in engine, field
     assert "enum: sarathi, vllm, orca, fastertransformer" in engine
     assert "tbtP99Ms" in k.run("explain", "sarathideployment.spec.slo").stdout
-    assert "minTokenBudget" in k.run("explain", "sarathideployment.spec.autotune").stdout
+    assert "intervalSeconds" in k.run("explain", "sarathideployment.spec.autotune").stdout
     assert "gpusPerNode" in k.run("explain", "sarathideployment.spec.parallelism").stdout
 
 
@@ -249,13 +249,9 @@ def test_crd_is_served_and_explains_the_documented_fields(k, crd):
     [
         ({"parallelism": {"tensor": 0}}, "spec.parallelism.tensor",
          "should be greater than or equal to 1"),
-        ({"engine": {"tokenBudget": 100}, "autotune": {"minTokenBudget": 128, "maxTokenBudget": 4096}},
-         "spec.engine.tokenBudget", "must be at least spec.autotune.minTokenBudget"),
-        ({"engine": {"tokenBudget": 8192}, "autotune": {"minTokenBudget": 128, "maxTokenBudget": 4096}},
-         "spec.engine.tokenBudget", "must be at most spec.autotune.maxTokenBudget"),
-        ({"engine": {"tokenBudget": 600}, "autotune": {"minTokenBudget": 1024, "maxTokenBudget": 512}},
-         "spec.autotune.minTokenBudget", "must not exceed spec.autotune.maxTokenBudget"),
         ({"autotune": {"enabled": True}}, "spec.slo", "required when spec.autotune.enabled is true"),
+        ({"autotune": {"enabled": True}, "slo": {"tbtP99Ms": 100}, "engine": {"policy": "vllm"}},
+         "spec.autotune.enabled", "needs spec.engine.policy sarathi and spec.parallelism.pipeline 1"),
         ({"parallelism": {"tensor": 4, "pipeline": 3}}, "spec.parallelism",
          "must fit one node (at most gpusPerNode) or fill whole nodes"),
         ({"parallelism": {"tensor": 6, "pipeline": 2, "gpusPerNode": 4}}, "spec.parallelism.tensor",
@@ -264,7 +260,7 @@ def test_crd_is_served_and_explains_the_documented_fields(k, crd):
          "must be smollm2-135m-instruct, an absolute path"),
         ({"engine": {"policy": "fifo"}}, "spec.engine.policy", "Unsupported value"),
     ],
-    ids=["tensor-0", "budget-below-min", "budget-above-max", "min-above-max", "autotune-without-slo",
+    ids=["tensor-0", "autotune-without-slo", "autotune-without-chunking",
          "gpus-not-whole-nodes", "tensor-straddles-pods", "model-source", "policy"],
 )
 def test_the_api_server_rejects_invalid_resources_naming_the_field(k, scratch_namespace, spec, field, message):
@@ -286,7 +282,7 @@ def test_defaults_are_filled_in_by_the_api_server(k, scratch_namespace):
 # ---------------------------------------------------------------- children
 
 def owned_children(k: Cluster, namespace: str, name: str) -> dict[str, list[dict]]:
-    kinds = ("deployments", "statefulsets", "services", "configmaps", "secrets", "poddisruptionbudgets", "replicasets")
+    kinds = ("deployments", "statefulsets", "services", "secrets", "poddisruptionbudgets", "replicasets")
     return {kind: k.items(kind, namespace, f"{OWNER_LABEL}={name}") for kind in kinds}
 
 
@@ -315,10 +311,10 @@ def test_tp2_replica_is_one_pod_with_two_gpus_and_the_engine_flags(k, namespace,
 
     children = owned_children(k, namespace, "tp2")
     assert {kind: len(v) for kind, v in children.items()} == {
-        "deployments": 1, "statefulsets": 0, "services": 1, "configmaps": 1, "secrets": 1,
+        "deployments": 1, "statefulsets": 0, "services": 1, "secrets": 1,
         "poddisruptionbudgets": 1, "replicasets": 1,
     }
-    for kind in ("deployments", "services", "configmaps", "secrets", "poddisruptionbudgets"):
+    for kind in ("deployments", "services", "secrets", "poddisruptionbudgets"):
         [child] = children[kind]
         [ref] = child["metadata"]["ownerReferences"]
         assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (

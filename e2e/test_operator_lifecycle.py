@@ -18,7 +18,7 @@ from e2e.test_operator import (  # noqa: F401  (fixtures)
     running, sdep, wait_phase, wait_until,
 )
 
-CHILD_KINDS = ("deployments", "services", "configmaps", "secrets", "poddisruptionbudgets")
+CHILD_KINDS = ("deployments", "services", "secrets", "poddisruptionbudgets")
 
 
 def uids(pods: list[dict]) -> set[str]:
@@ -84,7 +84,7 @@ class StubEngines:
 
     def __init__(self, ips: list[str], token: str):
         self.ips, self.token = ips, token
-        self.budgets = {ip: None for ip in ips}
+        self.settings = {ip: {"token_budget": None, "tbt_slo_ms": None, "slo_margin": 1.0} for ip in ips}
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -93,12 +93,16 @@ class StubEngines:
             if request.headers.get("Authorization") != f"Bearer {self.token}":
                 return web.json_response({"error": "unauthorised"}, status=401)
             if request.method == "PATCH":
-                self.budgets[ip] = (await request.json())["token_budget"]
-            return web.json_response({"token_budget": self.budgets[ip]})
+                self.settings[ip].update(await request.json())
+            return web.json_response(self.settings[ip])
 
         app = web.Application()
         app.router.add_route("*", "/admin/config", config)
         return app
+
+    @property
+    def budgets(self) -> dict:
+        return {ip: s["token_budget"] for ip, s in self.settings.items()}
 
     async def _start(self):
         self.runners = []
@@ -144,16 +148,16 @@ def test_a_token_budget_change_alone_is_applied_live_without_restarting_pods(k, 
     assert k.get("deployment", namespace, "live")["spec"]["template"] == template_before, "the template did not change"
     assert len(k.items("replicasets", namespace, f"{OWNER_LABEL}=live")) == 1
     for pod in engine_pods(k, namespace, "live"):
-        record = json.loads(pod["metadata"]["annotations"]["serving.sarathi.dev/live-token-budget"])
-        assert record["tokenBudget"] == 1024
-    assert "TokenBudgetApplied" in reasons(k, namespace, "live")
+        record = json.loads(pod["metadata"]["annotations"]["serving.sarathi.dev/live-engine-settings"])
+        assert record["settings"]["token_budget"] == 1024
+    assert "SettingsApplied" in reasons(k, namespace, "live")
 
     # With no engine answering, the change is reported pending and retried.
     k.patch("sdep", namespace, "live", {"spec": {"engine": {"tokenBudget": 2048}}})
     pending = wait_phase(k, namespace, "live", "Progressing", generation=3)
     progressing = condition(pending, "Progressing")
-    assert progressing["reason"] == "TokenBudgetPending"
-    assert all(f"token budget 2048 not yet applied on pod {p['metadata']['name']}" in progressing["message"]
+    assert progressing["reason"] == "SettingsPending"
+    assert all(f"settings not yet applied on pod {p['metadata']['name']}" in progressing["message"]
                for p in pods)
     assert pending["status"]["tokenBudget"] == 1024, "the budget in force is still the old one"
 
@@ -237,7 +241,7 @@ def test_an_operator_killed_mid_reconcile_resumes_without_duplicates(k, kube_clu
 
         def kill_on_first_child():
             with kube_cluster.api_client() as api:
-                for event in watch.Watch().stream(client.CoreV1Api(api).list_namespaced_config_map, namespace=namespace,
+                for event in watch.Watch().stream(client.CoreV1Api(api).list_namespaced_secret, namespace=namespace,
                                                   label_selector=f"{OWNER_LABEL}={name}", timeout_seconds=30):
                     if event["type"] == "ADDED":
                         operator.kill()
@@ -252,7 +256,7 @@ def test_an_operator_killed_mid_reconcile_resumes_without_duplicates(k, kube_clu
         assert seen_first.is_set(), "the operator never created a child"
 
         at_kill = snapshot(k, namespace, name)
-        full = {"deployments", "services", "configmaps", "secrets", "poddisruptionbudgets"}
+        full = {"deployments", "services", "secrets", "poddisruptionbudgets"}
         mid_way += not full <= set(at_kill)
         token_at_kill = admin_token(k, namespace, name) if "secrets" in at_kill else None
 
@@ -285,11 +289,10 @@ def test_children_deleted_or_edited_by_hand_are_restored(k, namespace, operator)
     k.apply(sdep("heal", namespace, replicas=2))
     obj = wait_phase(k, namespace, "heal", "Ready")
     before = {kind: items[0]["metadata"]["uid"] for kind, items in owned_children(k, namespace, "heal").items()
-              if kind in ("deployments", "services", "configmaps", "poddisruptionbudgets")}
+              if kind in ("deployments", "services", "poddisruptionbudgets")}
 
-    for kind in ("service", "configmap/heal-engine", "poddisruptionbudget", "deployment"):
-        target = kind if "/" in kind else f"{kind}/heal"
-        k.run("delete", target, "-n", namespace)
+    for kind in ("service", "poddisruptionbudget", "deployment"):
+        k.run("delete", f"{kind}/heal", "-n", namespace)
 
     def restored():
         children = owned_children(k, namespace, "heal")
@@ -373,7 +376,6 @@ class Stopwatch:
         watched = [
             ("deployment", lambda api: client.AppsV1Api(api).list_namespaced_deployment, exists),
             ("service", lambda api: client.CoreV1Api(api).list_namespaced_service, exists),
-            ("configmap", lambda api: client.CoreV1Api(api).list_namespaced_config_map, exists),
             ("secret", lambda api: client.CoreV1Api(api).list_namespaced_secret, exists),
             ("pdb", lambda api: client.PolicyV1Api(api).list_namespaced_pod_disruption_budget, exists),
             ("pod", lambda api: client.CoreV1Api(api).list_namespaced_pod, pod_running),
@@ -404,7 +406,7 @@ def test_reconcile_latency(k, kube_cluster, namespace, operator, capsys):
                 "serving.sarathi.dev", "v1alpha1", namespace, "sarathideployments", sdep(name, namespace))
         stopwatch.join()
         seen = stopwatch.seen
-        children = ("deployment", "service", "configmap", "secret", "pdb")
+        children = ("deployment", "service", "secret", "pdb")
         assert set(children) | {"pod", "ready"} <= set(seen), seen
         figures.append({
             "children": max(seen[c] for c in children) - applied,

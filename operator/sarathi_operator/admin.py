@@ -1,4 +1,5 @@
-"""Client of the engine's admin API (`/admin/config` on port 8000, Bearer token)."""
+"""Client of the engine's admin API (`/admin/config` on port 8000, Bearer token): the one way the
+operator and `sarathi autotune` change a running engine's settings (settings.py names them)."""
 
 import asyncio
 
@@ -13,24 +14,26 @@ class AdminError(Exception):
     pass
 
 
-async def set_token_budget(session: aiohttp.ClientSession, pod_ip: str, token: str, budget: int) -> None:
-    """Sets a pod's engine's token budget and reads it back; raises AdminError unless it holds."""
-    await set_engine_token_budget(session, f"http://{pod_ip}:{HTTP_PORT}", token, budget)
+def pod_url(pod_ip: str) -> str:
+    return f"http://{pod_ip}:{HTTP_PORT}"
 
 
-async def set_engine_token_budget(session: aiohttp.ClientSession, base_url: str, token: str, budget: int) -> None:
-    """The same for an engine at any URL."""
+async def push_settings(session: aiohttp.ClientSession, base_url: str, token: str, settings: dict) -> None:
+    """PATCHes the settings into the engine at base_url and reads them back; raises AdminError
+    unless every one of them holds."""
     url = base_url.rstrip("/") + "/admin/config"
     headers = {"Authorization": f"Bearer {token}"}
     try:
-        async with session.patch(url, json={"token_budget": budget}, headers=headers, timeout=TIMEOUT) as resp:
+        async with session.patch(url, json=settings, headers=headers, timeout=TIMEOUT) as resp:
             if resp.status >= 300:
                 raise AdminError(f"PATCH /admin/config answered {resp.status}: {(await resp.text())[:200]}")
         async with session.get(url, headers=headers, timeout=TIMEOUT) as resp:
             if resp.status >= 300:
                 raise AdminError(f"GET /admin/config answered {resp.status}")
-            now = (await resp.json()).get("token_budget")
+            now = await resp.json()
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         raise AdminError(f"{type(e).__name__}: {e}") from e
-    if now != budget:
-        raise AdminError(f"engine reports token_budget {now} after setting {budget}")
+    wrong = {k: now.get(k) for k, v in settings.items() if now.get(k) != v}
+    if wrong:
+        raise AdminError(f"engine reports {wrong} after setting {settings}")
+    return None

@@ -3,7 +3,6 @@
 Every child is named after the resource and controlled by it, so deleting the resource
 deletes them all:
 
-  <name>-engine  ConfigMap            engine settings as rendered, mounted at /etc/sarathi
   <name>-admin   Secret               the admin API token (generated once, by the caller)
   <name>-ranks   Service (headless)   rank discovery, only when a replica spans pods
   <name>         Service              the OpenAI API on the serving (rank-0) pods
@@ -11,33 +10,38 @@ deletes them all:
   <name>         Deployment           when a replica is one pod
   <name>-<i>     StatefulSet          one per replica when a replica spans pods
 
-`spec` is always the defaulted spec (spec.with_defaults).
+`spec` is always the defaulted spec (spec.with_defaults). Each workload is built once per pass,
+without the live settings (settings.py); its rollout hash is the digest of that template, and the
+settings its pods start with are then written in.
 """
 
 import base64
 import hashlib
 import json
 
-from . import names
+from . import names, settings
 from .names import CONTAINER, DIST_PORT, HTTP_PORT
 from .spec import GPU_RESOURCE, MODEL_DIR, Layout, layout, model_source, statefulset_name
 
 # Long enough for the engine to drain in-flight requests after SIGTERM.
 TERMINATION_GRACE_SECONDS = 120
-CONFIG_DIR = "/etc/sarathi"
 
 
-def plan(sdep: dict, spec: dict, *, token: str, template_budget: int) -> list[dict]:
-    """Every child of the resource, workloads last."""
+def plan(sdep: dict, spec: dict, *, token: str, desired: dict, existing: dict[str, dict]) -> list[dict]:
+    """Every child of the resource, workloads last. desired: the live settings (settings.py);
+    existing: the workloads there are, by name (their pods keep the settings they started with
+    while nothing else in their template changes)."""
     lay = layout(spec["parallelism"])
-    children = [
-        build_config_map(sdep, spec, template_budget),
-        build_secret(sdep, token),
-    ]
+    children = [build_secret(sdep, token)]
     if lay.multi_pod:
         children.append(build_ranks_service(sdep))
     children += [build_service(sdep, lay), build_pdb(sdep)]
-    return children + build_workloads(sdep, spec, token_digest(token), template_budget)
+    workloads = []
+    for workload in build_workloads(sdep, spec, token_digest(token)):
+        meta = workload["metadata"]
+        kept = settings.started_with(existing.get(meta["name"]), meta["annotations"][names.ROLLOUT_HASH])
+        workloads.append(with_settings(workload, kept or desired, len(spec["engine"]["extraArgs"])))
+    return children + workloads
 
 
 def token_digest(token: str) -> str:
@@ -48,8 +52,9 @@ def digest(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def engine_args(spec: dict, model_path: str, token_budget: int) -> list[str]:
-    """The `sarathi serve` arguments; extraArgs come last so they can add flags we do not model."""
+def engine_args(spec: dict, model_path: str) -> list[str]:
+    """The `sarathi serve` arguments but the live settings; extraArgs come last so they can add
+    flags we do not model."""
     engine, par = spec["engine"], spec["parallelism"]
     args = [
         "serve",
@@ -58,7 +63,6 @@ def engine_args(spec: dict, model_path: str, token_budget: int) -> list[str]:
         "--host", "0.0.0.0",
         "--port", str(HTTP_PORT),
         "--policy", engine["policy"],
-        "--token-budget", str(token_budget),
     ]
     for key, flag in (("maxNumSeqs", "--max-num-seqs"), ("maxModelLen", "--max-model-len")):
         if key in engine:
@@ -79,29 +83,6 @@ def _metadata(sdep: dict, name: str, **extra: dict) -> dict:
         "labels": names.labels(meta["name"]),
         "ownerReferences": [names.owner_reference(sdep)],
         **extra,
-    }
-
-
-def build_config_map(sdep: dict, spec: dict, template_budget: int) -> dict:
-    name = sdep["metadata"]["name"]
-    lay = layout(spec["parallelism"])
-    settings = {
-        "servedModelName": spec["model"]["name"],
-        "modelSource": spec["model"]["source"],
-        "modelPath": model_source(spec["model"]["source"]).path,
-        "engine": {**spec["engine"], "tokenBudget": template_budget},
-        "parallelism": {
-            **spec["parallelism"],
-            "podsPerReplica": lay.pods_per_replica,
-            "gpusPerPod": lay.gpus_per_pod,
-        },
-        "slo": spec.get("slo", {}),
-    }
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(sdep, names.config_map(name)),
-        "data": {"engine.json": json.dumps(settings, indent=2, sort_keys=True) + "\n"},
     }
 
 
@@ -161,53 +142,39 @@ def build_pdb(sdep: dict) -> dict:
     }
 
 
-def build_workloads(sdep: dict, spec: dict, admin_digest: str, template_budget: int) -> list[dict]:
+def build_workloads(sdep: dict, spec: dict, admin_digest: str) -> list[dict]:
+    """The workloads without the live settings, each with its rollout hash."""
     lay = layout(spec["parallelism"])
     if lay.multi_pod:
-        return [
-            build_statefulset(sdep, spec, lay, admin_digest, template_budget, replica)
-            for replica in range(spec["replicas"])
-        ]
-    return [build_deployment(sdep, spec, lay, admin_digest, template_budget)]
+        return [build_statefulset(sdep, spec, lay, admin_digest, replica) for replica in range(spec["replicas"])]
+    return [build_deployment(sdep, spec, lay, admin_digest)]
 
 
-def rollout_hashes(sdep: dict, spec: dict, admin_digest: str) -> dict[str, str]:
-    """Per workload name, the digest of its pod template without the token budget: equal
-    digests mean nothing but the budget would change in the pods."""
-    return {
-        w["metadata"]["name"]: w["metadata"]["annotations"][names.ROLLOUT_HASH]
-        for w in build_workloads(sdep, spec, admin_digest, template_budget=0)
-    }
+def with_settings(workload: dict, live: dict, extra_args: int) -> dict:
+    """The workload whose pods start with these live settings: flags before the spec's extraArgs
+    (the last extra_args arguments), and the pod template's and workload's annotation."""
+    out = json.loads(json.dumps(workload))
+    encoded = settings.encode(live)
+    out["metadata"]["annotations"][names.SETTINGS] = encoded
+    template = out["spec"]["template"]
+    template["metadata"]["annotations"][names.SETTINGS] = encoded
+    container = template["spec"]["containers"][0]
+    cut = len(container["args"]) - extra_args
+    container["args"] = container["args"][:cut] + settings.flags(live) + container["args"][cut:]
+    return out
 
 
-def _workload_metadata(sdep: dict, name: str, template: dict, template_budget: int) -> dict:
-    without_budget = _without_budget(template)
-    return _metadata(
-        sdep,
-        name,
-        annotations={
-            names.ROLLOUT_HASH: digest(without_budget),
-            names.TOKEN_BUDGET: str(template_budget),
-        },
-    )
+def _workload_metadata(sdep: dict, name: str, template: dict) -> dict:
+    return _metadata(sdep, name, annotations={names.ROLLOUT_HASH: digest(template)})
 
 
-def _without_budget(template: dict) -> dict:
-    """The template with the token budget blanked out of its args and annotations."""
-    clean = json.loads(json.dumps(template))
-    clean["metadata"]["annotations"].pop(names.TOKEN_BUDGET)
-    args = clean["spec"]["containers"][0]["args"]
-    args[args.index("--token-budget") + 1] = ""
-    return clean
-
-
-def build_deployment(sdep: dict, spec: dict, lay: Layout, admin_digest: str, template_budget: int) -> dict:
+def build_deployment(sdep: dict, spec: dict, lay: Layout, admin_digest: str) -> dict:
     name = sdep["metadata"]["name"]
-    template = build_pod_template(sdep, spec, lay, admin_digest, template_budget)
+    template = build_pod_template(sdep, spec, lay, admin_digest)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _workload_metadata(sdep, name, template, template_budget),
+        "metadata": _workload_metadata(sdep, name, template),
         "spec": {
             "replicas": spec["replicas"],
             "selector": {"matchLabels": names.pod_selector(name)},
@@ -220,16 +187,14 @@ def build_deployment(sdep: dict, spec: dict, lay: Layout, admin_digest: str, tem
     }
 
 
-def build_statefulset(
-    sdep: dict, spec: dict, lay: Layout, admin_digest: str, template_budget: int, replica: int
-) -> dict:
+def build_statefulset(sdep: dict, spec: dict, lay: Layout, admin_digest: str, replica: int) -> dict:
     name = sdep["metadata"]["name"]
     sts_name = statefulset_name(name, replica)
-    template = build_pod_template(sdep, spec, lay, admin_digest, template_budget, replica)
+    template = build_pod_template(sdep, spec, lay, admin_digest, replica)
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": _workload_metadata(sdep, sts_name, template, template_budget),
+        "metadata": _workload_metadata(sdep, sts_name, template),
         "spec": {
             "replicas": lay.pods_per_replica,
             "serviceName": names.ranks_service(name),
@@ -244,9 +209,7 @@ def build_statefulset(
     }
 
 
-def build_pod_template(
-    sdep: dict, spec: dict, lay: Layout, admin_digest: str, template_budget: int, replica: int | None = None
-) -> dict:
+def build_pod_template(sdep: dict, spec: dict, lay: Layout, admin_digest: str, replica: int | None = None) -> dict:
     name = sdep["metadata"]["name"]
     source = model_source(spec["model"]["source"])
     pod_labels = {**names.labels(name), **names.pod_selector(name)}
@@ -254,12 +217,10 @@ def build_pod_template(
         pod_labels[names.REPLICA_LABEL] = str(replica)
 
     volumes = [
-        {"name": "config", "configMap": {"name": names.config_map(name)}},
         # NCCL and torch's shared-memory transport outgrow the container runtime's 64 MiB /dev/shm.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
     mounts = [
-        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
     init_containers = []
@@ -283,7 +244,7 @@ def build_pod_template(
         "image": spec["image"],
         "imagePullPolicy": spec["imagePullPolicy"],
         "command": ["sarathi"],
-        "args": engine_args(spec, source.path, template_budget),
+        "args": engine_args(spec, source.path),
         "ports": [{"name": "http", "containerPort": HTTP_PORT}]
         + ([{"name": "dist", "containerPort": DIST_PORT}] if lay.multi_pod else []),
         "env": _engine_env(name, lay, replica) + list(spec["env"]),
@@ -311,7 +272,6 @@ def build_pod_template(
         "metadata": {
             "labels": pod_labels,
             "annotations": {
-                names.TOKEN_BUDGET: str(template_budget),
                 # A new admin token (the Secret was recreated) must reach the pods: roll them.
                 names.ADMIN_TOKEN_DIGEST: admin_digest,
             },

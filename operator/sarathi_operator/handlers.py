@@ -14,7 +14,6 @@ CHILDREN = (
     ("apps/v1", "deployments"),
     ("apps/v1", "statefulsets"),
     ("v1", "services"),
-    ("v1", "configmaps"),
     ("policy/v1", "poddisruptionbudgets"),
 )
 RETRY_SECONDS = 5

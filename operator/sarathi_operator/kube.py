@@ -19,7 +19,6 @@ FIELD_MANAGER = OPERATOR
 REQUEST_TIMEOUT = 30
 
 _PLURALS = {
-    "ConfigMap": "configmaps",
     "Secret": "secrets",
     "Service": "services",
     "Pod": "pods",

@@ -15,15 +15,11 @@ REPLICA_LABEL = f"{GROUP}/replica"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 
 ROLLOUT_HASH = f"{GROUP}/rollout-hash"
-TOKEN_BUDGET = f"{GROUP}/token-budget"
-LIVE_TOKEN_BUDGET = f"{GROUP}/live-token-budget"
+SETTINGS = f"{GROUP}/engine-settings"  # the live settings the pods start with (settings.py)
+LIVE_SETTINGS = f"{GROUP}/live-engine-settings"  # those applied live to a pod's engine
 ADMIN_TOKEN_DIGEST = f"{GROUP}/admin-token-sha256"
 
 ADMIN_TOKEN_KEY = "token"
-
-
-def config_map(name: str) -> str:
-    return f"{name}-engine"
 
 
 def admin_secret(name: str) -> str:

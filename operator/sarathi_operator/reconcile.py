@@ -2,8 +2,9 @@
 
 A pass is level-triggered and idempotent: read the resource, validate it, apply the plan
 (build.py) with server-side apply, prune children the plan no longer holds, restart the next
-stale multi-pod replica (rollout.py), push a changed token budget to running engines
-(budget.py), and write a status that matches what it saw (status.py). Every trigger (create,
+stale multi-pod replica (rollout.py), push changed live settings to the running engines
+(settings.py: the one path for the spec's token budget and the autotuner's SLO margin), and
+write a status that matches what it saw (status.py). Every trigger (create,
 update, resume, a child's change, the periodic resync) runs the same pass.
 """
 
@@ -23,7 +24,7 @@ import aiohttp
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Histogram
 
-from . import admin, budget, build, names, pods, rollout, status
+from . import admin, build, names, pods, rollout, settings, status
 from .autotune import record as autotune_record
 from .kube import Kube
 from .spec import API_VERSION, KIND, layout, validate, with_defaults
@@ -47,7 +48,7 @@ class ChildRejected(Exception):
 @dataclass
 class Converged:
     token: str
-    template_budget: int
+    desired: dict  # the live settings every serving engine should run
     observed: tuple[int, int, bool]  # replicas, ready, rolling
     serving_pods: list[dict]
     pod_problems: list[str]
@@ -88,7 +89,7 @@ class Reconciler:
                 RECONCILE_SECONDS.observe(time.perf_counter() - started)
 
     async def resync_forever(self, namespaces: list[str] | None, interval: float) -> None:
-        """Reconciles everything every interval: retries live budgets that did not reach an
+        """Reconciles everything every interval: retries live settings that did not reach an
         engine and repairs children whose change events were missed."""
         while True:
             await asyncio.sleep(interval)
@@ -121,17 +122,17 @@ class Reconciler:
         except ChildRejected as e:
             await self._write_status(sdep, self._failed(sdep, "ChildRejected", str(e)))
             return
-        pending = await self._push_token_budget(sdep, spec, converged)
+        pending = await self._push_settings(sdep, converged)
         previous = sdep.get("status", {})
         replicas, ready, rolling = converged.observed
         obs = status.Observation(
             replicas=replicas,
             ready=ready,
             rolling=rolling,
-            token_budget=budget.budget_in_force(
-                converged.serving_pods, previous.get("tokenBudget"), converged.template_budget
+            token_budget=settings.budget_in_force(
+                converged.serving_pods, previous.get("tokenBudget"), converged.desired["token_budget"]
             ),
-            budget_pending=pending,
+            settings_pending=pending,
             pod_problems=converged.pod_problems,
         )
         lay = layout(spec["parallelism"])
@@ -144,7 +145,7 @@ class Reconciler:
             now=now(),
         )
         if not spec["autotune"]["enabled"]:
-            new.update(autotune_record.cleared(previous))
+            new.update(autotune_record.cleared(previous, new["conditions"]))
         await self._write_status(sdep, new)
 
     def _failed(self, sdep: dict, reason: str, message: str) -> dict:
@@ -167,11 +168,8 @@ class Reconciler:
                  for (_, kind), children in zip(_PRUNABLE, listed)}
         token = token.result()
         existing = {w["metadata"]["name"]: w for w in owned["Deployment"] + owned["StatefulSet"]}
-        hashes = build.rollout_hashes(sdep, spec, build.token_digest(token))
-        template_budget = rollout.template_token_budget(budget.start_budget(spec, sdep.get("status", {})),
-                                                        existing, hashes)
-
-        plan = build.plan(sdep, spec, token=token, template_budget=template_budget)
+        desired = settings.desired(spec, sdep.get("status", {}))
+        plan = build.plan(sdep, spec, token=token, desired=desired, existing=existing)
         # Workloads go last, so what their pods mount and reference exists when pods start.
         applied = []
         for stage in ([m for m in plan if m["kind"] not in _WORKLOADS], [m for m in plan if m["kind"] in _WORKLOADS]):
@@ -192,7 +190,7 @@ class Reconciler:
         serving = names.serving_selector(name, lay)
         serving_pods = [p for p in engine_pods if serving.items() <= p["metadata"].get("labels", {}).items()]
         problems = [p for p in map(pods.problem, engine_pods) if p]
-        return Converged(token, template_budget, observed, serving_pods, problems)
+        return Converged(token, desired, observed, serving_pods, problems)
 
     def _admin_token(self, namespace: str, name: str) -> str:
         """The token in the existing Secret, or a new one: it is generated only once."""
@@ -236,37 +234,36 @@ class Reconciler:
             f"restarting all {len(victims)} pods of replica {statefulset} to roll out the new template",
         )
 
-    async def _push_token_budget(self, sdep: dict, spec: dict, converged: Converged) -> list[str]:
-        """Sets the target budget on ready engines that run another one; returns what failed."""
-        target = budget.live_target(spec)
-        if target is None:
-            return []
-        stale = budget.pods_needing_budget(converged.serving_pods, target)
+    async def _push_settings(self, sdep: dict, converged: Converged) -> list[str]:
+        """Sets the desired live settings on ready engines that run others; returns what failed."""
+        target = converged.desired
+        stale = settings.pods_needing(converged.serving_pods, target)
         if not stale:
             return []
         async with aiohttp.ClientSession() as session:
             results = await asyncio.gather(
-                *(admin.set_token_budget(session, p["status"]["podIP"], converged.token, target) for p in stale),
+                *(admin.push_settings(session, admin.pod_url(p["status"]["podIP"]), converged.token, target)
+                  for p in stale),
                 return_exceptions=True,
             )
         applied, failures = [], []
         for pod, result in zip(stale, results):
             pod_name = pod["metadata"]["name"]
             if isinstance(result, admin.AdminError):
-                failures.append(f"token budget {target} not yet applied on pod {pod_name}: {result}")
+                failures.append(f"settings not yet applied on pod {pod_name}: {result}")
                 continue
             if isinstance(result, BaseException):
                 raise result
             updated = await asyncio.to_thread(
                 self.kube.merge_patch, "v1", "Pod", pod["metadata"]["namespace"], pod_name,
-                budget.live_budget_patch(pod, target),
+                settings.live_patch(pod, target),
             )
             converged.serving_pods[converged.serving_pods.index(pod)] = updated
-            applied.append(pod_name)
+            applied.append(f"{pod_name} ({settings.changes(settings.pod_settings(pod), target)})")
         if applied:
             await asyncio.to_thread(
-                self.kube.post_event, sdep, "Normal", "TokenBudgetApplied",
-                f"token budget {target} applied live to {', '.join(applied)}",
+                self.kube.post_event, sdep, "Normal", "SettingsApplied",
+                f"engine settings applied live to {', '.join(applied)}",
             )
         return failures
 

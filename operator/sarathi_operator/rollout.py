@@ -1,29 +1,11 @@
-"""Rollout rules: which token budget a pod template carries, and when to restart which
-multi-pod replica. Pure functions over objects as the API server returns them."""
+"""Rollout rules: when to restart which multi-pod replica. Pure functions over objects as the
+API server returns them."""
 
 from dataclasses import dataclass
 
-from . import names, pods
+from . import pods
 
 REVISION_LABEL = "controller-revision-hash"
-
-
-def template_token_budget(desired: int, existing: dict[str, dict], hashes: dict[str, str]) -> int:
-    """The token budget to render into the pod templates.
-
-    A change of tokenBudget alone never rolls pods: when an existing workload's template
-    differs from the desired one only in its budget (same rollout hash), the template keeps
-    the budget its pods were started with, and the new budget is applied to the running
-    engines through their admin API (budget.py). Any other change rolls the pods anyway, and
-    then the new pods start with the desired budget.
-
-    existing: workloads by name; hashes: desired rollout hash by workload name.
-    """
-    for name, rollout_hash in hashes.items():
-        annotations = existing.get(name, {}).get("metadata", {}).get("annotations", {})
-        if annotations.get(names.ROLLOUT_HASH) == rollout_hash and names.TOKEN_BUDGET in annotations:
-            return int(annotations[names.TOKEN_BUDGET])
-    return desired
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ DEFAULTS = {
 
 MANAGED_FLAGS = (
     "--model", "--served-model-name", "--host", "--port", "--policy", "--token-budget",
-    "--max-num-seqs", "--max-model-len", "--dtype", "--tensor-parallel-size",
+    "--tbt-slo-ms", "--slo-margin", "--max-num-seqs", "--max-model-len", "--dtype", "--tensor-parallel-size",
     "--pipeline-parallel-size",
 )
 RESERVED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SARATHI_ADMIN_TOKEN")
@@ -126,6 +126,12 @@ def validate(name: str, spec: dict) -> list[str]:
         problems.append(
             f"spec.engine.extraArgs must not set flags the operator manages: {', '.join(managed)}; "
             f"use the matching spec fields instead"
+        )
+    if spec["autotune"]["enabled"] and (spec["engine"]["policy"] != "sarathi" or spec["parallelism"]["pipeline"] > 1):
+        problems.append(
+            "spec.autotune needs spec.engine.policy sarathi and spec.parallelism.pipeline 1: the engines "
+            "plan each iteration's prefill chunks for the SLO, which only the sarathi policy chunks, "
+            "and not yet across pipeline stages"
         )
     reserved = [e["name"] for e in spec["env"] if e["name"] in RESERVED_ENV]
     if reserved:

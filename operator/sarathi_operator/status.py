@@ -3,7 +3,7 @@ the token budget in force, and the Ready / Progressing / Degraded conditions.
 
 Phases:
   Pending      nothing has been ready since creation: first pods starting
-  Progressing  a change is rolling out (template, scale, or a live token budget)
+  Progressing  a change is rolling out (template, scale, or live engine settings)
   Ready        every desired replica is ready and the spec is fully applied
   Degraded     replicas that were ready at this generation are lost
   Failed       the spec cannot be applied (the message says why)
@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from .rollout import ReplicaGroup
 
-MANAGED_CONDITIONS = ("Ready", "Progressing", "Degraded")
 MAX_POD_PROBLEMS = 3
 
 
@@ -23,7 +22,7 @@ class Observation:
     ready: int  # replicas ready to serve
     rolling: bool  # the workloads have not caught up with the latest template or scale
     token_budget: int  # in force on the serving engines
-    budget_pending: list[str] = field(default_factory=list)  # why the target budget is not everywhere yet
+    settings_pending: list[str] = field(default_factory=list)  # why the live settings are not everywhere yet
     pod_problems: list[str] = field(default_factory=list)  # why pods are not running, when known
 
 
@@ -52,11 +51,11 @@ def observe_statefulsets(statefulsets: list[dict], groups: list[ReplicaGroup], d
 
 def phase(previous: dict, generation: int, desired: int, obs: Observation) -> str:
     prev_phase = previous.get("phase")
-    if obs.ready >= desired and not obs.rolling and not obs.budget_pending:
+    if obs.ready >= desired and not obs.rolling and not obs.settings_pending:
         return "Ready"
     if prev_phase in (None, "Pending") or (prev_phase == "Failed" and obs.ready == 0):
         return "Pending"
-    if obs.rolling or obs.budget_pending:
+    if obs.rolling or obs.settings_pending:
         return "Progressing"
     if prev_phase in ("Ready", "Degraded") and previous.get("observedGeneration") == generation:
         return "Degraded"
@@ -74,10 +73,10 @@ def compute_status(
         "Degraded": ("ReplicasUnavailable", counts),
         "Progressing": ("RollingOut", counts),
     }[current]
-    if current == "Progressing" and not obs.rolling and obs.budget_pending:
-        reason = "TokenBudgetPending"
-    if obs.budget_pending:
-        message += "; " + "; ".join(obs.budget_pending)
+    if current == "Progressing" and not obs.rolling and obs.settings_pending:
+        reason = "SettingsPending"
+    if obs.settings_pending:
+        message += "; " + "; ".join(obs.settings_pending)
     if current != "Ready" and obs.pod_problems:
         message += "; " + "; ".join(obs.pod_problems[:MAX_POD_PROBLEMS])
     in_progress = current in ("Pending", "Progressing")
@@ -133,11 +132,13 @@ def _condition(kind: str, true: bool, reason: str, message: str) -> dict:
 
 def merge_conditions(previous: list[dict], managed: list[dict], generation: int, now: str) -> list[dict]:
     """Managed conditions replace their predecessors, keeping lastTransitionTime while the
-    status is unchanged; conditions of other types (set by other writers) are kept."""
+    status is unchanged; conditions of other types (set by other writers: the reconciler's
+    Ready, Progressing and Degraded, the autotuner's SLOFeasible) are kept."""
     before = {c["type"]: c for c in previous}
     merged = []
     for cond in managed:
         old = before.get(cond["type"])
         since = old["lastTransitionTime"] if old and old["status"] == cond["status"] else now
         merged.append({**cond, "observedGeneration": generation, "lastTransitionTime": since})
-    return merged + [c for c in previous if c["type"] not in MANAGED_CONDITIONS]
+    types = {c["type"] for c in managed}
+    return merged + [c for c in previous if c["type"] not in types]

@@ -3,15 +3,19 @@ import json
 
 from sdeps import make_sdep
 
-from sarathi_operator import build, names
+from sarathi_operator import build, names, settings
 from sarathi_operator.spec import layout
 
 TOKEN = "s3cret"
 
 
-def children(obj, template_budget=None):
-    budget = obj["spec"]["engine"]["tokenBudget"] if template_budget is None else template_budget
-    return {(c["kind"], c["metadata"]["name"]): c for c in build.plan(obj, obj["spec"], token=TOKEN, template_budget=budget)}
+def plan(obj, existing=None):
+    return build.plan(obj, obj["spec"], token=TOKEN, desired=settings.desired(obj["spec"], obj.get("status", {})),
+                      existing=existing or {})
+
+
+def children(obj, existing=None):
+    return {(c["kind"], c["metadata"]["name"]): c for c in plan(obj, existing)}
 
 
 def engine(workload):
@@ -30,7 +34,7 @@ def flag(args, name):
 def test_single_pod_replica_is_a_deployment_with_its_services():
     plan = children(make_sdep(replicas=3))
     assert set(plan) == {
-        ("ConfigMap", "chat-engine"), ("Secret", "chat-admin"), ("Service", "chat"),
+        ("Secret", "chat-admin"), ("Service", "chat"),
         ("PodDisruptionBudget", "chat"), ("Deployment", "chat"),
     }
     assert list(plan)[-1] == ("Deployment", "chat"), "workloads are applied last"
@@ -38,7 +42,7 @@ def test_single_pod_replica_is_a_deployment_with_its_services():
 
 
 def test_every_child_is_owned_labelled_and_namespaced():
-    for child in build.plan(make_sdep(), make_sdep()["spec"], token=TOKEN, template_budget=512):
+    for child in plan(make_sdep()):
         meta = child["metadata"]
         assert meta["namespace"] == "ml"
         assert meta["ownerReferences"] == [{
@@ -124,14 +128,6 @@ def test_secret_holds_the_given_token():
     assert base64.b64decode(secret["data"]["token"]).decode() == TOKEN
 
 
-def test_config_map_records_the_rendered_settings():
-    obj = make_sdep(parallelism={"tensor": 4, "pipeline": 4}, slo={"tbtP99Ms": 100})
-    settings = json.loads(children(obj, template_budget=256)[("ConfigMap", "chat-engine")]["data"]["engine.json"])
-    assert settings["engine"]["tokenBudget"] == 256
-    assert settings["parallelism"]["podsPerReplica"] == 2 and settings["parallelism"]["gpusPerPod"] == 8
-    assert settings["slo"] == {"tbtP99Ms": 100}
-
-
 def test_tp4_pp4_on_8_gpu_nodes_is_a_statefulset_per_replica_with_ranks_wired():
     obj = make_sdep(parallelism={"tensor": 4, "pipeline": 4, "gpusPerNode": 8}, replicas=2)
     plan = children(obj)
@@ -193,30 +189,57 @@ def test_pdb_allows_one_disruption_and_never_blocks_on_unready_pods():
     assert pdb["selector"]["matchLabels"] == names.pod_selector("chat")
 
 
-def test_rollout_hash_ignores_the_token_budget_only():
-    obj = make_sdep()
-    base = build.rollout_hashes(obj, obj["spec"], "d")
-    budget_changed = make_sdep(engine={"tokenBudget": 4096})
-    seqs_changed = make_sdep(engine={"maxNumSeqs": 8})
-    assert build.rollout_hashes(budget_changed, budget_changed["spec"], "d") == base
-    assert build.rollout_hashes(seqs_changed, seqs_changed["spec"], "d") != base
-    assert build.rollout_hashes(obj, obj["spec"], "other-token") != base
+def rollout_hash(obj):
+    return children(obj)[("Deployment", "chat")]["metadata"]["annotations"][names.ROLLOUT_HASH]
 
 
-def test_workload_annotations_record_hash_and_template_budget():
-    obj = make_sdep()
-    workload = children(obj, template_budget=300)[("Deployment", "chat")]
-    annotations = workload["metadata"]["annotations"]
-    assert annotations[names.TOKEN_BUDGET] == "300"
-    assert annotations[names.ROLLOUT_HASH] == build.rollout_hashes(obj, obj["spec"], build.token_digest(TOKEN))["chat"]
-    assert workload["spec"]["template"]["metadata"]["annotations"][names.TOKEN_BUDGET] == "300"
-    assert flag(engine(workload)["args"], "--token-budget") == "300"
+def test_the_rollout_hash_ignores_the_live_settings_only():
+    base = rollout_hash(make_sdep())
+    assert rollout_hash(make_sdep(engine={"tokenBudget": 4096})) == base
+    tuned = make_sdep(slo={"tbtP99Ms": 100}, autotune={"enabled": True})
+    tuned["status"] = {"autotune": {"state": {"margin": 0.7, "infeasible": False}}}
+    assert rollout_hash(tuned) == base
+    assert rollout_hash(make_sdep(engine={"maxNumSeqs": 8})) != base
+    other_token = build.plan(make_sdep(), make_sdep()["spec"], token="other", desired=settings.desired(
+        make_sdep()["spec"], {}), existing={})[-1]
+    assert other_token["metadata"]["annotations"][names.ROLLOUT_HASH] != base
+
+
+def test_new_workloads_start_with_the_desired_settings_as_flags_and_annotations():
+    obj = make_sdep(engine={"tokenBudget": 300, "extraArgs": ["--seed", "3"]}, slo={"tbtP99Ms": 150},
+                    autotune={"enabled": True})
+    obj["status"] = {"autotune": {"state": {"margin": 0.8, "infeasible": False}}}
+    workload = children(obj)[("Deployment", "chat")]
+    wanted = {"token_budget": 300, "tbt_slo_ms": 150, "slo_margin": 0.8}
+    assert json.loads(workload["metadata"]["annotations"][names.SETTINGS]) == wanted
+    assert json.loads(workload["spec"]["template"]["metadata"]["annotations"][names.SETTINGS]) == wanted
+    args = engine(workload)["args"]
+    assert (flag(args, "--token-budget"), flag(args, "--tbt-slo-ms"), flag(args, "--slo-margin")) == ("300", "150", "0.8")
+    assert args[-2:] == ["--seed", "3"]  # extraArgs stay last
+
+
+def test_a_settings_only_change_keeps_the_settings_the_pods_started_with():
+    running = children(make_sdep())[("Deployment", "chat")]
+    changed = make_sdep(engine={"tokenBudget": 1024})
+    kept = children(changed, existing={"chat": running})[("Deployment", "chat")]
+    assert kept == running  # no rollout: the reconciler pushes 1024 live
+    rolled = make_sdep(engine={"tokenBudget": 1024, "maxNumSeqs": 8})
+    fresh = children(rolled, existing={"chat": running})[("Deployment", "chat")]
+    assert flag(engine(fresh)["args"], "--token-budget") == "1024"  # rolls anyway, with the new budget
+
+
+def test_multi_pod_scale_up_starts_new_replicas_with_the_desired_settings():
+    before = make_sdep(parallelism={"tensor": 4, "pipeline": 4}, replicas=1)
+    running = children(before)[("StatefulSet", "chat-0")]
+    after = make_sdep(parallelism={"tensor": 4, "pipeline": 4}, replicas=2, engine={"tokenBudget": 2048})
+    planned = children(after, existing={"chat-0": running})
+    assert flag(engine(planned[("StatefulSet", "chat-0")])["args"], "--token-budget") == "512"
+    assert flag(engine(planned[("StatefulSet", "chat-1")])["args"], "--token-budget") == "2048"
 
 
 def test_plan_is_deterministic():
     obj = make_sdep(parallelism={"tensor": 4, "pipeline": 4}, replicas=3)
-    assert build.plan(obj, obj["spec"], token=TOKEN, template_budget=512) == build.plan(
-        obj, obj["spec"], token=TOKEN, template_budget=512)
+    assert plan(obj) == plan(obj)
     assert layout(obj["spec"]["parallelism"]).pods_per_replica == 2
 
 
@@ -230,6 +253,10 @@ def test_the_engine_cli_accepts_the_rendered_arguments():
     )
     args = engine(children(obj)[("StatefulSet", "chat-0")])["args"]
     parsed = build_parser().parse_args(args)
+    tuned = make_sdep(slo={"tbtP99Ms": 120}, autotune={"enabled": True})
+    tuned["status"] = {"autotune": {"state": {"margin": 0.75, "infeasible": False}}}
+    planned = build_parser().parse_args(engine(children(tuned)[("Deployment", "chat")])["args"])
+    assert (planned.tbt_slo_ms, planned.slo_margin) == (120, 0.75)
     assert (parsed.command, parsed.model, parsed.served_model_name, parsed.host, parsed.port) == (
         "serve", "smollm2-135m-instruct", "chat", "0.0.0.0", 8000)
     assert (parsed.policy, parsed.token_budget, parsed.max_num_seqs, parsed.max_model_len, parsed.dtype) == (

@@ -1,28 +1,6 @@
 import pytest
 
-from sarathi_operator import names
-from sarathi_operator.rollout import REVISION_LABEL, ReplicaGroup, replica_group, replica_to_restart, template_token_budget
-
-
-def workload(name, rollout_hash, budget):
-    return {"metadata": {"name": name, "annotations": {names.ROLLOUT_HASH: rollout_hash, names.TOKEN_BUDGET: str(budget)}}}
-
-
-def test_new_workloads_start_with_the_desired_budget():
-    assert template_token_budget(1024, {}, {"chat": "h1"}) == 1024
-
-
-def test_a_budget_only_change_keeps_the_running_template_budget():
-    assert template_token_budget(1024, {"chat": workload("chat", "h1", 512)}, {"chat": "h1"}) == 512
-
-
-def test_any_other_change_rolls_with_the_desired_budget():
-    assert template_token_budget(1024, {"chat": workload("chat", "h0", 512)}, {"chat": "h1"}) == 1024
-
-
-def test_multi_pod_scale_up_reuses_the_budget_of_existing_replicas():
-    existing = {"chat-0": workload("chat-0", "a", 256)}
-    assert template_token_budget(1024, existing, {"chat-0": "a", "chat-1": "b"}) == 256
+from sarathi_operator.rollout import REVISION_LABEL, ReplicaGroup, replica_group, replica_to_restart
 
 
 def sts(name, replicas=2, generation=2, observed=2, revision="new"):

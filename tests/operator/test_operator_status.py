@@ -10,7 +10,7 @@ T0, T1 = "2025-01-01T00:00:00Z", "2025-01-01T00:01:00Z"
 
 
 def obs(ready, rolling=False, pending=(), replicas=2, budget=512):
-    return Observation(replicas=replicas, ready=ready, rolling=rolling, token_budget=budget, budget_pending=list(pending))
+    return Observation(replicas=replicas, ready=ready, rolling=rolling, token_budget=budget, settings_pending=list(pending))
 
 
 def status_of(phase_, generation=1):
@@ -80,12 +80,12 @@ def test_ready_status():
     assert cond["Degraded"]["status"] == "False"
 
 
-def test_budget_pending_status_says_which_pods_and_why():
+def test_settings_pending_status_says_which_pods_and_why():
     st = compute_status(previous=status_of("Ready"), generation=1, desired=2,
-                        obs=obs(2, pending=["token budget 1024 not yet applied on pod a: refused"]), selector="", now=T0)
+                        obs=obs(2, pending=["settings not yet applied on pod a: refused"]), selector="", now=T0)
     cond = conditions(st)["Progressing"]
-    assert (st["phase"], cond["status"], cond["reason"]) == ("Progressing", "True", "TokenBudgetPending")
-    assert cond["message"] == "2/2 replicas ready; token budget 1024 not yet applied on pod a: refused"
+    assert (st["phase"], cond["status"], cond["reason"]) == ("Progressing", "True", "SettingsPending")
+    assert cond["message"] == "2/2 replicas ready; settings not yet applied on pod a: refused"
 
 
 def test_pod_problems_explain_a_phase_short_of_ready():

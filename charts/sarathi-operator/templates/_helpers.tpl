@@ -57,9 +57,6 @@ test keeps them equal), granted cluster-wide or in each watched namespace.
 - apiGroups: [""]
   resources: [services]
   verbs: [get, list, watch, create, update, patch, delete]
-- apiGroups: [""]
-  resources: [configmaps]
-  verbs: [get, list, watch, create, update, patch]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, update, patch]
@@ -67,7 +64,7 @@ test keeps them equal), granted cluster-wide or in each watched namespace.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, create, update, patch]
-# Engine pods: found for live token budget changes and deleted to restart a multi-pod replica.
+# Engine pods: found for live settings changes and deleted to restart a multi-pod replica.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, patch, delete]

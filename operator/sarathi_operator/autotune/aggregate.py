@@ -12,12 +12,18 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from .loop import Observed
+
 TBT = "sarathi_time_between_tokens_seconds"
 TTFT = "sarathi_time_to_first_token_seconds"
-ITERATION_TOKENS = "sarathi_iteration_tokens"
 ITERATION_SECONDS = "sarathi_iteration_seconds"
 REQUESTS = "sarathi_requests"
-TOKEN_BUDGET = "sarathi_token_budget"
+LIMITED = "sarathi_slo_limited_iterations"
+INFEASIBLE = "sarathi_slo_infeasible_iterations"
+COUNTERS = (REQUESTS, LIMITED, INFEASIBLE)
+# Gauges: the live settings each engine runs at the scrape.
+SETTINGS = {"sarathi_token_budget": "token_budget", "sarathi_tbt_slo_seconds": "tbt_slo_ms",
+            "sarathi_slo_margin": "slo_margin"}
 
 
 @dataclass(frozen=True)
@@ -42,28 +48,6 @@ class Histogram:
             return self
         _check_same_bounds(self, other)
         return Histogram(self.bounds, tuple(a - b for a, b in zip(self.counts, other.counts)))
-
-    def share_above(self, x: float) -> float | None:
-        """The share of the observations' total (each counted at its bucket's middle) held by
-        observations above x, interpolated inside the bucket holding x."""
-        total = above = below = lower = 0.0
-        for bound, cumulative in zip(self.bounds, self.counts):
-            upper = lower if math.isinf(bound) else bound
-            mass = (cumulative - below) * (lower + upper) / 2
-            total += mass
-            if lower >= x:
-                above += mass
-            elif upper > x:
-                above += mass * (upper - x) / (upper - lower)
-            below, lower = cumulative, bound
-        return above / total if total else None
-
-    def count_above(self, x: float) -> float:
-        """Observations certainly above x: those in the buckets wholly above it."""
-        for bound, cumulative in zip(self.bounds, self.counts):
-            if bound >= x:
-                return self.count - cumulative
-        return 0.0
 
     def quantile(self, q: float) -> float | None:
         """As Prometheus' histogram_quantile: linear inside the bucket that holds the rank; the
@@ -92,42 +76,54 @@ class Snapshot:
 
     tbt: Histogram = Histogram()
     ttft: Histogram = Histogram()
-    iteration_tokens: Histogram = Histogram()
     iteration_seconds: Histogram = Histogram()
     requests: float = 0.0  # finished requests, any finish reason
-    token_budget: int | None = None  # gauge: the budget in force at the scrape
+    limited: float = 0.0  # iterations whose prefill the SLO planner cut short
+    infeasible: float = 0.0  # iterations whose decodes alone were predicted over the SLO
+    settings: dict | None = None  # the live settings in force at the scrape (engine admin API names)
 
     def __add__(self, other: "Snapshot") -> "Snapshot":
-        return Snapshot(self.tbt + other.tbt, self.ttft + other.ttft, self.iteration_tokens + other.iteration_tokens,
-                        self.iteration_seconds + other.iteration_seconds, self.requests + other.requests)
+        return Snapshot(self.tbt + other.tbt, self.ttft + other.ttft, self.iteration_seconds + other.iteration_seconds,
+                        self.requests + other.requests, self.limited + other.limited,
+                        self.infeasible + other.infeasible)
 
     def __sub__(self, other: "Snapshot") -> "Snapshot":
-        return Snapshot(self.tbt - other.tbt, self.ttft - other.ttft, self.iteration_tokens - other.iteration_tokens,
-                        self.iteration_seconds - other.iteration_seconds, self.requests - other.requests)
+        return Snapshot(self.tbt - other.tbt, self.ttft - other.ttft, self.iteration_seconds - other.iteration_seconds,
+                        self.requests - other.requests, self.limited - other.limited,
+                        self.infeasible - other.infeasible)
+
+
+def _setting(gauge: str, value: float) -> float | int | None:
+    if gauge == "sarathi_token_budget":
+        return int(value)
+    if gauge == "sarathi_tbt_slo_seconds":
+        return round(value * 1000, 3) or None  # 0: no SLO
+    return round(value, 4)
 
 
 def parse(text: str) -> Snapshot:
     """The counters the tuner reads from one engine's /metrics text, summed over label sets."""
-    buckets: dict[str, dict[float, float]] = {TBT: {}, TTFT: {}, ITERATION_TOKENS: {}, ITERATION_SECONDS: {}}
-    requests, budget = 0.0, None
+    buckets: dict[str, dict[float, float]] = {TBT: {}, TTFT: {}, ITERATION_SECONDS: {}}
+    counters, settings = dict.fromkeys(COUNTERS, 0.0), {}
     for family in text_string_to_metric_families(text):
         if family.name in buckets:
             for s in family.samples:
                 if s.name == family.name + "_bucket":
                     le = float(s.labels["le"])
                     buckets[family.name][le] = buckets[family.name].get(le, 0.0) + s.value
-        elif family.name == REQUESTS:
-            requests += sum(s.value for s in family.samples if s.name == REQUESTS + "_total")
-        elif family.name == TOKEN_BUDGET:
-            budget = int(family.samples[0].value) if family.samples else None
-    tbt, ttft, tokens, seconds = (Histogram(tuple(sorted(b)), tuple(b[k] for k in sorted(b))) for b in buckets.values())
-    return Snapshot(tbt, ttft, tokens, seconds, requests, budget)
+        elif family.name in counters:
+            counters[family.name] += sum(s.value for s in family.samples if s.name == family.name + "_total")
+        elif family.name in SETTINGS and family.samples:
+            settings[SETTINGS[family.name]] = _setting(family.name, family.samples[0].value)
+    tbt, ttft, seconds = (Histogram(tuple(sorted(b)), tuple(b[k] for k in sorted(b))) for b in buckets.values())
+    return Snapshot(tbt, ttft, seconds, counters[REQUESTS], counters[LIMITED], counters[INFEASIBLE],
+                    settings or None)
 
 
 def _went_down(old: Snapshot, new: Snapshot) -> bool:
     return (new.requests < old.requests or new.tbt.count < old.tbt.count or new.ttft.count < old.ttft.count
-            or new.iteration_tokens.count < old.iteration_tokens.count
-            or new.iteration_seconds.count < old.iteration_seconds.count)
+            or new.iteration_seconds.count < old.iteration_seconds.count or new.limited < old.limited
+            or new.infeasible < old.infeasible)
 
 
 def increase(old: Snapshot, new: Snapshot) -> Snapshot:
@@ -174,33 +170,34 @@ class Scrapes:
 class Window:
     seconds: float
     engines: int  # engines that contributed
-    tbt_samples: int
-    tbt_p99: float | None
-    ttft_p99: float | None
-    request_rate: float  # finished requests per second
-    budget_bound_share: float | None  # share of tokens in iterations holding more than half the budget
-    tbt: Histogram = Histogram()  # the token gaps themselves
-    iterations: Histogram = Histogram()  # the engines' iteration times: the gaps a decode would have seen
+    tbt: Histogram  # the token gaps
+    ttft: Histogram
+    iterations: Histogram  # the engines' iteration times
+    requests: float  # finished
+    limited: int
+    infeasible: int
 
     @property
-    def iteration_p99(self) -> float | None:
-        return self.iterations.quantile(0.99)
+    def tbt_samples(self) -> int:
+        return int(self.tbt.count)
+
+    @property
+    def tbt_p99(self) -> float | None:
+        return self.tbt.quantile(0.99)
+
+    @property
+    def ttft_p99(self) -> float | None:
+        return self.ttft.quantile(0.99)
+
+    @property
+    def request_rate(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    def observed(self) -> Observed:
+        return Observed(self.tbt_samples, self.tbt_p99, int(self.iterations.count), self.iterations.quantile(0.99),
+                        self.limited, self.infeasible)
 
 
-def summarize(total: Snapshot, seconds: float, engines: int, budget: int) -> Window:
-    """Half the budget separates iterations the budget shaped from the rest: a chunked
-    prefill fills the budget to the token, while decodes and the tail of a prompt leave it
-    mostly empty. Tokens, not iterations, are weighed (an engine's time goes with its tokens):
-    under light load, a few full iterations among many small decode steps still mean that
-    every prompt was cut into chunks by the budget."""
-    return Window(
-        seconds=seconds,
-        engines=engines,
-        tbt_samples=int(total.tbt.count),
-        tbt_p99=total.tbt.quantile(0.99),
-        ttft_p99=total.ttft.quantile(0.99),
-        request_rate=total.requests / seconds if seconds > 0 else 0.0,
-        budget_bound_share=total.iteration_tokens.share_above(budget / 2),
-        tbt=total.tbt,
-        iterations=total.iteration_seconds,
-    )
+def summarize(total: Snapshot, seconds: float, engines: int) -> Window:
+    return Window(seconds, engines, total.tbt, total.ttft, total.iteration_seconds, total.requests,
+                  int(total.limited), int(total.infeasible))

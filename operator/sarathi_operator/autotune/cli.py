@@ -1,8 +1,9 @@
-"""`sarathi autotune`: the autotuner against engines given by URL, without Kubernetes. The same
-pipeline as in the operator (tuner.py); each pass is printed as one JSON line.
+"""`sarathi autotune`: the outer loop against engines given by URL, without Kubernetes. The same
+pass as in the operator (tuner.py); it sets the SLO and the margin on every engine that runs
+others through the admin API (admin.push_settings, as the reconciler does), and prints each pass
+as one JSON line.
 
-    SARATHI_ADMIN_TOKEN=secret sarathi autotune --url http://127.0.0.1:8000 --slo-tbt-ms 500 \\
-        --min-token-budget 32 --max-token-budget 1024 --interval 10
+    SARATHI_ADMIN_TOKEN=secret sarathi autotune --url http://127.0.0.1:8000 --slo-tbt-ms 500 --interval 10
 """
 
 import argparse
@@ -15,61 +16,67 @@ from collections.abc import Callable
 
 import aiohttp
 
-from . import fetch
-from .decide import Config, State
+from ..admin import AdminError, push_settings
+from .loop import LoopConfig, LoopState
 from .tuner import Pass, Tuner
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="sarathi autotune",
-        description="Tune the token budget of engines given by URL to hold a P99 TBT SLO, without Kubernetes; "
-                    "prints one JSON line per pass.")
+        description="Hold a P99 TBT SLO on engines given by URL, without Kubernetes: the engines plan every "
+                    "iteration for it, this loop corrects their planning's margin; prints one JSON line per pass.")
     parser.add_argument("--url", action="append", required=True, dest="urls",
                         help="an engine's base URL (repeatable)")
     parser.add_argument("--slo-tbt-ms", type=float, required=True, help="target P99 time between tokens")
-    parser.add_argument("--min-token-budget", type=int, default=32)
-    parser.add_argument("--max-token-budget", type=int, default=8192)
     parser.add_argument("--interval", type=float, default=30.0, help="seconds between passes")
-    parser.add_argument("--min-samples", type=int, default=Config.min_samples,
-                        help="token gaps a window needs before a decision")
+    parser.add_argument("--min-samples", type=int, default=LoopConfig.min_samples,
+                        help="token gaps a window needs before the loop acts on it")
     parser.add_argument("--passes", type=int, help="stop after this many passes (default: run until killed)")
     parser.add_argument("--token-env", default="SARATHI_ADMIN_TOKEN",
                         help="environment variable holding the engines' admin token")
     return parser.parse_args(argv)
 
 
-def pass_record(p: Pass) -> dict:
-    w = p.window
+def pass_record(p: Pass, applied: dict[str, str | None]) -> dict:
+    w, d = p.window, p.decision
     return {
-        "time": round(p.time, 3), "budget": p.decision.budget, "previous": p.previous_budget,
-        "action": p.decision.action, "reason": p.decision.reason, "tbt_p99": w.tbt_p99, "ttft_p99": w.ttft_p99,
-        "tbt_samples": w.tbt_samples, "iteration_p99": w.iteration_p99,
-        "acted_on": p.evidence.of if p.evidence else None, "request_rate": w.request_rate,
-        "window_seconds": w.seconds, "budget_bound_share": w.budget_bound_share, "applied": p.applied, "apply_errors": p.apply_errors,
-        "scrape_errors": p.scrape_errors,
+        "time": round(p.time, 3), "margin": d.margin, "previous": d.previous_margin, "action": d.action,
+        "reason": d.reason, "infeasible": d.infeasible, "tbt_p99": w.tbt_p99, "ttft_p99": w.ttft_p99,
+        "tbt_samples": w.tbt_samples, "iterations": int(w.iterations.count), "limited": w.limited,
+        "request_rate": w.request_rate, "window_seconds": w.seconds,
+        "applied": [k for k, e in applied.items() if e is None],
+        "apply_errors": {k: e for k, e in applied.items() if e is not None}, "scrape_errors": p.scrape_errors,
     }
 
 
-async def current_budget(session: aiohttp.ClientSession, engines: dict[str, str]) -> int:
-    """The budget the engines report (the lowest, when they disagree)."""
-    budgets = [s.snapshot.token_budget for s in await fetch.scrape_all(session, engines)
-               if s.snapshot and s.snapshot.token_budget]
-    if not budgets:
-        raise RuntimeError(f"no engine answered /metrics with its token budget: {', '.join(engines.values())}")
-    return min(budgets)
+async def apply(session: aiohttp.ClientSession, engines: dict[str, str], token: str, p: Pass,
+                wanted: dict) -> dict[str, str | None]:
+    """Pushes the wanted settings to the engines that report others: {key: None or why not}."""
+    stale = [k for k in engines if {n: p.reported.get(k, {}).get(n) for n in wanted} != wanted]
+
+    async def one(key: str) -> str | None:
+        try:
+            await push_settings(session, engines[key], token, wanted)
+        except AdminError as e:
+            return str(e)
+        return None
+
+    return dict(zip(stale, await asyncio.gather(*(one(k) for k in stale))))
 
 
-async def run(engines: dict[str, str], token: str, config: Config, interval: float,
-              on_pass: Callable[[Pass], None], passes: int | None = None, stop: asyncio.Event | None = None) -> None:
-    """Passes every interval until `passes` are done or stop is set; starts from the budget
-    the engines run."""
+async def run(engines: dict[str, str], token: str, config: LoopConfig, interval: float,
+              on_pass: Callable[[Pass, dict], None], passes: int | None = None,
+              stop: asyncio.Event | None = None) -> None:
+    """Passes every interval until `passes` are done or stop is set."""
     stop = stop or asyncio.Event()
     async with aiohttp.ClientSession() as session:
-        tuner = Tuner(State(await current_budget(session, engines)), interval)
+        tuner = Tuner(LoopState(), interval)
         done, next_at = 0, time.monotonic()
         while not stop.is_set() and (passes is None or done < passes):
-            on_pass(await tuner.step(session, engines, token, config, time.time()))
+            p = await tuner.step(session, engines, config, time.time())
+            wanted = {"tbt_slo_ms": config.slo * 1000, "slo_margin": p.decision.margin}
+            on_pass(p, await apply(session, engines, token, p, wanted))
             done += 1
             next_at += interval
             try:
@@ -84,18 +91,14 @@ def main(argv: list[str]) -> int:
     if not token:
         print(f"sarathi autotune: error: ${args.token_env} is not set", file=sys.stderr)
         return 2
-    config = Config(slo=args.slo_tbt_ms / 1000, min_budget=args.min_token_budget,
-                    max_budget=args.max_token_budget, min_samples=args.min_samples)
+    config = LoopConfig(slo=args.slo_tbt_ms / 1000, min_samples=args.min_samples)
     engines = {url: url for url in args.urls}
 
-    def show(p: Pass) -> None:
-        print(json.dumps(pass_record(p)), flush=True)
+    def show(p: Pass, applied: dict) -> None:
+        print(json.dumps(pass_record(p, applied)), flush=True)
 
     try:
         asyncio.run(run(engines, token, config, args.interval, show, args.passes))
-    except RuntimeError as e:
-        print(f"sarathi autotune: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         pass
     return 0

@@ -7,14 +7,12 @@ Not a kopf daemon: kopf puts a finalizer on every resource that has one, and the
 deletion working without it, even while the operator is down.
 
 Every `spec.autotune.intervalSeconds` a task runs one pass (tuner.py) over the ready serving
-pods, records on each pod the budget its engine now runs (the annotation the reconciler reads
-for `status.tokenBudget`, see budget.py), writes the autotuner's status fields and Events, and
-asks the reconciler for a pass when a pod's budget changed. A restarted operator resumes from
-the status (record.resume). Once the flag is off, the reconciler owns the live budget again.
+pods, writes the autotuner's status fields (the loop's state among them) and Events, and asks
+the reconciler for a pass when the margin changed: the reconciler pushes it to the engines, the
+one push path (settings.py). A restarted operator resumes from the status (record.resume).
 """
 
 import asyncio
-import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,32 +20,23 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from kubernetes.client.exceptions import ApiException
 
-from .. import budget, names, pods
+from .. import names, pods
 from ..kube import Kube
 from ..spec import API_VERSION, KIND, layout, with_defaults
 from . import record
-from .decide import Config
+from .loop import LoopConfig
 from .tuner import Tuner
 
 log = logging.getLogger(__name__)
-
-# Bounds when the spec gives none (each widened to include the spec's starting budget).
-DEFAULT_MIN_BUDGET = 32
-DEFAULT_MAX_BUDGET = 8192
 
 
 def enabled(spec: dict) -> bool:
     return bool(spec.get("autotune", {}).get("enabled"))
 
 
-def config_from_spec(spec: dict) -> Config:
+def config_from_spec(spec: dict) -> LoopConfig:
     """spec: with defaults."""
-    tune, start = spec["autotune"], spec["engine"]["tokenBudget"]
-    return Config(
-        slo=spec["slo"]["tbtP99Ms"] / 1000,
-        min_budget=tune.get("minTokenBudget", min(DEFAULT_MIN_BUDGET, start)),
-        max_budget=tune.get("maxTokenBudget", max(DEFAULT_MAX_BUDGET, start)),
-    )
+    return LoopConfig(slo=spec["slo"]["tbtP99Ms"] / 1000)
 
 
 def engine_urls(serving_pods: list[dict]) -> dict[str, str]:
@@ -57,12 +46,6 @@ def engine_urls(serving_pods: list[dict]) -> dict[str, str]:
         for p in serving_pods
         if pods.is_ready(p) and not pods.is_terminating(p) and p.get("status", {}).get("podIP")
     }
-
-
-def to_annotate(serving_pods: list[dict], reported: dict[str, int], target: int) -> list[dict]:
-    """Pods whose engine runs the target while their record says otherwise."""
-    return [p for p in serving_pods
-            if reported.get(p["metadata"]["name"]) == target and budget.pod_token_budget(p) != target]
 
 
 class Autotuners:
@@ -122,30 +105,17 @@ class DeploymentTuner:
     async def one_pass(self, session: aiohttp.ClientSession, sdep: dict, spec: dict) -> None:
         config, status, now = config_from_spec(spec), sdep.get("status", {}), time.time()
         if self.tuner is None:
-            self.tuner = Tuner(record.resume(status, spec, config, now), spec["autotune"]["intervalSeconds"])
-        token = await asyncio.to_thread(self._admin_token)
-        if token is None:
-            log.info("autotune %s/%s: no admin token yet", self.namespace, self.name)
-            return
+            self.tuner = Tuner(record.resume(status), spec["autotune"]["intervalSeconds"])
+        was = self.tuner.state
         selector = names.serving_selector(self.name, layout(spec["parallelism"]))
         serving = await asyncio.to_thread(self.kube.select, "v1", "Pod", self.namespace, selector)
-        result = await self.tuner.step(session, engine_urls(serving), token, config, now)
-
-        annotate = to_annotate(serving, result.reported, result.decision.budget)
-        for pod in annotate:
-            await asyncio.to_thread(self.kube.merge_patch, "v1", "Pod", self.namespace, pod["metadata"]["name"],
-                                    budget.live_budget_patch(pod, result.decision.budget))
-        patch = record.status_patch(result, status.get("tuningHistory", []))
+        result = await self.tuner.step(session, engine_urls(serving), config, now)
+        patch = record.status_patch(result, status, sdep["metadata"]["generation"])
         await asyncio.to_thread(self.kube.patch_status, sdep, patch)
-        event = record.event(result, status)
+        event = record.event(result, was)
         if event:
             await asyncio.to_thread(self.kube.post_event, sdep, *event)
         record.metrics(self.namespace, self.name, result)
-        if annotate:
-            # status.tokenBudget is the reconciler's: it follows the pods' records.
+        if result.decision.margin != result.decision.previous_margin:
             await self.reconcile(self.namespace, self.name)
 
-    def _admin_token(self) -> str | None:
-        secret = self.kube.get("v1", "Secret", self.namespace, names.admin_secret(self.name))
-        data = (secret or {}).get("data", {})
-        return base64.b64decode(data[names.ADMIN_TOKEN_KEY]).decode() if names.ADMIN_TOKEN_KEY in data else None

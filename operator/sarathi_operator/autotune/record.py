@@ -1,49 +1,45 @@
-"""Record: what a pass found, as the SarathiDeployment's status, its tuning history, Events
-and the operator's metrics; and the controller state read back from the status after a
-restart. Pure functions, except for the metric updates.
+"""Record: what a pass found, as the SarathiDeployment's status, its tuning history, Events and
+the operator's metrics; and the loop's state read back from the status after a restart. Pure
+functions, except for the metric updates.
 
-status.observed      the latest window a decision could act on: P99 TBT, iteration time and
-                     TTFT, request rate, and which P99 the decision acted on
-status.autotune      the target budget, the latest decision and why, engines not yet on it
-status.tuningHistory the last HISTORY changes of the budget, each with its reason and window
+status.autotune.state    the loop's whole state (loop.LoopState), verbatim: a restarted
+                         operator resumes from exactly it
+status.autotune          besides: the latest decision and why, engines that could not be read
+status.observed          the latest window the loop acted on
+status.tuningHistory     the last HISTORY changes of the margin, each with its reason and window
+condition SLOFeasible    False while the decodes alone exceed the SLO at this load
 """
 
 import datetime
 
 from prometheus_client import Counter, Gauge
 
-from .decide import AT_MINIMUM, Config, State
-from .model import Point
+from ..status import merge_conditions
+from .loop import LoopState
 from .tuner import Pass
 
 HISTORY = 20
 MAX_LISTED = 5
+CONDITION = "SLOFeasible"
 
 LABELS = ("namespace", "name")
-BUDGET = Gauge("sarathi_operator_autotune_token_budget", "Token budget the autotuner set", LABELS)
+MARGIN = Gauge("sarathi_operator_autotune_slo_margin", "The share of the SLO the engines plan for", LABELS)
+INFEASIBLE = Gauge("sarathi_operator_autotune_slo_infeasible",
+                   "1 while the decodes alone exceed the SLO at this load", LABELS)
 TBT_P99 = Gauge("sarathi_operator_autotune_tbt_p99_seconds", "P99 time between tokens in the latest window", LABELS)
 TTFT_P99 = Gauge("sarathi_operator_autotune_ttft_p99_seconds", "P99 time to first token in the latest window", LABELS)
-ITERATION_P99 = Gauge("sarathi_operator_autotune_iteration_p99_seconds",
-                      "P99 engine iteration time in the latest window", LABELS)
 REQUEST_RATE = Gauge("sarathi_operator_autotune_request_rate", "Finished requests per second in the latest window",
                      LABELS)
-DECISIONS = Counter("sarathi_operator_autotune_decisions_total", "Autotuner decisions by action",
+DECISIONS = Counter("sarathi_operator_autotune_decisions_total", "Outer loop decisions by action",
                     (*LABELS, "action"))
 SCRAPE_ERRORS = Counter("sarathi_operator_autotune_scrape_errors_total", "Engine /metrics scrapes that failed",
                         LABELS)
-APPLY_ERRORS = Counter("sarathi_operator_autotune_apply_errors_total", "Engines that did not take the budget",
-                       LABELS)
-_PER_RESOURCE = (BUDGET, TBT_P99, TTFT_P99, ITERATION_P99, REQUEST_RATE, SCRAPE_ERRORS, APPLY_ERRORS)
-# The observed field holding each kind of P99 decide.evidence() returns.
-ACTED_ON = {"TBT": "tbtP99Ms", "iteration time": "iterationP99Ms"}
+_PER_RESOURCE = (MARGIN, INFEASIBLE, TBT_P99, TTFT_P99, REQUEST_RATE, SCRAPE_ERRORS)
+ACTIONS = ("tighten", "loosen", "hold")
 
 
 def iso(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(text: str) -> float:
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -54,14 +50,14 @@ def observed(p: Pass) -> dict:
     w = p.window
     fields = {
         "tbtP99Ms": _ms(w.tbt_p99),
-        "iterationP99Ms": _ms(w.iteration_p99),
-        "actedOn": ACTED_ON[p.evidence.of] if p.evidence else None,
+        "iterationP99Ms": _ms(w.iterations.quantile(0.99)),
         "ttftP99Ms": _ms(w.ttft_p99),
         "requestRate": round(w.request_rate, 3),
         "windowSeconds": round(w.seconds, 1),
         "tbtSamples": w.tbt_samples,
-        "iterations": int(w.iterations.count) or None,
-        "budgetBoundShare": None if w.budget_bound_share is None else round(w.budget_bound_share, 3),
+        "iterations": int(w.iterations.count),
+        "limitedIterations": w.limited,
+        "infeasibleIterations": w.infeasible,
         "time": iso(p.time),
     }
     return {k: v for k, v in fields.items() if v is not None}
@@ -71,88 +67,75 @@ def _listed(problems: dict[str, str]) -> list[str]:
     return [f"{key}: {why}" for key, why in sorted(problems.items())[:MAX_LISTED]]
 
 
-def status_patch(p: Pass, history: list[dict]) -> dict:
-    """The status fields the autotuner owns after a pass; observed only from a window the
-    decision could act on."""
+def feasibility(p: Pass) -> dict:
+    d = p.decision
+    if d.infeasible:
+        return {"type": CONDITION, "status": "False", "reason": "DecodesExceedSLO", "message": d.reason}
+    return {"type": CONDITION, "status": "True", "reason": "WithinReach", "message": "the decodes alone fit the SLO"}
+
+
+def status_patch(p: Pass, previous: dict, generation: int) -> dict:
+    """The status fields the autotuner owns after a pass; the observed window and the condition
+    only from a window the loop acted on."""
+    d = p.decision
     patch = {
         "autotune": {
-            "targetTokenBudget": p.decision.budget,
-            "lastDecision": f"{p.decision.action}: {p.decision.reason}",
+            "state": LoopState(d.margin, d.infeasible).to_status(),
+            "lastDecision": f"{d.action}: {d.reason}",
             "lastDecisionTime": iso(p.time),
-            "unappliedEngines": _listed(p.apply_errors),
             "unreadEngines": _listed(p.scrape_errors),
         },
     }
-    if p.evidence is not None:
+    if d.acted:
         patch["observed"] = observed(p)
-    if p.decision.budget != p.previous_budget:
-        patch["tuningHistory"] = (history + [history_entry(p)])[-HISTORY:]
+        patch["conditions"] = merge_conditions(previous.get("conditions", []), [feasibility(p)], generation,
+                                               iso(p.time))
+    if d.margin != d.previous_margin:
+        patch["tuningHistory"] = (previous.get("tuningHistory", []) + [history_entry(p)])[-HISTORY:]
     return patch
 
 
 def history_entry(p: Pass) -> dict:
-    return {
-        "time": iso(p.time),
-        "tokenBudget": p.decision.budget,
-        "previousTokenBudget": p.previous_budget,
-        "action": p.decision.action,
-        "reason": p.decision.reason,
-        **{k: v for k, v in observed(p).items() if k != "time"},
-    }
+    d, o = p.decision, observed(p)
+    return {"time": iso(p.time), "margin": d.margin, "previousMargin": d.previous_margin, "action": d.action,
+            "reason": d.reason, **{k: o[k] for k in ("tbtP99Ms", "tbtSamples", "iterations", "limitedIterations")
+                                   if k in o}}
 
 
-def event(p: Pass, previous: dict) -> tuple[str, str, str] | None:
-    """(type, reason, message) of the Event a pass deserves: one per change of the budget, and a
-    warning when engines start failing to take it or the SLO cannot be met at the minimum."""
+def event(p: Pass, was: LoopState) -> tuple[str, str, str] | None:
+    """(type, reason, message) of the Event a pass deserves: a change of the margin, or of the
+    SLO's feasibility."""
     d = p.decision
-    if d.budget != p.previous_budget:
-        return "Normal", "TokenBudgetTuned", f"token budget {p.previous_budget} -> {d.budget}: {d.reason}"
-    before = previous.get("autotune", {})
-    if p.apply_errors and not before.get("unappliedEngines"):
-        return "Warning", "TokenBudgetPending", f"token budget {d.budget} not applied on " + "; ".join(
-            _listed(p.apply_errors))
-    if d.reason.endswith(AT_MINIMUM) and not before.get("lastDecision", "").endswith(AT_MINIMUM):
-        return "Warning", "SLOUnattainable", d.reason
+    if d.infeasible and not was.infeasible:
+        return "Warning", "SLOInfeasible", d.reason
+    if was.infeasible and not d.infeasible and d.acted:
+        return "Normal", "SLOFeasible", d.reason
+    if d.margin != d.previous_margin:
+        return "Normal", "SLOMarginTuned", f"SLO margin {d.previous_margin:g} -> {d.margin:g}: {d.reason}"
     return None
 
 
-def resume(status: dict, spec: dict, config: Config, now: float) -> State:
-    """The controller state after an operator restart: the target it had set, and the
-    observations and ceiling that its history still remembers (holds are not in it, so the
-    recent windows a grow starts from are the changes')."""
-    budget = status.get("autotune", {}).get("targetTokenBudget") or status.get("tokenBudget") \
-        or spec["engine"]["tokenBudget"]
-    points, recent, ceiling = [], [], None
-    for entry in status.get("tuningHistory", []):
-        t = parse_iso(entry["time"])
-        p99 = entry.get(entry.get("actedOn", "tbtP99Ms"))
-        if t < now - config.memory_seconds or p99 is None:
-            continue
-        seen = Point(entry["previousTokenBudget"], p99 / 1000, t)
-        recent.append(seen)
-        if (entry.get("budgetBoundShare") or 0) >= config.min_bound_share:
-            points.append(seen)
-        if entry["action"] == "shrink" and (ceiling is None or seen.budget <= ceiling.budget):
-            ceiling = seen
-    return State(budget=budget, points=tuple(points[-5:]), ceiling=ceiling,
-                 recent=tuple(recent[-config.grow_memory:]))
+def resume(status: dict) -> LoopState:
+    """The loop's state after an operator restart: exactly what the last pass saved."""
+    return LoopState.from_status(status.get("autotune", {}).get("state"))
 
 
-def cleared(status: dict) -> dict:
-    """The status patch that removes what the autotuner owns once it is disabled; the history stays."""
-    return {key: None for key in ("observed", "autotune") if key in status}
+def cleared(previous: dict, conditions: list[dict]) -> dict:
+    """The status patch that removes what the autotuner owns once it is disabled; the history stays.
+    conditions: those about to be written."""
+    patch = {key: None for key in ("observed", "autotune") if key in previous}
+    patch["conditions"] = [c for c in conditions if c["type"] != CONDITION]
+    return patch
 
 
 def metrics(namespace: str, name: str, p: Pass) -> None:
-    labels = (namespace, name)
-    BUDGET.labels(*labels).set(p.decision.budget)
-    DECISIONS.labels(*labels, p.decision.action).inc()
+    labels, d, w = (namespace, name), p.decision, p.window
+    MARGIN.labels(*labels).set(d.margin)
+    INFEASIBLE.labels(*labels).set(int(d.infeasible))
+    DECISIONS.labels(*labels, d.action).inc()
     SCRAPE_ERRORS.labels(*labels).inc(len(p.scrape_errors))
-    APPLY_ERRORS.labels(*labels).inc(len(p.apply_errors))
-    w = p.window
-    if p.evidence is not None:
-        for gauge, value in ((TBT_P99, w.tbt_p99), (ITERATION_P99, w.iteration_p99),
-                             (TTFT_P99, w.ttft_p99)):
+    if d.acted:
+        for gauge, value in ((TBT_P99, w.tbt_p99), (TTFT_P99, w.ttft_p99)):
             if value is not None:
                 gauge.labels(*labels).set(value)
         REQUEST_RATE.labels(*labels).set(w.request_rate)
@@ -164,7 +147,7 @@ def forget_metrics(namespace: str, name: str) -> None:
             metric.remove(namespace, name)
         except KeyError:
             pass
-    for action in ("grow", "shrink", "hold"):
+    for action in ACTIONS:
         try:
             DECISIONS.remove(namespace, name, action)
         except KeyError:

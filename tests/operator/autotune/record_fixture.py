@@ -1,9 +1,10 @@
 """Records the real engine /metrics text the aggregation tests read (fixtures/).
 
-Starts `sarathi serve` with the bundled SmolLM2, streams two batches of requests through the
+Starts `sarathi serve` with the bundled SmolLM2, planning every iteration for a TBT SLO, streams two batches of requests through the
 benchmark's load generator, scraping /metrics before and after each; then restarts the server
 (its counters start again from zero) and serves a third batch. truth.json holds what the client
-saw per batch: requests, output tokens, and its own P99 of the gaps between tokens.
+saw per batch: requests, output tokens, and its own P99 of the gaps between tokens; and what the
+engine's admin API reports afterwards: its SLO planner's limited and infeasible iterations.
 
     .venv/bin/python tests/operator/autotune/record_fixture.py
 """
@@ -20,6 +21,16 @@ from sarathi_engine.server.launcher import ServerProcess
 
 OUT = Path(__file__).parent / "fixtures"
 MODEL = "smollm2-135m-instruct"
+
+
+TOKEN = "fixture-token"
+
+
+def planner_counts(server: ServerProcess) -> dict:
+    request = urllib.request.Request(server.url + "/admin/config", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        planning = json.loads(response.read())["slo_planning"]
+    return {"limited": planning["limited_iterations"], "infeasible": planning["infeasible_iterations"]}
 
 
 def scrape(server: ServerProcess) -> str:
@@ -41,18 +52,22 @@ def batch(server: ServerProcess, seed: int, n: int = 12, qps: float = 2.0) -> di
 
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    args = ["--model", MODEL, "--token-budget", "64", "--max-model-len", "1024", "--kv-cache-memory", "256MiB"]
-    env = {"OMP_NUM_THREADS": "1"}
+    args = ["--model", MODEL, "--token-budget", "64", "--max-model-len", "1024", "--kv-cache-memory", "256MiB",
+            "--tbt-slo-ms", "60", "--slo-margin", "0.9"]
+    env = {"OMP_NUM_THREADS": "1", "SARATHI_ADMIN_TOKEN": TOKEN}
     truth = {}
     with ServerProcess(args, env=env) as server:
         (OUT / "fresh.txt").write_text(scrape(server))
         truth["a"] = batch(server, seed=1)
         (OUT / "after-a.txt").write_text(scrape(server))
+        truth["a"]["planner_since_start"] = planner_counts(server)
         truth["b"] = batch(server, seed=2)
         (OUT / "after-b.txt").write_text(scrape(server))
+        truth["b"]["planner_since_start"] = planner_counts(server)
     with ServerProcess(args, env=env) as server:
         truth["c"] = batch(server, seed=3)
         (OUT / "restarted-after-c.txt").write_text(scrape(server))
+        truth["c"]["planner_since_start"] = planner_counts(server)
     (OUT / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
     print(json.dumps(truth, indent=2))
 

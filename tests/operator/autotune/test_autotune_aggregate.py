@@ -21,7 +21,8 @@ def test_a_scrape_reads_the_counts_the_client_saw():
     s = scrape("after-a")
     assert s.tbt.count == TRUTH["a"]["tbt_samples"]
     assert s.ttft.count == s.requests == TRUTH["a"]["requests"]
-    assert s.token_budget == 64
+    assert s.settings == {"token_budget": 64, "tbt_slo_ms": 60.0, "slo_margin": 0.9}
+    assert (s.limited, s.infeasible) == tuple(TRUTH["a"]["planner_since_start"].values())
     assert s.tbt.bounds[-1] == math.inf and len(s.tbt.bounds) == len(s.tbt.counts) > 80
     assert list(s.tbt.counts) == sorted(s.tbt.counts)
 
@@ -30,7 +31,10 @@ def test_an_increase_between_scrapes_is_what_was_served_in_between():
     served = increase(scrape("after-a"), scrape("after-b"))
     assert served.tbt.count == TRUTH["b"]["tbt_samples"]
     assert served.requests == TRUTH["b"]["requests"]
-    assert served.iteration_tokens.count == served.iteration_seconds.count > 0  # one of each per iteration
+    since_a, since_b = TRUTH["a"]["planner_since_start"], TRUTH["b"]["planner_since_start"]
+    assert served.limited == since_b["limited"] - since_a["limited"] > 0
+    assert served.infeasible == since_b["infeasible"] - since_a["infeasible"]
+    assert served.limited < served.iteration_seconds.count
 
 
 def test_a_restarted_engine_counts_everything_since_its_restart():
@@ -39,6 +43,7 @@ def test_a_restarted_engine_counts_everything_since_its_restart():
     assert served.tbt.count == TRUTH["c"]["tbt_samples"]
     assert served.requests == TRUTH["c"]["requests"]
     assert served.iteration_seconds == scrape("restarted-after-c").iteration_seconds
+    assert served.limited == TRUTH["c"]["planner_since_start"]["limited"]
 
 
 @pytest.mark.parametrize("batch, before, after", [("a", "fresh", "after-a"), ("b", "after-a", "after-b")])
@@ -56,21 +61,6 @@ def test_quantiles_interpolate_inside_the_bucket_like_prometheus():
     assert h.quantile(0.05) == pytest.approx(0.05)
     assert Histogram((0.1, math.inf), (1, 5)).quantile(0.99) == 0.1  # in +Inf: the last finite bound
     assert Histogram((0.1, math.inf), (0, 0)).quantile(0.99) is None
-
-
-def test_the_share_above_a_value_weighs_each_bucket_at_its_middle():
-    h = Histogram((2.0, 4.0, 8.0, math.inf), (10, 10, 20, 20))  # 10 of ~1, 10 of ~6
-    assert h.share_above(4.0) == pytest.approx(60 / 70)
-    assert h.share_above(6.0) == pytest.approx(30 / 70)  # half of the (4, 8] bucket
-    assert h.share_above(8.0) == 0 and h.share_above(0.0) == pytest.approx(1)
-    assert Histogram((2.0, math.inf), (0, 0)).share_above(1.0) is None
-
-
-def test_the_count_above_a_value_is_what_its_buckets_hold_for_certain():
-    h = Histogram((0.1, 0.2, 0.5, float("inf")), (10.0, 15.0, 18.0, 20.0))
-    assert h.count_above(0.2) == 5  # the (0.2, 0.5] and (0.5, inf) buckets
-    assert h.count_above(0.15) == 5  # (0.1, 0.2] holds 0.15: its gaps may be below it
-    assert h.count_above(0.05) == 10 and h.count_above(1.0) == 0
 
 
 def test_histograms_of_other_buckets_do_not_mix():
@@ -115,14 +105,14 @@ def test_old_scrapes_and_gone_engines_are_forgotten():
 
 def test_the_window_summary():
     served = increase(scrape("after-a"), scrape("after-b"))
-    w = summarize(served, seconds=30, engines=1, budget=64)
+    w = summarize(served, seconds=30, engines=1)
     assert w.tbt_samples == TRUTH["b"]["tbt_samples"]
     assert w.request_rate == pytest.approx(TRUTH["b"]["requests"] / 30)
     assert w.tbt_p99 == served.tbt.quantile(0.99)
-    # Tokens in iterations over 32 at budget 64: prefill chunks (12 prompts of ~100 tokens).
-    assert w.budget_bound_share == served.iteration_tokens.share_above(32)
-    assert 0.5 < w.budget_bound_share < 1
     # A decode waits one iteration per token: iteration times bound its gaps from below.
     assert w.iterations == served.iteration_seconds
-    assert w.iterations.quantile(0.5) <= w.tbt.quantile(0.5) and w.iterations.quantile(0.99) <= w.tbt_p99
-    assert summarize(Snapshot(), 0, 0, 64).budget_bound_share is None
+    assert w.iterations.quantile(0.99) <= w.tbt_p99
+    observed = w.observed()
+    assert (observed.tbt_samples, observed.iterations, observed.limited) == (
+        w.tbt_samples, int(w.iterations.count), served.limited)
+    assert summarize(Snapshot(), 0, 0).request_rate == 0.0

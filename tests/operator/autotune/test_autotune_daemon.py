@@ -1,13 +1,12 @@
-"""The operator side of the autotuner, without a cluster: the controller's settings from the
-spec, which pods it tunes and records, the budget new pods start with, and the task per resource."""
+"""The operator side of the autotuner, without a cluster: the loop's settings from the spec,
+which pods it reads, the live settings the engines get, and the task per resource."""
 
 import asyncio
-import json
 
 import pytest
 
-from sarathi_operator import budget, names
-from sarathi_operator.autotune.daemon import Autotuners, config_from_spec, enabled, engine_urls, to_annotate
+from sarathi_operator import names, settings
+from sarathi_operator.autotune.daemon import Autotuners, config_from_spec, enabled, engine_urls
 from sarathi_operator.spec import with_defaults
 
 
@@ -17,26 +16,15 @@ def spec(**autotune) -> dict:
                           "autotune": {"enabled": True, **autotune}})
 
 
-def pod(name, ip="127.1.0.5", ready=True, live=None, terminating=False) -> dict:
-    annotations = {names.TOKEN_BUDGET: "512"}
-    if live:
-        annotations[names.LIVE_TOKEN_BUDGET] = json.dumps({"tokenBudget": live, "containerID": "c://1"})
-    metadata = {"name": name, "annotations": annotations, **({"deletionTimestamp": "now"} if terminating else {})}
+def pod(name, ip="127.1.0.5", ready=True, terminating=False) -> dict:
+    metadata = {"name": name, "annotations": {}, **({"deletionTimestamp": "now"} if terminating else {})}
     return {"metadata": metadata, "status": {
         "podIP": ip, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
         "containerStatuses": [{"name": names.CONTAINER, "containerID": "c://1"}]}}
 
 
-def test_settings_come_from_the_slo_and_the_bounds():
-    config = config_from_spec(spec(minTokenBudget=64, maxTokenBudget=1024))
-    assert (config.slo, config.min_budget, config.max_budget) == (0.25, 64, 1024)
-
-
-def test_default_bounds_take_in_the_starting_budget():
-    assert (lambda c: (c.min_budget, c.max_budget))(config_from_spec(spec())) == (32, 8192)
-    tiny = spec()
-    tiny["engine"]["tokenBudget"] = 16
-    assert config_from_spec(tiny).min_budget == 16
+def test_the_loop_takes_the_slo_from_the_spec():
+    assert config_from_spec(spec()).slo == 0.25
 
 
 def test_the_daemon_runs_only_while_enabled():
@@ -49,21 +37,17 @@ def test_only_ready_live_pods_with_an_ip_are_tuned():
     assert engine_urls(serving) == {"a": "http://127.1.0.5:8000", "e": "http://127.1.0.9:8000"}
 
 
-def test_pods_are_recorded_once_their_engine_runs_the_target():
-    serving = [pod("a"), pod("b", live=384), pod("c"), pod("d")]
-    reported = {"a": 384, "b": 384, "c": 512}  # d could not be read
-    assert [p["metadata"]["name"] for p in to_annotate(serving, reported, 384)] == ["a"]
-
-
 @pytest.mark.parametrize("enabled_, status, expected", [
-    (False, {"autotune": {"targetTokenBudget": 384}}, 512),
-    (True, {"autotune": {"targetTokenBudget": 384}}, 384),
-    (True, {}, 512),
+    (False, {"autotune": {"state": {"margin": 0.7, "infeasible": False}}},
+     {"token_budget": 512, "tbt_slo_ms": None, "slo_margin": 1.0}),
+    (True, {"autotune": {"state": {"margin": 0.7, "infeasible": False}}},
+     {"token_budget": 512, "tbt_slo_ms": 250, "slo_margin": 0.7}),
+    (True, {}, {"token_budget": 512, "tbt_slo_ms": 250, "slo_margin": 1.0}),
 ])
-def test_new_pods_start_from_the_tuned_budget_while_autotuning(enabled_, status, expected):
+def test_the_engines_plan_for_the_slo_at_the_loops_margin_while_autotuning(enabled_, status, expected):
     s = spec()
     s["autotune"]["enabled"] = enabled_
-    assert budget.start_budget(s, status) == expected
+    assert settings.desired(s, status) == expected
 
 
 class FakeKube:

@@ -1,0 +1,94 @@
+"""The outer loop as scenarios against a model of the engines: while their planner limits prefill,
+P99 TBT = bias x margin x SLO x noise, the bias being what the planning's prediction misses."""
+
+import numpy as np
+import pytest
+
+from sarathi_operator.autotune.loop import LoopConfig, LoopState, Observed, step
+
+CONFIG = LoopConfig(slo=0.1)
+
+
+def planned(p99: float, limited: int = 30, infeasible: int = 0, gaps: int = 500, iterations: int = 300,
+            iteration_p99: float | None = None) -> Observed:
+    return Observed(gaps, p99, iterations, iteration_p99, limited, infeasible)
+
+
+def run(bias: float, noise: float, windows: int, state: LoopState = LoopState(), seed: int = 0):
+    """(P99s, margins after each window) of the loop against the model."""
+    rng = np.random.default_rng(seed)
+    p99s, margins = [], []
+    for _ in range(windows):
+        p99 = bias * state.margin * CONFIG.slo * rng.uniform(1 - noise, 1 + noise)
+        _, state = step(state, planned(p99), CONFIG)
+        p99s.append(p99)
+        margins.append(state.margin)
+    return np.array(p99s), np.array(margins)
+
+
+@pytest.mark.parametrize("bias", [1.3, 1.6, 2.5])
+def test_an_slo_the_planning_misses_is_met_within_four_windows(bias):
+    p99s, _ = run(bias, noise=0.0, windows=10)
+    assert p99s[0] > CONFIG.slo and (p99s[4:] <= CONFIG.slo).all()
+    assert p99s[-1] == pytest.approx(CONFIG.aim * CONFIG.slo, rel=0.2)  # just under it
+
+
+@pytest.mark.parametrize("noise", [0.05, 0.1, 0.2])
+@pytest.mark.parametrize("bias", [0.8, 1.6])
+def test_the_loop_converges_and_stays_put_under_noise(bias, noise):
+    _, margins = run(bias, noise, windows=200)
+    steady, ideal = margins[20:], CONFIG.aim / bias
+    assert (np.abs(steady / ideal - 1) < 0.15).all()
+    if noise <= 0.1:  # inside the dead band's width: it rests; wider noise moves it, within the bound above
+        assert np.count_nonzero(np.diff(steady)) <= len(steady) * 0.05
+
+
+def test_a_conservative_planning_is_loosened_only_while_the_slo_limits_prefill():
+    idle, state = planned(0.03, limited=0), LoopState()
+    decision, state = step(state, idle, CONFIG)
+    assert decision.action == "hold" and "too few for P99 to show the planning" in decision.reason
+    assert state.margin == 1.0  # no windup while the traffic, not the planning, sets P99
+    decision, state = step(state, planned(0.05, limited=30), CONFIG)
+    assert decision.action == "loosen" and state.margin == pytest.approx((0.09 / 0.05) ** 0.5, rel=1e-3)
+
+
+def test_the_margin_stays_within_its_bounds():
+    state = LoopState()
+    for _ in range(30):
+        _, state = step(state, planned(1.0), CONFIG)
+    assert state.margin == CONFIG.min_margin
+    decision, state = step(state, planned(1.0), CONFIG)
+    assert decision.action == "hold" and "at its bound" in decision.reason
+    for _ in range(30):
+        _, state = step(state, planned(0.01), CONFIG)
+    assert state.margin == CONFIG.max_margin
+
+
+def test_too_few_samples_hold_and_do_not_end_the_window():
+    decision, state = step(LoopState(margin=0.7), planned(0.5, gaps=CONFIG.min_samples - 1), CONFIG)
+    assert (decision.action, decision.acted, state) == ("hold", False, LoopState(margin=0.7))
+    assert step(LoopState(), Observed(0, None, 0, None, 0, 0), CONFIG)[0].acted is False
+
+
+def test_with_few_gaps_the_iteration_times_stand_in_for_them():
+    # Long prompts, short outputs: 40 gaps, but 400 iterations, each a gap any decode would have had.
+    decision, state = step(LoopState(), planned(None, gaps=40, iterations=400, iteration_p99=0.2, limited=50), CONFIG)
+    assert decision.action == "tighten" and "P99 iteration time 200 ms" in decision.reason
+    assert state.margin == pytest.approx((0.09 / 0.2) ** 0.5, rel=1e-3)
+
+
+def test_decodes_alone_over_the_slo_hold_the_margin_and_report_it_until_it_clears():
+    over = planned(0.3, infeasible=CONFIG.infeasible_share * 300)
+    decision, state = step(LoopState(margin=0.8), over, CONFIG)
+    assert decision.infeasible and state == LoopState(margin=0.8, infeasible=True)
+    assert "more replicas are the remedy" in decision.reason
+    # Reported until the share falls below half the threshold: no flapping at its edge.
+    _, state = step(state, planned(0.09, infeasible=int(CONFIG.infeasible_share * 300 * 0.6)), CONFIG)
+    assert state.infeasible
+    _, state = step(state, planned(0.09, infeasible=1), CONFIG)
+    assert not state.infeasible
+
+
+def test_the_state_round_trips_through_the_status_verbatim():
+    state = LoopState(margin=0.6734, infeasible=True)
+    assert LoopState.from_status(state.to_status()) == state
