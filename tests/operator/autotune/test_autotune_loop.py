@@ -34,7 +34,7 @@ def test_an_slo_the_planning_misses_is_met_within_four_windows(bias):
 
 
 @pytest.mark.parametrize("noise", [0.05, 0.1, 0.2])
-@pytest.mark.parametrize("bias", [0.8, 1.6])
+@pytest.mark.parametrize("bias", [1.2, 1.6])
 def test_the_loop_converges_and_stays_put_under_noise(bias, noise):
     _, margins = run(bias, noise, windows=200)
     steady, ideal = margins[20:], CONFIG.aim / bias
@@ -43,13 +43,16 @@ def test_the_loop_converges_and_stays_put_under_noise(bias, noise):
         assert np.count_nonzero(np.diff(steady)) <= len(steady) * 0.05
 
 
-def test_a_conservative_planning_is_loosened_only_while_the_slo_limits_prefill():
-    idle, state = planned(0.03, limited=0), LoopState()
-    decision, state = step(state, idle, CONFIG)
+def test_a_tightened_margin_is_loosened_back_only_while_the_slo_limits_prefill_and_never_past_one():
+    tight = LoopState(margin=0.5)
+    decision, state = step(tight, planned(0.03, limited=0), CONFIG)
     assert decision.action == "hold" and "too few for P99 to show the planning" in decision.reason
-    assert state.margin == 1.0  # no windup while the traffic, not the planning, sets P99
+    assert state.margin == 0.5  # no windup while the traffic, not the planning, sets P99
     decision, state = step(state, planned(0.05, limited=30), CONFIG)
-    assert decision.action == "loosen" and state.margin == pytest.approx((0.09 / 0.05) ** 0.5, rel=1e-3)
+    assert decision.action == "loosen" and state.margin == pytest.approx(0.5 * (0.09 / 0.05) ** 0.5, rel=1e-3)
+    # A planning more cautious than the SLO needs (bias under 1) keeps the margin at 1.
+    _, margins = run(bias=0.6, noise=0.1, windows=50)
+    assert (margins == 1.0).all()
 
 
 def test_the_margin_stays_within_its_bounds():
@@ -61,7 +64,7 @@ def test_the_margin_stays_within_its_bounds():
     assert decision.action == "hold" and "at its bound" in decision.reason
     for _ in range(30):
         _, state = step(state, planned(0.01), CONFIG)
-    assert state.margin == CONFIG.max_margin
+    assert state.margin == CONFIG.max_margin == 1.0
 
 
 def test_too_few_samples_hold_and_do_not_end_the_window():
