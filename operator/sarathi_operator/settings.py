@@ -83,14 +83,14 @@ def pods_needing(serving_pods: list[dict], target: dict) -> list[dict]:
     ]
 
 
-def budget_in_force(serving_pods: list[dict], previous: int | None, template_budget: int) -> int:
+def budget_in_force(serving_pods: list[dict], previous: int | None, desired_budget: int) -> int:
     """The token budget every serving engine runs; while they disagree (a change is under way),
     the last budget reported as in force."""
     budgets = {(pod_settings(p) or {}).get("token_budget") for p in serving_pods if not pods.is_terminating(p)}
     budgets.discard(None)
     if len(budgets) == 1:
         return budgets.pop()
-    return previous if previous is not None else template_budget
+    return previous if previous is not None else desired_budget
 
 
 def changes(before: dict | None, after: dict) -> str:

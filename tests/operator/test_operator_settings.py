@@ -66,11 +66,11 @@ def test_only_ready_reachable_pods_on_other_settings_need_a_push():
 
 def test_budget_in_force_is_the_one_all_engines_agree_on():
     big = with_(token_budget=1024)
-    assert budget_in_force([pod(), pod()], previous=None, template_budget=512) == 512
-    assert budget_in_force([pod(), pod(started=big)], previous=512, template_budget=512) == 512
-    assert budget_in_force([pod(started=big), pod(started=big)], previous=512, template_budget=512) == 1024
-    assert budget_in_force([], previous=None, template_budget=300) == 300
-    assert budget_in_force([pod(started=big, terminating=True)], previous=700, template_budget=300) == 700
+    assert budget_in_force([pod(), pod()], previous=None, desired_budget=512) == 512
+    assert budget_in_force([pod(), pod(started=big)], previous=512, desired_budget=512) == 512
+    assert budget_in_force([pod(started=big), pod(started=big)], previous=512, desired_budget=512) == 1024
+    assert budget_in_force([], previous=None, desired_budget=300) == 300
+    assert budget_in_force([pod(started=big, terminating=True)], previous=700, desired_budget=300) == 700
 
 
 def test_changes_name_what_a_push_moves():

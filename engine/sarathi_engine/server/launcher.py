@@ -16,6 +16,7 @@ from sarathi_engine.launch import free_port
 
 
 class ServerProcess:
+    ready_path = "/ready"  # answers 200 once the server serves
     def __init__(self, args: list[str], env: dict | None = None, host: str = "127.0.0.1",
                  port: int | None = None, log_path: Path | None = None) -> None:
         self.host, self.port = host, port or free_port()
@@ -44,7 +45,7 @@ class ServerProcess:
 
     def is_ready(self) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/ready", timeout=2) as response:
+            with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as response:
                 return response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False

@@ -80,7 +80,7 @@ def status_patch(p: Pass, previous: dict, generation: int) -> dict:
     d = p.decision
     patch = {
         "autotune": {
-            "state": LoopState(d.margin, d.infeasible).to_status(),
+            "state": p.state.to_status(),
             "lastDecision": f"{d.action}: {d.reason}",
             "lastDecisionTime": iso(p.time),
             "unreadEngines": _listed(p.scrape_errors),

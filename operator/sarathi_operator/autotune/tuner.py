@@ -24,6 +24,7 @@ class Pass:
     time: float
     window: Window
     decision: loop.Decision
+    state: loop.LoopState  # the loop's state after the pass, what the status saves
     scrape_errors: dict[str, str]  # engine -> why its /metrics could not be read
     reported: dict[str, dict]  # the live settings each scraped engine runs now
 
@@ -53,6 +54,7 @@ class Tuner:
             time=now,
             window=window,
             decision=decision,
+            state=self.state,
             scrape_errors={s.key: s.error for s in scraped if s.error},
             reported={k: s.settings for k, s in snapshots.items() if s.settings is not None},
         )

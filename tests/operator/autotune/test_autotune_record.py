@@ -22,8 +22,8 @@ def window(gaps_over: int = 0, gaps: int = 800, iterations: int = 400, limited: 
 
 
 def a_pass(w: Window, state: LoopState = LoopState(), scrape_errors=None, t=T0) -> Pass:
-    decision, _ = step(state, w.observed(), CONFIG)
-    return Pass(time=t, window=w, decision=decision, scrape_errors=scrape_errors or {}, reported={})
+    decision, after = step(state, w.observed(), CONFIG)
+    return Pass(time=t, window=w, decision=decision, state=after, scrape_errors=scrape_errors or {}, reported={})
 
 
 def test_a_tightening_writes_the_state_observed_a_history_entry_and_the_condition():
@@ -76,7 +76,7 @@ def test_events_one_per_change_of_the_margin():
 
 def test_a_restarted_operator_resumes_the_exact_state():
     state = LoopState(margin=0.8123, infeasible=True)
-    p = Pass(T0, window(), Decision("hold", "why", 0.8123, 0.8123, True, True), {}, {})
+    p = Pass(T0, window(), Decision("hold", "why", 0.8123, 0.8123, True, True), state, {}, {})
     status = record.status_patch(p, {}, 1)
     assert record.resume(status) == state
     assert record.resume({}) == LoopState()
