@@ -28,7 +28,9 @@ from sarathi_engine.launch import LocalRanks, dist_timeout, placement_from_env, 
 from sarathi_engine.model_runner import Batch, ModelRunner, pick_device
 from sarathi_engine.model_store import resolve_model
 from sarathi_engine.pipeline import Driver, RankFailure, StageTiming
-from sarathi_engine.sampling_params import SamplingParams
+from sarathi_engine.grammar import Grammars
+from sarathi_engine.sampler import Sampled, TokenLogprobs
+from sarathi_engine.sampling_params import InvalidParam, SamplingParams
 from sarathi_engine.scheduler import SchedulerOutput, make_scheduler
 from sarathi_engine.sequence import Sequence
 from sarathi_engine.slo_planner import BatchShape, SloPlanner, shape_of
@@ -46,6 +48,9 @@ class RequestOutput:
     text: str  # output text so far (stop strings cut off)
     new_token_ids: list[int]  # since the previous output of this request
     new_text: str
+    logprobs: list[TokenLogprobs]  # one per output token so far, when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs] | None  # prompt tokens 1.., when asked
+    cumulative_logprob: float  # of the output tokens, when the request asked for logprobs
     finished: bool
     finish_reason: str | None  # "stop", "length" or "abort"
     arrival_time: float
@@ -92,7 +97,7 @@ class _Flight:
     start: float
     schedule_time: float
     token_budget: int
-    tokens: list[int | None] | None  # None until collected from the last stage
+    sampled: list[Sampled] | None  # None until collected from the last stage
     shape: BatchShape | None  # for the planner's cost model
 
 
@@ -120,6 +125,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len {sched.max_model_len} exceeds the model's context of {context} tokens")
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.eos_token_ids = read_eos_token_ids(folder, self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.eos_token_ids, self.model_config.vocab_size)
         placement = placement_from_env(config.parallel, os.environ)
         if placement.pod != 0:
             raise ValueError(f"this is pod {placement.pod} of {placement.pods}: only pod 0 runs the engine's "
@@ -181,11 +187,29 @@ class LLMEngine:
                     arrival_time: float | None = None) -> None:
         params = params or SamplingParams()
         ids = self.tokenize(prompt)
+        self.check_params(params)
+        seq = Sequence(request_id, ids, params, arrival_time)
+        seq.end_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
+        if params.json_schema is not None:
+            seq.matcher = self.grammars.matcher(params.json_schema)
         with self._ids_lock:
             if request_id in self._ids_in_use:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._ids_in_use.add(request_id)
-        self._inbox.put(Sequence(request_id, ids, params, arrival_time))
+        self._inbox.put(seq)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """A ValueError for what SamplingParams cannot check alone: token ids outside this model's
+        vocabulary, or a JSON schema the grammar cannot hold."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.logit_bias if t >= vocab]
+        if bad:
+            raise InvalidParam(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})", "logit_bias")
+        if params.json_schema is not None:
+            try:
+                self.grammars.compile(params.json_schema)
+            except ValueError as e:
+                raise InvalidParam(str(e), "json_schema") from None
 
     def abort_request(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -282,13 +306,13 @@ class LLMEngine:
             self.scheduler.launch(plan)
         shape = shape_of(plan.chunks) if self.planner is not None else None
         batch = self.runner.prepare(plan.chunks, self.blocks)
-        tokens = self.runner.execute(batch) if self.driver is None else self.driver.launch(batch)
-        self._in_flight.append(_Flight(plan, batch, start, scheduled - start, self.token_budget, tokens, shape))
+        sampled = self.runner.execute(batch) if self.driver is None else self.driver.launch(batch)
+        self._in_flight.append(_Flight(plan, batch, start, scheduled - start, self.token_budget, sampled, shape))
         return True
 
     def _land(self, flight: _Flight) -> list[RequestOutput]:
         batch = flight.batch
-        tokens = flight.tokens if flight.tokens is not None else self.driver.collect(batch)
+        sampled = flight.sampled if flight.sampled is not None else self.driver.collect(batch)
         if self._depth > 1:
             self.scheduler.land(flight.plan)
         now = self._last_contact = time.monotonic()
@@ -298,13 +322,14 @@ class LLMEngine:
             self.planner.model.observe(flight.shape, now - flight.start)
         prefill_tokens = sum(c.num_tokens for c in batch.chunks if not c.seq.is_decoding)
         outputs = []
-        for chunk, token in zip(batch.chunks, tokens):
+        for chunk, result in zip(batch.chunks, sampled):
             seq = chunk.seq
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = flight.start
             seq.num_computed_tokens += chunk.num_tokens
-            if token is not None:
-                outputs.append(self._append_token(self._tracked[seq.request_id], token))
+            seq.prompt_logprobs.extend(result.prompt_logprobs)
+            if result.token is not None:
+                outputs.append(self._append_token(self._tracked[seq.request_id], result))
         num_tokens = flight.plan.num_tokens
         self.iterations.append(IterationStats(
             start=flight.start, duration=now - flight.start, schedule_time=flight.schedule_time,
@@ -371,18 +396,23 @@ class LLMEngine:
                 self.scheduler.add(item)
         return outputs
 
-    def _append_token(self, tracked: _Tracked, token: int) -> RequestOutput:
-        seq, params = tracked.seq, tracked.seq.params
+    def _append_token(self, tracked: _Tracked, sampled: Sampled) -> RequestOutput:
+        seq, params, token = tracked.seq, tracked.seq.params, sampled.token
         seq.output_token_ids.append(token)
-        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+        if sampled.logprobs is not None:
+            seq.logprobs.append(sampled.logprobs)
+        may_stop = len(seq.output_token_ids) > params.min_tokens
+        if token in seq.end_token_ids:
             return self._finish(tracked, "stop")
         delta = tracked.detokenizer.push(token)
         tracked.text = tracked.detokenizer.text
-        if params.stop:
+        if params.stop and may_stop:
             at = find_stop(tracked.text, len(delta), params.stop)
             if at != -1:
                 tracked.text = tracked.text[:at]
                 return self._finish(tracked, "stop")
+        if seq.matcher is not None and (not seq.matcher.accept(token) or seq.matcher.done):
+            return self._finish(tracked, "stop")  # the JSON is complete (a refused token cannot be drawn)
         if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.config.scheduler.max_model_len:
             return self._finish(tracked, "length")
         return self._output(tracked)
@@ -407,6 +437,9 @@ class LLMEngine:
             text=tracked.text[:visible],
             new_token_ids=seq.output_token_ids[tracked.tokens_sent:],
             new_text=tracked.text[tracked.text_sent:visible],
+            logprobs=list(seq.logprobs),
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
+            cumulative_logprob=seq.cumulative_logprob,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             arrival_time=seq.arrival_time,

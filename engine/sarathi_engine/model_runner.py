@@ -16,8 +16,9 @@ from sarathi_engine.kv_cache import BlockManager, allocate_kv_cache, bytes_per_b
 from sarathi_engine.model.llama import LlamaForCausalLM
 from sarathi_engine.model.loader import load_weights
 from sarathi_engine.model.ops import select_ops
-from sarathi_engine.sampler import sample
+from sarathi_engine.sampler import Sampled, logprobs_of, sample
 from sarathi_engine.scheduler import ScheduledChunk
+from sarathi_engine.sequence import Sequence
 
 
 @dataclass
@@ -27,7 +28,7 @@ class BatchInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
-    sample_rows: list[int]  # index of the last token of each chunk that completes its sequence
+    logit_rows: list[int]  # the tokens whose logits rank 0 needs: prompt logprobs and samples
 
 
 @dataclass
@@ -36,10 +37,12 @@ class Batch:
 
     chunks: list[ScheduledChunk]  # prefills first, then decodes: the order of the token run
     inputs: BatchInputs
+    prompt_rows: list[list[int]]  # per chunk, the logits rows of the prompt tokens it scores
+    sample_at: list[int | None]  # per chunk, the logits row its next token is drawn from
 
 
 def make_inputs(input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, query_lens: list[int],
-                context_lens: list[int], block_tables: torch.Tensor, sample_rows: list[int],
+                context_lens: list[int], block_tables: torch.Tensor, logit_rows: list[int],
                 device: torch.device) -> BatchInputs:
     meta = AttentionMetadata(
         slot_mapping=slots.to(device),
@@ -50,7 +53,7 @@ def make_inputs(input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.T
         context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32, device=device),
         query_start_loc=torch.tensor([0, *_cumsum(query_lens)], dtype=torch.int32, device=device),
     )
-    return BatchInputs(input_ids.to(device), positions.to(device), meta, sample_rows)
+    return BatchInputs(input_ids.to(device), positions.to(device), meta, logit_rows)
 
 
 def pick_device(name: str) -> torch.device:
@@ -99,24 +102,29 @@ class ModelRunner:
 
     def prepare(self, chunks: list[ScheduledChunk], blocks: BlockManager) -> Batch:
         chunks = sorted(chunks, key=lambda c: c.num_tokens == 1)  # prefills first, stable
-        ids, positions, slots, sample_rows = [], [], [], []
+        ids, positions, slots, logit_rows, prompt_rows, sample_at = [], [], [], [], [], []
         for chunk in chunks:
             seq, start = chunk.seq, chunk.seq.num_computed_tokens
             end = start + chunk.num_tokens
+            first = len(ids)
             ids.extend(seq.token_ids(start, end))
             positions.extend(range(start, end))
             slots.extend(blocks.slot(seq, p) for p in range(start, end))
+            scored = scored_prompt_positions(seq, start, end)
+            prompt_rows.append(list(range(len(logit_rows), len(logit_rows) + len(scored))))
+            logit_rows.extend(first + p - start for p in scored)
+            sample_at.append(len(logit_rows) if completes(chunk) else None)
             if completes(chunk):
-                sample_rows.append(len(ids) - 1)
+                logit_rows.append(len(ids) - 1)
         widest = max(len(c.seq.block_table) for c in chunks)
         tables = [c.seq.block_table + [0] * (widest - len(c.seq.block_table)) for c in chunks]
         long = torch.long
         inputs = make_inputs(
             torch.tensor(ids, dtype=long), torch.tensor(positions, dtype=long), torch.tensor(slots, dtype=long),
             [c.num_tokens for c in chunks], [c.seq.num_computed_tokens + c.num_tokens for c in chunks],
-            torch.tensor(tables, dtype=long), sample_rows, self.device,
+            torch.tensor(tables, dtype=long), logit_rows, self.device,
         )
-        return Batch(chunks, inputs)
+        return Batch(chunks, inputs, prompt_rows, sample_at)
 
     @torch.inference_mode()
     def forward(self, inputs: BatchInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,20 +137,37 @@ class ModelRunner:
         logits = self.model.compute_logits(rows)
         return None if logits is None else logits.cpu()
 
-    def sample(self, batch: Batch, logits: torch.Tensor) -> list[int | None]:
-        """The sampled token of each chunk (in batch order), None for chunks mid-prefill."""
-        tokens: list[int | None] = [None] * len(batch.chunks)
-        finishing = [i for i, c in enumerate(batch.chunks) if completes(c)]
-        for i, token in zip(finishing, sample(logits, [batch.chunks[i].seq for i in finishing], self.generator)):
-            tokens[i] = token
-        return tokens
+    def sample(self, batch: Batch, logits: torch.Tensor) -> list[Sampled]:
+        """What each chunk produced (in batch order): its next token, None mid-prefill, and the
+        logprobs its request asked for."""
+        results = [Sampled() for _ in batch.chunks]
+        finishing = [i for i, row in enumerate(batch.sample_at) if row is not None]
+        if finishing:
+            drawn = sample(logits[[batch.sample_at[i] for i in finishing]],
+                           [batch.chunks[i].seq for i in finishing], self.generator)
+            for i, result in zip(finishing, drawn):
+                results[i] = result
+        for chunk, rows, result in zip(batch.chunks, batch.prompt_rows, results):
+            if rows:  # the same positions prepare() chose: the sequence has not moved since
+                seq, start = chunk.seq, chunk.seq.num_computed_tokens
+                targets = [seq.prompt_token_ids[p + 1] for p in scored_prompt_positions(seq, start, start + chunk.num_tokens)]
+                result.prompt_logprobs = logprobs_of(logits[rows], targets, seq.params.prompt_logprobs)
+        return results
 
-    def execute(self, batch: Batch) -> list[int | None]:
+    def execute(self, batch: Batch) -> list[Sampled]:
         """The whole model in this process (every stage here): forward, logits, sample."""
         hidden = self.forward(batch.inputs)
-        if not batch.inputs.sample_rows:
-            return [None] * len(batch.chunks)
-        return self.sample(batch, self.logits(hidden[batch.inputs.sample_rows]))
+        if not batch.inputs.logit_rows:
+            return [Sampled() for _ in batch.chunks]
+        return self.sample(batch, self.logits(hidden[batch.inputs.logit_rows]))
+
+
+def scored_prompt_positions(seq: Sequence, start: int, end: int) -> list[int]:
+    """The positions in [start, end) whose logits score the next prompt token for the request's
+    prompt logprobs, skipping those already scored (before a preemption)."""
+    if seq.params.prompt_logprobs is None:
+        return []
+    return list(range(max(start, len(seq.prompt_logprobs)), min(end, len(seq.prompt_token_ids) - 1)))
 
 
 def completes(chunk: ScheduledChunk) -> bool:

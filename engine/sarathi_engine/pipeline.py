@@ -3,7 +3,7 @@
 Rank 0 owns the scheduler. For each batch it sends a FORWARD message (a fixed-size int64 header,
 then an int64 body: the batch layout) to the other ranks of the first stage and runs its own
 share. Every stage passes the message and its hidden states on to the same tensor-parallel rank
-of the next stage; the last stage sends only the normed rows to be sampled back to the first
+of the next stage; the last stage sends only the normed rows whose logits are needed back to the first
 (the stages form a ring). Later rank 0 sends COLLECT: the first stage takes those rows, computes
 the logits (the vocabulary is split over its ranks and gathered on rank 0) and rank 0 samples.
 Up to pp_size batches sit between FORWARD and COLLECT at once, so the stages work on different
@@ -28,9 +28,10 @@ import torch.distributed as dist
 
 from sarathi_engine.distributed import ParallelState
 from sarathi_engine.model_runner import Batch, BatchInputs, ModelRunner, make_inputs
+from sarathi_engine.sampler import Sampled
 
 FORWARD, COLLECT, REPORT, STOP = 1, 2, 3, 4
-HEADER_SIZE = 5  # kind, tokens, sequences, block-table width, sampled rows
+HEADER_SIZE = 5  # kind, tokens, sequences, block-table width, logit rows
 FOREVER = timedelta(days=365)
 
 
@@ -43,10 +44,10 @@ def pack(inputs: BatchInputs) -> tuple[torch.Tensor, torch.Tensor]:
     meta = inputs.meta
     tables = meta.block_tables.cpu()
     header = torch.tensor([FORWARD, len(inputs.input_ids), len(meta.query_lens), tables.shape[1],
-                           len(inputs.sample_rows)], dtype=torch.int64)
+                           len(inputs.logit_rows)], dtype=torch.int64)
     body = torch.cat([
         inputs.input_ids.cpu(), inputs.positions.cpu(), meta.slot_mapping.cpu(),
-        torch.tensor(meta.query_lens + meta.context_lens + inputs.sample_rows, dtype=torch.int64),
+        torch.tensor(meta.query_lens + meta.context_lens + inputs.logit_rows, dtype=torch.int64),
         tables.flatten(),
     ])
     return header, body
@@ -168,8 +169,8 @@ class Driver:
         self.clock = StageClock()
         self.peers = [state.rank_of(0, t) for t in range(1, state.tp_size)]
 
-    def launch(self, batch: Batch) -> list[int | None] | None:
-        """Start a batch; its tokens at once when every stage is here, else None (collect them later)."""
+    def launch(self, batch: Batch) -> list[Sampled] | None:
+        """Start a batch; what it sampled at once when every stage is here, else None (collect it later)."""
         header, body = pack(batch.inputs)
         self._tell_peers([header, body])
         if self.state.pp_size == 1:
@@ -180,12 +181,12 @@ class Driver:
         self.link.send(self.state.next_rank, [header, body, hidden])
         return None
 
-    def collect(self, batch: Batch) -> list[int | None]:
-        """The tokens of the oldest launched batch, once the last stage has it."""
+    def collect(self, batch: Batch) -> list[Sampled]:
+        """What the oldest launched batch sampled, once the last stage has it."""
         self._tell_peers([control(COLLECT)])
-        rows = batch.inputs.sample_rows
+        rows = batch.inputs.logit_rows
         if not rows:
-            return [None] * len(batch.chunks)
+            return [Sampled() for _ in batch.chunks]
         runner = self.runner
         hidden = self.link.recv(self.state.prev_rank, (len(rows), runner.cfg.hidden_size), runner.activation_dtype,
                                 runner.device)
@@ -220,13 +221,13 @@ def serve(runner: ModelRunner, state: ParallelState, timeout: float) -> None:
     link, clock = Link(timeout), StageClock()
     source = 0 if state.is_first_stage else state.prev_rank
     hidden_shape = (runner.cfg.hidden_size,)
-    awaiting_rows: deque[int] = deque()  # first stage: sampled rows of each batch not yet collected
+    awaiting_rows: deque[int] = deque()  # first stage: logit rows of each batch not yet collected
     while True:
         header, body = link.recv_message(source)
         kind = int(header[0])
         if kind == FORWARD:
             inputs = unpack(header, body, runner.device)
-            rows = inputs.sample_rows
+            rows = inputs.logit_rows
             hidden = None
             if not state.is_first_stage:
                 hidden = link.recv(source, (len(inputs.input_ids), *hidden_shape), runner.activation_dtype,

@@ -1,23 +1,115 @@
-"""Next-token choice for a batch: greedy, or temperature with top-k/top-p, per request, each
-seeded request drawing from its own generator so its output does not depend on its neighbours."""
+"""Next-token choice for a batch, per request, in vLLM's order: the logits are adjusted (logit
+bias, min_tokens, repetition/frequency/presence penalties, the JSON grammar's mask), then greedy
+takes the argmax, and sampling applies temperature, min_p, top-k and top-p and draws, each seeded
+request from its own generator so its output does not depend on its neighbours.
+
+Logprobs are the model's own log-softmax, before any of these adjustments (vLLM's default).
+A request with neutral settings runs none of the adjustments, so greedy output stays the argmax.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
 from sarathi_engine.sequence import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator) -> list[int]:
+@dataclass
+class TokenLogprobs:
+    """One position's token with its logprob, and the most likely tokens there."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
+class Sampled:
+    """What one chunk of a batch produced: its next token once its known tokens are all computed,
+    and the logprobs the request asked for."""
+
+    token: int | None = None  # None while the chunk is mid-prefill
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator) -> list[Sampled]:
     """logits: [batch, vocab] float32 on the CPU, one row per sequence."""
-    tokens = logits.argmax(dim=-1)
+    adjusted = adjust(logits, seqs)
+    tokens = adjusted.argmax(dim=-1)
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if rows:
-        probs = filtered_probs(logits[rows], [seqs[i].params for i in rows])
+        probs = filtered_probs(adjusted[rows], [seqs[i].params for i in rows])
         for row, p in zip(rows, probs):
             # Exponential race: argmax(p / E) with E ~ Exp(1) draws an index with probability p.
             noise = torch.empty_like(p).exponential_(generator=seqs[row].generator or generator)
             tokens[row] = (p / noise).argmax()
-    return tokens.tolist()
+    out = []
+    for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+        k = seq.params.logprobs
+        out.append(Sampled(token, None if k is None else logprobs_of(logits[i:i + 1], [token], k)[0]))
+    return out
+
+
+def logprobs_of(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprobs]:
+    """Each row's logprob of its token and its k most likely tokens."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    return [TokenLogprobs(token, value, list(zip(ids, values)))
+            for token, value, ids, values in zip(tokens, chosen, top_ids.tolist(), top_values.tolist())]
+
+
+def adjust(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The logits after each request's bias, min_tokens, penalties and grammar; the same tensor
+    when no request asks for any."""
+    rows = [i for i, s in enumerate(seqs) if needs_adjusting(s)]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        logits[i] = adjust_row(logits[i], seqs[i])
+    return logits
+
+
+def needs_adjusting(seq: Sequence) -> bool:
+    p = seq.params
+    return (bool(p.logit_bias) or p.penalised or seq.matcher is not None
+            or (len(seq.output_token_ids) < p.min_tokens and bool(seq.end_token_ids)))
+
+
+def adjust_row(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    p, vocab = seq.params, row.shape[-1]
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+        row = row.index_add(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype))
+    if p.penalised:
+        row = penalise(row, seq.prompt_token_ids, seq.output_token_ids, p.repetition_penalty,
+                       p.frequency_penalty, p.presence_penalty)
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    if len(seq.output_token_ids) < p.min_tokens:
+        allowed[[t for t in seq.end_token_ids if t < vocab]] = False
+    if seq.matcher is not None:
+        grammar = seq.matcher.allowed(vocab)
+        # The grammar wins where the two leave nothing (the JSON is complete and only an end is left).
+        allowed = allowed & grammar if bool((allowed & grammar).any()) else grammar
+    return row.masked_fill(~allowed, float("-inf"))
+
+
+def penalise(row: torch.Tensor, prompt: list[int], output: list[int], repetition: float, frequency: float,
+             presence: float) -> torch.Tensor:
+    """vLLM's penalties: repetition over prompt and output tokens (HF semantics), then OpenAI's
+    frequency and presence over output tokens."""
+    vocab = row.shape[-1]
+    if repetition != 1:
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[torch.tensor(prompt + output, dtype=torch.long)] = True
+        row = torch.where(seen, torch.where(row > 0, row / repetition, row * repetition), row)
+    if output and (frequency or presence):
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].to(row.dtype)
+        row = row - frequency * counts - presence * (counts > 0).to(row.dtype)
+    return row
 
 
 def filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
@@ -28,6 +120,10 @@ def filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     ranks = torch.arange(vocab)[None, :]
     top_k = torch.tensor([p.top_k or vocab for p in params])[:, None]
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k, float("-inf"))
+    min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype)[:, None]
+    if bool((min_p > 0).any()):
+        # p(token) < min_p * p(most likely) <=> logit < top logit + log(min_p)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < sorted_logits[:, :1] + min_p.log(), float("-inf"))
     sorted_probs = sorted_logits.softmax(dim=-1)
     top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)[:, None]
     # Drop a token once the tokens ranked above it already cover top_p; the first always stays.

@@ -36,6 +36,10 @@ class Sequence:
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
         self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed % 2**64)
+        self.end_token_ids: frozenset[int] = frozenset()  # tokens that end the output (EOS, stop tokens)
+        self.matcher = None  # a grammar.JsonMatcher when the output must be JSON
+        self.logprobs: list = []  # a sampler.TokenLogprobs per output token, when asked
+        self.prompt_logprobs: list = []  # the same for prompt tokens 1.. so far, when asked
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +56,10 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(entry.logprob for entry in self.logprobs)
 
     def token_ids(self, start: int, end: int) -> list[int]:
         prompt_len = len(self.prompt_token_ids)

@@ -2,7 +2,7 @@ import pytest
 
 from sarathi_engine.bench.metrics import summarize
 from sarathi_engine.bench.records import RequestRecord
-from sarathi_engine.bench.servermetrics import bucket_delta, histogram_quantile, queue_time_buckets
+from sarathi_engine.bench.servermetrics import bucket_delta, histogram_buckets, histogram_quantile
 
 OURS = """# HELP sarathi_request_queue_time_seconds Time from arrival to first being scheduled.
 # TYPE sarathi_request_queue_time_seconds histogram
@@ -23,9 +23,9 @@ vllm:request_queue_time_seconds_bucket{engine="1",le="+Inf",model_name="m"} 3.0
 
 
 def test_reads_ours_and_vllms_histogram_and_sums_label_sets():
-    assert queue_time_buckets(OURS) == {0.1: 4.0, 1.0: 8.0, float("inf"): 10.0}
-    assert queue_time_buckets(VLLM) == {0.5: 4.0, float("inf"): 5.0}
-    assert queue_time_buckets("# TYPE other histogram\nother_bucket{le=\"+Inf\"} 1\n") is None
+    assert histogram_buckets(OURS) == {0.1: 4.0, 1.0: 8.0, float("inf"): 10.0}
+    assert histogram_buckets(VLLM) == {0.5: 4.0, float("inf"): 5.0}
+    assert histogram_buckets("# TYPE other histogram\nother_bucket{le=\"+Inf\"} 1\n") is None
 
 
 def test_quantiles_interpolate_within_buckets_like_prometheus():

@@ -64,7 +64,7 @@ def test_sampling_frequencies_match_the_distribution():
     logits = torch.tensor([[1.0, 0.0, -1.0]])
     seqs = [Sequence("s", [1], SamplingParams(temperature=1.0))]
     generator = torch.Generator().manual_seed(0)
-    counts = collections.Counter(sample(logits, seqs, generator)[0] for _ in range(4000))
+    counts = collections.Counter(sample(logits, seqs, generator)[0].token for _ in range(4000))
     expected = logits.softmax(-1)[0].tolist()
     for token, p in enumerate(expected):
         assert abs(counts[token] / 4000 - p) < 0.03

@@ -92,7 +92,7 @@ def test_a_batch_survives_the_wire():
     assert back.meta.slot_mapping.tolist() == [32, 33, 34, 57]
     assert (back.meta.query_lens, back.meta.context_lens, back.meta.num_prefills) == ([3, 1], [3, 10], 1)
     assert back.meta.block_tables.tolist() == [[2, 0], [1, 3]]
-    assert back.sample_rows == [2, 3]
+    assert back.logit_rows == [2, 3]
     assert back.meta.query_start_loc.tolist() == [0, 3, 4]
 
 

@@ -26,7 +26,7 @@ BAD_BODIES = [
     ({"prompt": "hi", "temperature": "hot"}, 400, "'temperature' must be a number"),
     ({"prompt": "hi", "top_p": 0}, 400, "'top_p' must be a number in (0, 1]"),
     ({"prompt": "hi", "stream": "yes"}, 400, "'stream' must be a boolean"),
-    ({"prompt": "hi", "n": 3}, 400, "'n' must be 1"),
+    ({"prompt": "hi", "n": 300}, 400, "'n' must be an integer in [1, 16]"),
     ({"prompt": "hi", "frobnicate": True}, 400, "unrecognized request argument: frobnicate"),
     ({"prompt": ""}, 400, "prompt is empty"),
     ({"prompt": [5] * 2000}, 400, "prompt has 2000 tokens; max_model_len is 1024"),

@@ -13,7 +13,7 @@ from sarathi_engine.bench.capacity import Bisection, passes
 from sarathi_engine.bench.loadgen import Load, ServerTraits, probe_server, run_load, served_model
 from sarathi_engine.bench.metrics import PrefillModel, summarize
 from sarathi_engine.bench.records import RequestRecord
-from sarathi_engine.bench.servermetrics import bucket_delta, histogram_quantile, scrape_queue_time
+from sarathi_engine.bench.servermetrics import bucket_delta, histogram_quantile, scrape_histogram
 from sarathi_engine.bench.workloads import (WORKLOADS, RequestSpec, prompt_token_ids, read_trace, sample_lengths,
                                             scale_and_clip)
 
@@ -80,10 +80,10 @@ async def run_point(endpoint: Endpoint, workload: WorkloadSpec, qps: float, tbt_
                     ttft_slo: float | None = None, count: int | None = None, hooks: Hooks | None = None) -> Point:
     load = workload.load(qps, count)
     on_sent, on_done = hooks(f"{qps:g} req/s", len(load.prompts)) if hooks else (None, None)
-    before = await scrape_queue_time(endpoint.url)
+    before = await scrape_histogram(endpoint.url)
     records, duration = await run_load(endpoint.url, endpoint.model, load, endpoint.traits.continuous_usage,
                                        on_sent=on_sent, on_done=on_done)
-    after = await scrape_queue_time(endpoint.url)
+    after = await scrape_histogram(endpoint.url)
     queue = None
     if after is not None:
         delta = bucket_delta(after, before)

@@ -1,6 +1,6 @@
-"""Scheduling delay as the server itself counts it: the queue-time histogram on its Prometheus
-/metrics (arrival until first scheduled; ours and vLLM's), scraped before and after a run, its
-quantiles read from the difference as Prometheus' histogram_quantile does."""
+"""Latency as the server itself counts it: histograms on its Prometheus /metrics (the queue time,
+arrival until first scheduled, ours and vLLM's; TTFT and TBT), scraped before and after a run,
+their quantiles read from the difference as Prometheus' histogram_quantile does."""
 from __future__ import annotations
 
 import aiohttp
@@ -9,11 +9,11 @@ from prometheus_client.parser import text_string_to_metric_families
 QUEUE_TIME_HISTOGRAMS = ("sarathi_request_queue_time_seconds", "vllm:request_queue_time_seconds")
 
 
-def queue_time_buckets(text: str) -> dict[float, float] | None:
-    """Cumulative counts by upper bound, summed over label sets, of the first known queue-time
-    histogram in a /metrics text; None when it has none."""
+def histogram_buckets(text: str, names: tuple[str, ...] = QUEUE_TIME_HISTOGRAMS) -> dict[float, float] | None:
+    """Cumulative counts by upper bound, summed over label sets, of the first histogram named in
+    `names` that a /metrics text holds; None when it has none."""
     for family in text_string_to_metric_families(text):
-        if family.name in QUEUE_TIME_HISTOGRAMS and family.type == "histogram":
+        if family.name in names and family.type == "histogram":
             buckets: dict[float, float] = {}
             for sample in family.samples:
                 if sample.name.endswith("_bucket"):
@@ -45,13 +45,14 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
     return lower
 
 
-async def scrape_queue_time(url: str, timeout_s: float = 10) -> dict[float, float] | None:
-    """The server's queue-time histogram now, or None when it exposes none (or no /metrics)."""
+async def scrape_histogram(url: str, names: tuple[str, ...] = QUEUE_TIME_HISTOGRAMS,
+                           timeout_s: float = 10) -> dict[float, float] | None:
+    """One of the server's histograms now, or None when it exposes none (or no /metrics)."""
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
             async with session.get(url.rstrip("/") + "/metrics") as response:
                 if response.status != 200:
                     return None
-                return queue_time_buckets(await response.text())
+                return histogram_buckets(await response.text(), names)
     except (aiohttp.ClientError, TimeoutError, ValueError):
         return None

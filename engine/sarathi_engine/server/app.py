@@ -20,6 +20,7 @@ from sarathi_engine.config import check_slo_margin, check_tbt_slo_ms, check_toke
 from sarathi_engine.server import protocol
 from sarathi_engine.server.async_engine import AsyncEngine, EngineDead, Overloaded
 from sarathi_engine.server.openapi import openapi_document
+from sarathi_engine.sampling_params import InvalidParam, SamplingParams
 from sarathi_engine.server.protocol import GenerationRequest, RequestError
 
 log = logging.getLogger("sarathi.server")
@@ -89,19 +90,35 @@ def check_serving(state: ServerState, request: GenerationRequest) -> None:
                            kind="not_found_error")
 
 
-def prepare(state: ServerState, request: GenerationRequest, tokenize) -> list[tuple[list[int], object]]:
-    """(prompt token ids, sampling params) per prompt, or the first RequestError."""
-    prepared = []
+@dataclass
+class Prepared:
+    """One HTTP request as engine requests: its prompts' token ids, and samples_per_prompt
+    (ids, sampling params) per prompt, prompt by prompt."""
+
+    prompts: list[list[int]]
+    samples: list[tuple[list[int], SamplingParams]]
+
+
+def prepare(state: ServerState, request: GenerationRequest, tokenize) -> Prepared:
+    """Every prompt tokenized and every sample's params checked, or the first RequestError."""
+    prompts, samples = [], []
     for prompt in request.prompts:
         try:
             ids = tokenize(prompt)
         except ValueError as e:
-            raise RequestError(str(e), param="prompt") from None
-        try:
-            prepared.append((ids, request.sampling_params(len(ids), state.max_model_len)))
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-    return prepared
+            raise RequestError(str(e), param="messages" if request.chat else "prompt") from None
+        prompts.append(ids)
+        for sample in range(request.samples_per_prompt):
+            try:
+                params = request.sampling_params(len(ids), state.max_model_len, sample)
+            except InvalidParam as e:
+                raise RequestError(str(e), param=e.param) from None
+            samples.append((ids, params))
+    try:  # logit bias and schema are the same for every sample
+        loaded(state).engine.check_params(samples[0][1])
+    except InvalidParam as e:
+        raise RequestError(str(e), param="response_format" if e.param == "json_schema" else e.param) from None
+    return Prepared(prompts, samples)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -130,47 +147,110 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def generate(request: web.Request, state: ServerState, parsed: GenerationRequest, tokenize, chat: bool):
     prepared = prepare(state, parsed, tokenize)
     request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    submission = state.engine.submit(prepared, request_id)
-    prompt_tokens = sum(len(ids) for ids, _ in prepared)
+    submission = state.engine.submit(prepared.samples, request_id)
+    view = ChoiceView(parsed, prepared, state.engine.engine.tokenizer)
     try:
         if parsed.stream:
-            return await stream_response(request, request_id, state.served_model_name, submission,
-                                         [len(ids) for ids, _ in prepared], parsed, chat)
+            return await stream_response(request, request_id, state.served_model_name, submission, view)
         finals = {}
         async for index, out in submission.outputs():
             if out.finished:
                 finals[index] = out
     finally:
         submission.abort()  # a no-op once everything finished; otherwise the client left
-    choices = [protocol.choice(i, finals[i].text, finals[i].finish_reason, chat) for i in sorted(finals)]
+    choices = [view.choice(index, sample, finals[sample]) for index, sample in view.best(finals)]
     completion_tokens = sum(len(out.token_ids) for out in finals.values())
     return web.json_response(protocol.completion_response(
-        request_id, state.served_model_name, choices, protocol.usage(prompt_tokens, completion_tokens), chat))
+        request_id, state.served_model_name, choices, protocol.usage(view.prompt_tokens, completion_tokens), chat))
 
 
-async def stream_response(request, request_id, model, submission, prompt_lens: list[int], parsed, chat):
+class ChoiceView:
+    """How one request's engine outputs become OpenAI choices: which samples are returned under
+    which index (best_of), echo, and logprobs in the endpoint's shape."""
+
+    def __init__(self, parsed: GenerationRequest, prepared: Prepared, tokenizer) -> None:
+        self.parsed, self.prepared = parsed, prepared
+        self.per_prompt = parsed.samples_per_prompt
+        self.prompt_tokens = sum(len(ids) for ids in prepared.prompts)
+        self._tokenizer = tokenizer
+        self._offsets: dict[int, int] = {}  # streaming: each choice's text_offset so far
+
+    def token_text(self, token: int) -> str:
+        return self._tokenizer.decode([token])
+
+    def prompt_of(self, sample: int) -> list[int]:
+        return self.prepared.prompts[sample // self.per_prompt]
+
+    def best(self, finals: dict) -> list[tuple[int, int]]:
+        """(choice index, sample) of the returned samples: every sample, or with best_of the n
+        most likely per token of each prompt."""
+        n, chosen = self.parsed.n, []
+        for p in range(len(self.prepared.prompts)):
+            samples = range(p * self.per_prompt, (p + 1) * self.per_prompt)
+            if self.per_prompt > n:
+                samples = sorted(samples, key=lambda s: mean_logprob(finals[s]), reverse=True)[:n]
+            chosen.extend((p * n + rank, sample) for rank, sample in enumerate(samples))
+        return chosen
+
+    def choice(self, index: int, sample: int, out) -> dict:
+        return protocol.choice(index, self.echo_text(sample) + out.text, out.finish_reason, self.parsed.chat,
+                               self.logprobs(sample, out, out.logprobs, with_prompt=self.parsed.echo))
+
+    def event(self, request_id: str, model: str, sample: int, out) -> dict:
+        """A streamed chunk for an output; the first of each choice carries the echoed prompt."""
+        first = sample not in self._offsets
+        new = out.logprobs[len(out.token_ids) - len(out.new_token_ids):]
+        text = (self.echo_text(sample) if first else "") + out.new_text
+        return protocol.chunk(request_id, model, sample, text, out.finish_reason, self.parsed.chat,
+                              logprobs=self.logprobs(sample, out, new, with_prompt=first and self.parsed.echo))
+
+    def echo_text(self, sample: int) -> str:
+        if not self.parsed.echo:
+            return ""
+        prompt = self.parsed.prompts[sample // self.per_prompt]
+        return prompt if isinstance(prompt, str) else self._tokenizer.decode(prompt)
+
+    def logprobs(self, sample: int, out, entries: list, with_prompt: bool) -> dict | None:
+        if self.parsed.top_logprobs is None:
+            return None
+        if self.parsed.chat:
+            return protocol.chat_logprobs(entries, self.token_text)
+        if with_prompt:
+            entries = [None, *(out.prompt_logprobs or []), *entries]
+        offset = self._offsets.get(sample, 0)
+        shaped = protocol.completion_logprobs(entries, self.prompt_of(sample)[0], self.token_text, offset)
+        self._offsets[sample] = offset + sum(len(t) for t in shaped["tokens"])
+        return shaped
+
+
+def mean_logprob(out) -> float:
+    return out.cumulative_logprob / max(1, len(out.token_ids))
+
+
+async def stream_response(request, request_id, model, submission, view: ChoiceView):
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
+    chat = view.parsed.chat
     if chat:
         for index in range(len(submission.index)):
             await send(response, protocol.chunk(request_id, model, index, None, None, chat, role=True))
-    completion_tokens = [0] * len(prompt_lens)
+    completion_tokens = [0] * len(submission.index)
     try:
         # One event per token, even when its text is still held back, so clients can time every token.
         async for index, out in submission.outputs():
-            event = protocol.chunk(request_id, model, index, out.new_text, out.finish_reason, chat)
+            event = view.event(request_id, model, index, out)
             if len(out.token_ids) == 1 and out.new_token_ids and out.first_scheduled_time is not None:
                 # What a client cannot see: how long the request waited before it was first scheduled.
                 event["sarathi"] = {"scheduling_delay": max(0.0, out.first_scheduled_time - out.arrival_time)}
             completion_tokens[index] += len(out.new_token_ids)
-            if parsed.continuous_usage:
-                event["usage"] = protocol.usage(prompt_lens[index], completion_tokens[index])
+            if view.parsed.continuous_usage:
+                event["usage"] = protocol.usage(len(view.prompt_of(index)), completion_tokens[index])
             await send(response, event)
     except EngineDead as e:
         await send(response, protocol.error_body(str(e), "service_unavailable"))
         return response
-    if parsed.include_usage:
-        total = protocol.usage(sum(prompt_lens), sum(completion_tokens))
+    if view.parsed.include_usage:
+        total = protocol.usage(view.prompt_tokens, sum(completion_tokens))
         await send(response, protocol.usage_chunk(request_id, model, total, chat))
     await response.write(b"data: [DONE]\n\n")
     return response

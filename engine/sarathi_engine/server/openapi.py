@@ -1,6 +1,10 @@
 """The OpenAPI document served at /openapi.json: what clients (and the API fuzzer) may send."""
 from __future__ import annotations
 
+from sarathi_engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from sarathi_engine.server.protocol import MAX_CHOICES
+
+
 def token_ids(vocab_size: int) -> dict:
     return {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
 
@@ -19,8 +23,27 @@ SAMPLING = {
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"},
                                                                    "continuous_usage_stats": {"type": "boolean"}},
                        "additionalProperties": False, "nullable": True},
-    "n": {"type": "integer", "enum": [1], "nullable": True},
+    "n": {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES, "nullable": True},
+    "min_p": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True},
+    "min_tokens": {"type": "integer", "minimum": 0, "nullable": True},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True},
+    "repetition_penalty": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "nullable": True},
+    "logit_bias": {"type": "object", "description": "token id (a decimal string) -> bias added to its logit",
+                   "additionalProperties": {"type": "number", "minimum": -MAX_LOGIT_BIAS, "maximum": MAX_LOGIT_BIAS},
+                   "nullable": True},
+    "response_format": {"oneOf": [
+        {"type": "object", "required": ["type"], "additionalProperties": False,
+         "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False, "properties": {
+            "type": {"type": "string", "enum": ["json_schema"]},
+            "json_schema": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+                "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": "object"},
+                "strict": {"type": "boolean", "nullable": True}}}}},
+    ], "nullable": True},
     "user": {"type": "string", "nullable": True},
+    "metadata": {"type": "object", "additionalProperties": {"type": "string"}, "nullable": True},
+    "parallel_tool_calls": {"type": "boolean", "nullable": True},
 }
 ERROR = {"description": "an OpenAI-style error", "content": {"application/json": {"schema": {
     "type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["message", "type"]}}}}}}
@@ -37,6 +60,10 @@ def openapi_document(model_name: str, vocab_size: int) -> dict:
         **sampling,
         "prompt": {"oneOf": [{"type": "string"}, ids, {"type": "array", "items": {"type": "string"}, "minItems": 1},
                              {"type": "array", "items": ids, "minItems": 1}]},
+        "echo": {"type": "boolean", "nullable": True},
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS, "nullable": True},
+        "best_of": {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES, "nullable": True},
+        "suffix": {"type": "string", "nullable": True, "description": "only null: no fill-in-the-middle mode"},
     }}
     message = {"type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {
         "role": {"type": "string", "enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}}
@@ -44,6 +71,8 @@ def openapi_document(model_name: str, vocab_size: int) -> dict:
         **sampling,
         "max_completion_tokens": {"type": "integer", "minimum": 1, "nullable": True},
         "messages": {"type": "array", "items": message, "minItems": 1},
+        "logprobs": {"type": "boolean", "nullable": True},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS, "nullable": True},
     }}
 
     def post(schema: dict, summary: str) -> dict:
