@@ -31,6 +31,7 @@ from sarathi_engine.server.launcher import ServerProcess
 SHIM = Path(__file__).with_name("vllm_cli.py")
 SERVER_HISTOGRAMS = {"ttft": ("sarathi_time_to_first_token_seconds",),
                      "tbt": ("sarathi_time_between_tokens_seconds",)}
+CLIENTS = ("vllm bench serve", "sarathi loadgen")
 DOC_BEGIN, DOC_END = "<!-- bench-serve:begin -->", "<!-- bench-serve:end -->"
 
 
@@ -44,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--request-rate", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-args", default="--token-budget 256", help="more `sarathi serve` flags")
+    p.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS), help="which clients run, in order")
     p.add_argument("--vllm-venv", type=Path, default=Path(".cache/vllm-venv"))
     p.add_argument("--out", type=Path, default=Path("bench-results/bench-serve"))
     p.add_argument("--doc", type=Path, help="rewrite the generated section of this markdown file")
@@ -100,7 +102,7 @@ async def run_our_client(args, url: str) -> dict:
 
 async def measure(args, url: str, folder: Path, out: Path) -> dict:
     runs = {}
-    for name in ("vllm bench serve", "sarathi loadgen"):
+    for name in args.clients:
         before = await server_view(url)
         client = run_vllm_client(args, url, folder, out) if name.startswith("vllm") else await run_our_client(args, url)
         runs[name] = {"client": client, "server": server_quantiles(before, await server_view(url))}

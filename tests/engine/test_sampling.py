@@ -93,3 +93,16 @@ def test_the_cli_answers_the_demo_question(smollm2_dir):
     )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_draws_follow_the_filtered_distribution_and_never_pick_a_dropped_token():
+    from sarathi_engine.sampler import sample
+    from sarathi_engine.sequence import Sequence
+
+    logits = torch.tensor([[0.0, 2.0, -1.0, 1.0, 5.0]])
+    seqs = [Sequence("s", [1], SamplingParams(temperature=2.0, top_k=3, seed=11))]
+    counts = collections.Counter(sample(logits, seqs, torch.Generator())[0].token for _ in range(4000))
+    assert set(counts) <= {1, 3, 4}
+    expected = filtered_probs(logits, [seqs[0].params])[0]
+    for token in (1, 3, 4):
+        assert abs(counts[token] / 4000 - expected[token].item()) < 0.03
