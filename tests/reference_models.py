@@ -20,6 +20,9 @@ TINY_CONFIGS = {
     ),
     "mistral": dict(model_type="mistral", sliding_window=24, tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=False, use_sliding_window=False),
+    # Qwen2 slides only from layer max_window_layers on: here the first layer attends fully.
+    "qwen2-window": dict(model_type="qwen2", tie_word_embeddings=False, use_sliding_window=True, sliding_window=24,
+                         max_window_layers=1),
 }
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048,

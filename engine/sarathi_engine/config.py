@@ -31,7 +31,7 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
-    sliding_window: int | None
+    layer_windows: tuple[int | None, ...]  # each layer's sliding window (None: full attention)
     dtype: torch.dtype
 
     @classmethod
@@ -41,14 +41,16 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        quantization = hf.get("quantization_config")
+        if quantization:
+            method = quantization.get("quant_method", "unnamed") if isinstance(quantization, dict) else "unnamed"
+            raise ValueError(f"config.json has a quantization_config (quant_method {method!r}): quantized "
+                             "checkpoints are not supported; their weights would load as if they were not quantized")
         # transformers 5 writes rope settings under rope_parameters; older configs use rope_theta/rope_scaling.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         num_heads = hf["num_attention_heads"]
-        sliding_window = hf.get("sliding_window")
-        if architecture == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
-            sliding_window = None
         return cls(
             architecture=architecture,
             vocab_size=hf["vocab_size"],
@@ -64,13 +66,27 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             qkv_bias=architecture == "Qwen2ForCausalLM" or hf.get("attention_bias", False),
-            sliding_window=sliding_window,
+            layer_windows=layer_windows(hf, architecture),
             dtype=resolve_dtype(dtype, hf.get("dtype") or hf.get("torch_dtype")),
         )
 
     @classmethod
     def from_folder(cls, folder: Path, dtype: str = "auto") -> ModelConfig:
         return cls.from_hf_config(json.loads((folder / "config.json").read_text()), dtype)
+
+
+def layer_windows(hf: dict, architecture: str) -> tuple[int | None, ...]:
+    """Each layer's sliding window, as transformers reads the config: Mistral slides in every
+    layer; Qwen2 only with use_sliding_window, in the layers `layer_types` names
+    "sliding_attention", or else from layer max_window_layers on (the ones below attend fully)."""
+    window, layers = hf.get("sliding_window"), hf["num_hidden_layers"]
+    if window is None or (architecture == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False)):
+        return (None,) * layers
+    if architecture != "Qwen2ForCausalLM":
+        return (window,) * layers
+    kinds = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 0) else "full_attention"
+                                      for i in range(layers)]
+    return tuple(window if kind == "sliding_attention" else None for kind in kinds)
 
 
 def resolve_dtype(requested: str, config_dtype: str | None) -> torch.dtype:
@@ -87,8 +103,14 @@ class CacheConfig:
 
     block_size: int = 16
     kv_cache_memory: int = 1 << 30  # bytes, on CPU
-    gpu_memory_utilization: float = 0.9  # fraction of free memory after loading weights, on CUDA
+    # On CUDA: the share of the GPU's memory the engine may use in all (weights, the activations
+    # of the largest batch as the warm-up measured them, KV cache), as vLLM's flag of that name.
+    gpu_memory_utilization: float = 0.9
     watermark: float = 0.01  # share of blocks kept free when admitting new requests
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
 
 
 @dataclass
@@ -174,7 +196,8 @@ class EngineConfig:
 
     model: str
     dtype: str = "auto"
-    device: str = "auto"
+    device: str = "auto"  # auto, cuda or cpu (sarathi_engine.device)
+    attention_backend: str = "auto"  # auto, flash-attn or torch
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -186,11 +209,13 @@ def make_engine_config(model: str, policy: str = "sarathi", token_budget: int = 
                        kv_cache_memory: str | int = "1GiB", block_size: int = 16, seed: int = 0,
                        tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                        tbt_slo_ms: float | None = None, slo_margin: float = 1.0,
-                       min_prefill_chunk: int = 16) -> EngineConfig:
+                       min_prefill_chunk: int = 16, attention_backend: str = "auto",
+                       gpu_memory_utilization: float = 0.9) -> EngineConfig:
     """The engine settings from the flat keyword arguments that LLM(...) and the CLI share."""
     return EngineConfig(
-        model=model, dtype=dtype, device=device, seed=seed,
-        cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_memory_size(kv_cache_memory)),
+        model=model, dtype=dtype, device=device, attention_backend=attention_backend, seed=seed,
+        cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_memory_size(kv_cache_memory),
+                          gpu_memory_utilization=gpu_memory_utilization),
         scheduler=SchedulerConfig(policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
                                   max_model_len=max_model_len, tbt_slo_ms=tbt_slo_ms,
                                   slo_margin=slo_margin, min_prefill_chunk=min_prefill_chunk),

@@ -25,7 +25,8 @@ from sarathi_engine.detokenizer import IncrementalDetokenizer, find_stop
 from sarathi_engine.distributed import shutdown_distributed
 from sarathi_engine.kv_cache import BlockManager
 from sarathi_engine.launch import LocalRanks, dist_timeout, placement_from_env, start_pod
-from sarathi_engine.model_runner import Batch, ModelRunner, pick_device
+from sarathi_engine.device import probe_cuda, resolve_device
+from sarathi_engine.model_runner import Batch, ModelRunner
 from sarathi_engine.model_store import resolve_model
 from sarathi_engine.pipeline import Driver, RankFailure, StageTiming
 from sarathi_engine.grammar import Grammars
@@ -138,7 +139,8 @@ class LLMEngine:
         self.failure: BaseException | None = None
         if config.parallel.world_size == 1:
             set_engine_threads()
-            self.runner = ModelRunner(self.model_config, folder, config.cache, pick_device(config.device), config.seed)
+            self.runner = ModelRunner(self.model_config, folder, config.cache, resolve_device(config.device, probe_cuda()),
+                                      config.seed, config.attention_backend)
         else:
             self.runner, state, self.local_ranks = start_pod(config, self.model_config, folder, placement)
             self.driver = Driver(self.runner, state, dist_timeout())

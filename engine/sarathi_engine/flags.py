@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sarathi_engine.config import POLICIES
+from sarathi_engine.device import ATTENTION_BACKENDS, DEVICES
 from sarathi_engine.model_store import DEFAULT_MODEL
 
 
@@ -22,7 +23,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="auto: CUDA when usable, else the CPU; cuda: CUDA or exit 1 with the reason")
+    parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                        help="auto: flash-attn where it can run (CUDA, compute capability >= 8.0, fp16/bf16), else torch")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="on CUDA, the share of the GPU's memory the engine may use in all (weights, "
+                             "activations at the largest batch, KV cache)")
     parser.add_argument("--kv-cache-memory", default="1GiB", help="KV cache size on CPU, e.g. 512MiB, 2GiB")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -37,4 +44,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         tbt_slo_ms=args.tbt_slo_ms, slo_margin=args.slo_margin, min_prefill_chunk=args.min_prefill_chunk,
+        attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
     )

@@ -26,7 +26,8 @@ import torch
 from sarathi_engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from sarathi_engine.distributed import ParallelState, init_distributed
 from sarathi_engine.model.llama import check_layout
-from sarathi_engine.model_runner import ModelRunner, pick_device
+from sarathi_engine.device import probe_cuda, resolve_device
+from sarathi_engine.model_runner import ModelRunner
 from sarathi_engine.pipeline import RankFailure
 from sarathi_engine.threads import set_engine_threads, threads_per_rank
 
@@ -165,14 +166,14 @@ def watched(fn: Callable[[], T], children: LocalRanks) -> T:
 def start_rank(config: EngineConfig, model_cfg: ModelConfig, folder: Path, rank: int, local_rank: int,
                master: str) -> tuple[ModelRunner, ParallelState]:
     """Join the engine's process group as `rank` and load this rank's share of the model."""
-    device = pick_device(config.device)
+    device = resolve_device(config.device, probe_cuda())
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     parallel = config.parallel
     state = init_distributed(rank, parallel.tensor_parallel_size, parallel.pipeline_parallel_size, master, device,
                              dist_timeout())
-    return ModelRunner(model_cfg, folder, config.cache, device, config.seed), state
+    return ModelRunner(model_cfg, folder, config.cache, device, config.seed, config.attention_backend), state
 
 
 def start_pod(config: EngineConfig, model_cfg: ModelConfig, folder: Path,

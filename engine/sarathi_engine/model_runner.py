@@ -3,14 +3,16 @@ ids, positions and cache slots, builds the attention metadata, runs the forward 
 a token for every sequence whose chunk reached the end of its known tokens."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sarathi_engine.attention import AttentionMetadata, select_backend
+from sarathi_engine.attention import AttentionMetadata, make_backend
 from sarathi_engine.attention.flash_backend import FLASH_BLOCK_SIZE
 from sarathi_engine.config import CacheConfig, ModelConfig
+from sarathi_engine.device import choose_attention_backend, flash_attn_imports
 from sarathi_engine.distributed import agree_min
 from sarathi_engine.kv_cache import BlockManager, allocate_kv_cache, bytes_per_block
 from sarathi_engine.model.llama import LlamaForCausalLM
@@ -19,6 +21,8 @@ from sarathi_engine.model.ops import select_ops
 from sarathi_engine.sampler import Sampled, logprobs_of, sample
 from sarathi_engine.scheduler import ScheduledChunk
 from sarathi_engine.sequence import Sequence
+
+log = logging.getLogger("sarathi.engine")
 
 
 @dataclass
@@ -56,19 +60,18 @@ def make_inputs(input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.T
     return BatchInputs(input_ids.to(device), positions.to(device), meta, logit_rows)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, folder: Path, cache: CacheConfig, device: torch.device, seed: int) -> None:
+    def __init__(self, cfg: ModelConfig, folder: Path, cache: CacheConfig, device: torch.device, seed: int,
+                 attention_backend: str = "auto") -> None:
         self.cfg = cfg
         self.device = device
         self.ops = select_ops(device, cfg.dtype, cfg.head_dim)
         self.activation_dtype = self.ops.activation_dtype
-        self.backend = select_backend(device, self.ops.name)
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        flash_imports = device.type == "cuda" and flash_attn_imports()
+        backend, reason = choose_attention_backend(attention_backend, device, cfg.dtype, capability, flash_imports)
+        log.info("attention backend %s: %s", backend, reason)
+        self.backend = make_backend(backend, self.ops.name)
         if self.backend.name == "flash-attn":
             cache.block_size = FLASH_BLOCK_SIZE
         self.block_size = cache.block_size

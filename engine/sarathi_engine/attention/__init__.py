@@ -53,14 +53,13 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor: ...
 
 
-def select_backend(device: torch.device, ops_name: str = "torch") -> AttentionBackend:
-    """flash-attn on CUDA when it is installed; the C++ kernels' attention where the model runs on
-    them; the torch backend everywhere else."""
-    if device.type == "cuda":
-        from sarathi_engine.attention.flash_backend import FlashAttentionBackend, flash_attn_available
+def make_backend(name: str, ops_name: str = "torch") -> AttentionBackend:
+    """The backend sarathi_engine.device chose: flash-attn, or the torch family (the C++ kernels'
+    attention where the model runs on them, plain torch everywhere else)."""
+    if name == "flash-attn":
+        from sarathi_engine.attention.flash_backend import FlashAttentionBackend
 
-        if flash_attn_available():
-            return FlashAttentionBackend()
+        return FlashAttentionBackend()
     from sarathi_engine.attention.torch_backend import CpuKernelAttentionBackend, TorchAttentionBackend
 
     return CpuKernelAttentionBackend() if ops_name == "cpu-kernels" else TorchAttentionBackend()

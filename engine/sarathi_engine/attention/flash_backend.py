@@ -6,17 +6,11 @@ multiple of 256 tokens, so the engine picks block size 256 when this backend is 
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from sarathi_engine.attention import AttentionMetadata
 
 FLASH_BLOCK_SIZE = 256
-
-
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
 
 
 class FlashAttentionBackend:

@@ -30,7 +30,7 @@ from sarathi_engine.model.layers import (
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, ops) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, ops, layer: int) -> None:
         super().__init__()
         parts, shard = qkv_parts(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.num_heads, self.num_kv_heads = len(shard.heads), len(shard.kv_heads)
@@ -41,7 +41,7 @@ class Attention(nn.Module):
         self.backend = backend
         self.ops = ops
         self.scale = cfg.head_dim**-0.5
-        self.sliding_window = cfg.sliding_window
+        self.sliding_window = cfg.layer_windows[layer]
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner once memory is sized
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, pending: torch.Tensor | None, norm: RMSNorm,
@@ -67,11 +67,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, ops) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, ops, layer: int) -> None:
         super().__init__()
         self.ops = ops
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.self_attn = Attention(cfg, rotary, backend, ops)
+        self.self_attn = Attention(cfg, rotary, backend, ops, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.mlp = MLP(cfg, ops)
 
@@ -112,7 +112,7 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is not None and cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
             self.lm_head.shares_weight = True
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend, ops) for _ in self.layer_ids)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend, ops, layer) for layer in self.layer_ids)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops) if last else None
 
     def prepare(self) -> None:
