@@ -10,6 +10,7 @@ from e2e.podrunner import Runner
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "serving: real engine pods, run by the local pod runner (e2e/podrunner)")
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU (e2e/gpu); skipped without one")
 
 
 @pytest.fixture(scope="session")

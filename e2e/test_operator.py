@@ -297,6 +297,7 @@ def test_tp2_replica_is_one_pod_with_two_gpus_and_the_engine_flags(k, namespace,
     assert container["command"] == ["sarathi"] and container["args"][0] == "serve"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["startupProbe"]["httpGet"]["path"] == "/ready"
     assert pod["spec"]["nodeName"].startswith("gpu-node-") and pod["status"]["phase"] == "Running"
 
     status = obj["status"]

@@ -132,7 +132,7 @@ def admin_token(k: Cluster, namespace: str, name: str) -> str:
 
 
 def test_a_token_budget_change_alone_is_applied_live_without_restarting_pods(k, namespace, operator):
-    k.apply(sdep("live", namespace, replicas=2))
+    k.apply(sdep("live", namespace, replicas=2, engine={"tokenBudget": 2048}))
     wait_phase(k, namespace, "live", "Ready")
     pods = engine_pods(k, namespace, "live")
     template_before = k.get("deployment", namespace, "live")["spec"]["template"]
@@ -153,7 +153,7 @@ def test_a_token_budget_change_alone_is_applied_live_without_restarting_pods(k, 
     assert "SettingsApplied" in reasons(k, namespace, "live")
 
     # With no engine answering, the change is reported pending and retried.
-    k.patch("sdep", namespace, "live", {"spec": {"engine": {"tokenBudget": 2048}}})
+    k.patch("sdep", namespace, "live", {"spec": {"engine": {"tokenBudget": 1536}}})
     pending = wait_phase(k, namespace, "live", "Progressing", generation=3)
     progressing = condition(pending, "Progressing")
     assert progressing["reason"] == "SettingsPending"
@@ -162,10 +162,15 @@ def test_a_token_budget_change_alone_is_applied_live_without_restarting_pods(k, 
     assert pending["status"]["tokenBudget"] == 1024, "the budget in force is still the old one"
 
     with StubEngines([p["status"]["podIP"] for p in pods], admin_token(k, namespace, "live")) as engines:
-        wait_until("the retry to land", lambda: k.get("sdep", namespace, "live")["status"].get("tokenBudget") == 2048,
+        wait_until("the retry to land", lambda: k.get("sdep", namespace, "live")["status"].get("tokenBudget") == 1536,
                    timeout=30)
-        assert set(engines.budgets.values()) == {2048}
+        assert set(engines.budgets.values()) == {1536}
     assert uids(engine_pods(k, namespace, "live")) == uids(pods)
+
+    # Above the 2048 the engines started with (and warmed up for), the pods start again with it.
+    k.patch("sdep", namespace, "live", {"spec": {"engine": {"tokenBudget": 4096}}})
+    wait_until("a template that starts engines at 4096", lambda: "4096" in k.get(
+        "deployment", namespace, "live")["spec"]["template"]["spec"]["containers"][0]["args"], timeout=30)
 
 
 # ---------------------------------------------------------------- scale and prune

@@ -54,6 +54,22 @@ def test_engine_image_pins_torch_as_pyproject_does_and_builds_flash_attn():
     assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", ENGINE.read_text(), re.M), "the final stage is CUDA runtime"
 
 
+def torch_cuda_major() -> int:
+    """The CUDA major the pinned torch wheel requires (its cuda-toolkit requirement), read from
+    the installed distribution's metadata, which is the wheel pyproject.toml pins."""
+    from importlib.metadata import requires, version
+
+    assert version("torch") == pyproject_pins()["torch"]
+    [toolkit] = [r for r in requires("torch") if r.startswith("cuda-toolkit")]
+    return int(re.search(r"==(\d+)\.", toolkit)[1])
+
+
+def test_engine_image_builds_on_the_cuda_major_torch_requires():
+    cuda = re.search(r"^ARG CUDA_VERSION=(\d+)\.\d+\.\d+$", ENGINE.read_text(), re.M)
+    assert cuda, "engine/Dockerfile must pin ARG CUDA_VERSION=X.Y.Z"
+    assert int(cuda[1]) == torch_cuda_major(), "flash-attn would build against another CUDA than torch's"
+
+
 @pytest.mark.parametrize("dockerfile", [ENGINE, OPERATOR], ids=["engine", "operator"])
 def test_images_run_as_a_numeric_non_root_user(dockerfile):
     assert user(dockerfile).isdigit() and int(user(dockerfile)) != 0

@@ -128,11 +128,19 @@ class SchedulerConfig:
     # correct the bias between predicted iteration times and the P99 TBT clients observe.
     slo_margin: float = 1.0
     min_prefill_chunk: int = 16  # what prefill gets per iteration even when the decodes fill the SLO
+    # The largest token budget the engine warms up for (and so, on CUDA, reserves activation
+    # memory for); a live budget above it is refused. None: the starting token_budget.
+    max_token_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         check_token_budget(self.token_budget)
+        if self.max_token_budget is None:
+            self.max_token_budget = self.token_budget
+        check_positive_int("max_token_budget", self.max_token_budget)
+        if self.token_budget > self.max_token_budget:
+            raise ValueError(f"token_budget {self.token_budget} is above max_token_budget {self.max_token_budget}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         check_tbt_slo_ms(self.tbt_slo_ms)
@@ -145,6 +153,17 @@ class SchedulerConfig:
     def max_batched_tokens_unchunked(self) -> int:
         """Per-iteration limit for policies that never split a prompt: a whole prompt must fit."""
         return max(self.token_budget, self.max_model_len or 0)
+
+    def largest_batches(self, max_model_len: int) -> list[list[int]]:
+        """The largest batches this configuration can schedule, as the new tokens of each of
+        their sequences (none cached before): the most prefill tokens (the budget; a whole
+        prompt under the policies that never chunk), and the most decodes. The warm-up runs them."""
+        longest = max_model_len - 1  # a prompt leaves room for one output token
+        chunks = self.policy == "sarathi"
+        tokens = self.max_token_budget if chunks else max(self.max_token_budget, longest)
+        prefill = [longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else [])
+        decodes = min(self.max_num_seqs, self.max_token_budget) if chunks else self.max_num_seqs
+        return [prefill[:self.max_num_seqs], [1] * decodes]
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -210,7 +229,7 @@ def make_engine_config(model: str, policy: str = "sarathi", token_budget: int = 
                        tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                        tbt_slo_ms: float | None = None, slo_margin: float = 1.0,
                        min_prefill_chunk: int = 16, attention_backend: str = "auto",
-                       gpu_memory_utilization: float = 0.9) -> EngineConfig:
+                       gpu_memory_utilization: float = 0.9, max_token_budget: int | None = None) -> EngineConfig:
     """The engine settings from the flat keyword arguments that LLM(...) and the CLI share."""
     return EngineConfig(
         model=model, dtype=dtype, device=device, attention_backend=attention_backend, seed=seed,
@@ -218,7 +237,8 @@ def make_engine_config(model: str, policy: str = "sarathi", token_budget: int = 
                           gpu_memory_utilization=gpu_memory_utilization),
         scheduler=SchedulerConfig(policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
                                   max_model_len=max_model_len, tbt_slo_ms=tbt_slo_ms,
-                                  slo_margin=slo_margin, min_prefill_chunk=min_prefill_chunk),
+                                  slo_margin=slo_margin, min_prefill_chunk=min_prefill_chunk,
+                                  max_token_budget=max_token_budget),
         parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size),
     )
 

@@ -140,7 +140,7 @@ class LLMEngine:
         if config.parallel.world_size == 1:
             set_engine_threads()
             self.runner = ModelRunner(self.model_config, folder, config.cache, resolve_device(config.device, probe_cuda()),
-                                      config.seed, config.attention_backend)
+                                      config.seed, sched, config.attention_backend)
         else:
             self.runner, state, self.local_ranks = start_pod(config, self.model_config, folder, placement)
             self.driver = Driver(self.runner, state, dist_timeout())
@@ -241,7 +241,15 @@ class LLMEngine:
 
     def set_token_budget(self, value: int) -> None:
         """Takes effect from the next iteration."""
-        self.config.scheduler.token_budget = check_token_budget(value)
+        self.config.scheduler.token_budget = self.check_live_token_budget(value)
+
+    def check_live_token_budget(self, value: object) -> int:
+        """A budget this engine can take live: never above the one its warm-up covered."""
+        ceiling = self.config.scheduler.max_token_budget
+        if check_token_budget(value) > ceiling:
+            raise ValueError(f"token_budget {value} is above {ceiling}, the largest this engine warmed up for: "
+                             "restart it with --max-token-budget (or --token-budget) at least that large")
+        return value
 
     @property
     def tbt_slo_ms(self) -> float | None:

@@ -13,6 +13,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} or a local Hugging Face folder")
     parser.add_argument("--policy", default="sarathi", choices=POLICIES)
     parser.add_argument("--token-budget", type=int, default=512, help="most tokens one iteration may hold")
+    parser.add_argument("--max-token-budget", type=int, default=None,
+                        help="the largest budget the engine warms up for and accepts live (default: --token-budget)")
     parser.add_argument("--tbt-slo-ms", type=float, default=None,
                         help="sarathi policy: size each iteration's prefill chunks so that its predicted time "
                              "stays within this time between tokens (the token budget stays the cap)")
@@ -45,4 +47,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         tbt_slo_ms=args.tbt_slo_ms, slo_margin=args.slo_margin, min_prefill_chunk=args.min_prefill_chunk,
         attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_token_budget=args.max_token_budget,
     )

@@ -173,7 +173,8 @@ def start_rank(config: EngineConfig, model_cfg: ModelConfig, folder: Path, rank:
     parallel = config.parallel
     state = init_distributed(rank, parallel.tensor_parallel_size, parallel.pipeline_parallel_size, master, device,
                              dist_timeout())
-    return ModelRunner(model_cfg, folder, config.cache, device, config.seed, config.attention_backend), state
+    return ModelRunner(model_cfg, folder, config.cache, device, config.seed, config.scheduler,
+                       config.attention_backend), state
 
 
 def start_pod(config: EngineConfig, model_cfg: ModelConfig, folder: Path,

@@ -1,4 +1,7 @@
-"""The offline API: `LLM(model=...).generate(prompts, params)` runs the engine to completion."""
+"""The offline API: `LLM(model=...).generate(prompts, params)` runs the engine to completion.
+
+Under tensor or pipeline parallelism it owns other processes and the process group:
+`shutdown()`, or leaving `with LLM(...) as llm:`, releases them, so another can start."""
 from __future__ import annotations
 
 from sarathi_engine.config import make_engine_config
@@ -30,6 +33,16 @@ class LLM:
                 if out.finished:
                     finished[out.request_id] = out
         return [finished[i] for i in ids]
+
+    def shutdown(self) -> None:
+        """Stop the other ranks and leave the process group (a no-op in a single process)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def chat_prompt(self, message: str) -> list[int]:
         """Token ids of a one-message chat, in the model's own chat template."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from sarathi_engine.attention import AttentionMetadata, make_backend
 from sarathi_engine.attention.flash_backend import FLASH_BLOCK_SIZE
-from sarathi_engine.config import CacheConfig, ModelConfig
+from sarathi_engine.config import CacheConfig, ModelConfig, SchedulerConfig
 from sarathi_engine.device import choose_attention_backend, flash_attn_imports
 from sarathi_engine.distributed import agree_min
 from sarathi_engine.kv_cache import BlockManager, allocate_kv_cache, bytes_per_block
@@ -19,6 +20,7 @@ from sarathi_engine.model.llama import LlamaForCausalLM
 from sarathi_engine.model.loader import load_weights
 from sarathi_engine.model.ops import select_ops
 from sarathi_engine.sampler import Sampled, logprobs_of, sample
+from sarathi_engine.sampling_params import SamplingParams
 from sarathi_engine.scheduler import ScheduledChunk
 from sarathi_engine.sequence import Sequence
 
@@ -62,7 +64,7 @@ def make_inputs(input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.T
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, folder: Path, cache: CacheConfig, device: torch.device, seed: int,
-                 attention_backend: str = "auto") -> None:
+                 sched: SchedulerConfig, attention_backend: str = "auto") -> None:
         self.cfg = cfg
         self.device = device
         self.ops = select_ops(device, cfg.dtype, cfg.head_dim)
@@ -89,19 +91,70 @@ class ModelRunner:
         self.model.eval()
         attention = self.model.attention_layers()
         kv_heads = attention[0].num_kv_heads
-        # Every rank must hold as many blocks as rank 0 hands out, whatever its share of the model.
         block_bytes = bytes_per_block(cfg, len(attention), kv_heads, cache.block_size)
-        self.num_blocks = agree_min(self.size_cache(cache, block_bytes))
-        layer_shape = self.backend.cache_shape(self.num_blocks, cache.block_size, kv_heads, cfg.head_dim)
-        self.kv_cache = allocate_kv_cache(cfg, len(attention), layer_shape, device)
-        for layer, module in enumerate(attention):
-            module.k_cache, module.v_cache = self.kv_cache[layer, 0], self.kv_cache[layer, 1]
+        layer_shape = partial(self.backend.cache_shape, block_size=cache.block_size, num_kv_heads=kv_heads,
+                              head_dim=cfg.head_dim)
+        host_tokens = cache.kv_cache_memory // block_bytes * cache.block_size if device.type == "cpu" else None
+        longest = sched.max_model_len or min(cfg.max_position_embeddings, host_tokens or cfg.max_position_embeddings)
+        peak = self.warm_up(sched.largest_batches(longest), layer_shape)
+        # Every rank must hold as many blocks as rank 0 hands out, whatever its share of the model.
+        self.num_blocks = agree_min(self.size_cache(cache, block_bytes, peak))
+        self.kv_cache = allocate_kv_cache(cfg, len(attention), layer_shape(self.num_blocks), device)
+        self._bind(self.kv_cache)
 
-    def size_cache(self, cache: CacheConfig, block_bytes: int) -> int:
+    def _bind(self, kv_cache: torch.Tensor | None) -> None:
+        """Point every attention layer at its slice of this cache (None: at nothing)."""
+        for layer, module in enumerate(self.model.attention_layers()):
+            module.k_cache, module.v_cache = (torch.empty(0),) * 2 if kv_cache is None else kv_cache[layer]
+
+    def size_cache(self, cache: CacheConfig, block_bytes: int, peak: int) -> int:
+        if self.device.type != "cuda":
+            return cache.kv_cache_memory // block_bytes
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = (total - free) - torch.cuda.memory_reserved(self.device)  # CUDA context, NCCL buffers
+        room = kv_cache_bytes(total, cache.gpu_memory_utilization, peak, outside_torch)
+        if room < block_bytes:
+            raise ValueError(
+                f"no GPU memory left for the KV cache: {cache.gpu_memory_utilization:g} of {total / 2**30:.1f} GiB, "
+                f"less the warm-up's peak {peak / 2**30:.1f} GiB (weights and activations) and "
+                f"{outside_torch / 2**30:.1f} GiB outside torch; raise --gpu-memory-utilization or lower "
+                "--max-token-budget / --max-num-seqs")
+        return room // block_bytes
+
+    @torch.inference_mode()
+    def warm_up(self, batches: list[list[int]], layer_shape) -> int:
+        """Run the largest batches (new tokens per sequence) through the model, the logits and the
+        sampler on a scratch cache before any request, so that kernel and memory errors surface
+        at start; the peak memory they took on CUDA (weights and activations, the scratch cache
+        excluded), 0 elsewhere. Every rank runs the same batches, so collectives pair up."""
+        blocks = max(sum(-(-n // self.block_size) for n in lens) for lens in batches)
+        scratch = allocate_kv_cache(self.cfg, len(self.model.attention_layers()), layer_shape(blocks), self.device)
+        self._bind(scratch)
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * cache.gpu_memory_utilization) // block_bytes
-        return cache.kv_cache_memory // block_bytes
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for lens in batches:
+            inputs = dummy_inputs(lens, self.block_size, self.device)
+            hidden = None
+            if self.model.embed_tokens is None:  # a later pipeline stage: the previous one's output
+                hidden = torch.zeros(len(inputs.input_ids), self.cfg.hidden_size, dtype=self.activation_dtype,
+                                     device=self.device)
+            out = self.forward(inputs, hidden)
+            if self.model.lm_head is not None:  # the first stage computes the logits of the last one's rows
+                rows = out[inputs.logit_rows] if self.model.norm is not None else torch.zeros(
+                    len(inputs.logit_rows), self.cfg.hidden_size, dtype=self.activation_dtype, device=self.device)
+                logits = self.logits(rows)
+                if logits is not None:
+                    seqs = [Sequence("warm-up", [0], WARM_UP_SAMPLING) for _ in inputs.logit_rows]
+                    sample(logits, seqs, self.generator)
+        peak = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
+        self._bind(None)
+        del scratch
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return peak
 
     def prepare(self, chunks: list[ScheduledChunk], blocks: BlockManager) -> Batch:
         chunks = sorted(chunks, key=lambda c: c.num_tokens == 1)  # prefills first, stable
@@ -136,9 +189,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def logits(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """Logits of the last stage's rows on rank 0 (None on the other first-stage ranks)."""
-        logits = self.model.compute_logits(rows)
-        return None if logits is None else logits.cpu()
+        """Logits of the last stage's rows on rank 0 (None on the other first-stage ranks), where
+        the model ran: the sampler runs there too, and only the sampled ids reach the host."""
+        return self.model.compute_logits(rows)
 
     def sample(self, batch: Batch, logits: torch.Tensor) -> list[Sampled]:
         """What each chunk produced (in batch order): its next token, None mid-prefill, and the
@@ -171,6 +224,31 @@ def scored_prompt_positions(seq: Sequence, start: int, end: int) -> list[int]:
     if seq.params.prompt_logprobs is None:
         return []
     return list(range(max(start, len(seq.prompt_logprobs)), min(end, len(seq.prompt_token_ids) - 1)))
+
+
+# The sampler's costliest path (a sorted vocabulary for top-p), so the warm-up measures it.
+WARM_UP_SAMPLING = SamplingParams(temperature=1.0, top_p=0.9)
+
+
+def kv_cache_bytes(total: int, utilization: float, peak: int, outside_torch: int) -> int:
+    """What the KV cache may take on a GPU: the engine's share of its memory, less the warm-up's
+    peak (weights and the largest batch's activations) and what lives outside torch's allocator."""
+    return int(total * utilization) - peak - outside_torch
+
+
+def dummy_inputs(lens: list[int], block_size: int, device: torch.device) -> BatchInputs:
+    """A batch of sequences with these many new tokens each and nothing cached before them, laid
+    out one after another from block 0; token id 0 throughout."""
+    blocks = [-(-n // block_size) for n in lens]
+    firsts = [0, *_cumsum(blocks)][:-1]
+    widest = max(blocks)
+    tables = [list(range(first, first + b)) + [0] * (widest - b) for first, b in zip(firsts, blocks)]
+    slots = [first * block_size + p for first, n in zip(firsts, lens) for p in range(n)]
+    positions = [p for n in lens for p in range(n)]
+    long = torch.long
+    return make_inputs(torch.zeros(len(positions), dtype=long), torch.tensor(positions, dtype=long),
+                       torch.tensor(slots, dtype=long), lens, lens, torch.tensor(tables, dtype=long),
+                       [end - 1 for end in _cumsum(lens)], device)
 
 
 def completes(chunk: ScheduledChunk) -> bool:

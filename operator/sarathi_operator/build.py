@@ -40,6 +40,8 @@ def plan(sdep: dict, spec: dict, *, token: str, desired: dict, existing: dict[st
     for workload in build_workloads(sdep, spec, token_digest(token)):
         meta = workload["metadata"]
         kept = settings.started_with(existing.get(meta["name"]), meta["annotations"][names.ROLLOUT_HASH])
+        if kept is not None and not settings.live_reachable(kept, desired):
+            kept = None  # its pods must start again with the new settings
         workloads.append(with_settings(workload, kept or desired, len(spec["engine"]["extraArgs"])))
     return children + workloads
 
@@ -71,6 +73,9 @@ def engine_args(spec: dict, model_path: str) -> list[str]:
         "--dtype", engine["dtype"],
         "--tensor-parallel-size", str(par["tensor"]),
         "--pipeline-parallel-size", str(par["pipeline"]),
+        # Every pod is given GPUs: an engine that cannot use them must fail, not serve on the CPU.
+        "--device", "cuda",
+        "--stall-timeout", str(spec["probes"]["stallTimeoutSeconds"]),
     ]
     return args + list(engine["extraArgs"])
 
@@ -249,8 +254,10 @@ def build_pod_template(sdep: dict, spec: dict, lay: Layout, admin_digest: str, r
         + ([{"name": "dist", "containerPort": DIST_PORT}] if lay.multi_pod else []),
         "env": _engine_env(name, lay, replica) + list(spec["env"]),
         "resources": _resources(spec["resources"], lay.gpus_per_pod),
-        # Loading weights can take many minutes; liveness only starts once /health answers.
-        "startupProbe": _probe("/health", period=10, failures=180),
+        # Loading weights and warming up can take many minutes: liveness starts once the engine is
+        # ready, and from then on fails when it stalls (/health, --stall-timeout).
+        "startupProbe": _probe("/ready", period=STARTUP_PERIOD,
+                               failures=-(-spec["probes"]["startupTimeoutSeconds"] // STARTUP_PERIOD)),
         "livenessProbe": _probe("/health", period=10, failures=3),
         "readinessProbe": _probe("/ready", period=5, failures=2),
         "volumeMounts": mounts,
@@ -302,6 +309,9 @@ def _resources(overrides: dict, gpus: int) -> dict:
         "requests": {**overrides.get("requests", {}), GPU_RESOURCE: gpus},
         "limits": {**overrides.get("limits", {}), GPU_RESOURCE: gpus},
     }
+
+
+STARTUP_PERIOD = 10  # seconds between startup probes
 
 
 def _probe(path: str, *, period: int, failures: int) -> dict:

@@ -7,7 +7,9 @@ reconciler's push) sets them on running engines.
 
 New pods start with them as flags. A change of them alone never rolls pods: a workload whose pod
 template is otherwise unchanged (same rollout hash) keeps the settings its pods started with, and
-the new ones reach the running engines through their admin API. A pod records what its engine
+the new ones reach the running engines through their admin API; except a token budget above the
+one the pods started with, which their engines did not warm up for (and on a GPU reserved no
+memory for): that rolls them. A pod records what its engine
 runs: the settings it started with (an annotation of its template), and those applied live
 together with the engine container's ID, since a restarted container starts again from its flags.
 """
@@ -54,6 +56,17 @@ def started_with(workload: dict | None, rollout_hash: str) -> dict | None:
     return json.loads(annotations[names.SETTINGS])
 
 
+def live_reachable(started: dict, target: dict) -> bool:
+    """Whether engines that started with `started` can take `target` live: an engine warms up for
+    the token budget it starts with and refuses a larger one."""
+    return target["token_budget"] <= started["token_budget"]
+
+
+def started_settings(pod: dict) -> dict | None:
+    started = pod["metadata"].get("annotations", {}).get(names.SETTINGS)
+    return json.loads(started) if started else None
+
+
 def pod_settings(pod: dict) -> dict | None:
     """What the pod's engine runs: the settings applied live to its current container, else those
     it started with."""
@@ -63,8 +76,7 @@ def pod_settings(pod: dict) -> dict | None:
         record = json.loads(live)
         if record["containerID"] == pods.engine_container_id(pod):
             return record["settings"]
-    started = annotations.get(names.SETTINGS)
-    return json.loads(started) if started else None
+    return started_settings(pod)
 
 
 def live_patch(pod: dict, settings: dict) -> dict:
@@ -74,12 +86,13 @@ def live_patch(pod: dict, settings: dict) -> dict:
 
 
 def pods_needing(serving_pods: list[dict], target: dict) -> list[dict]:
-    """Ready serving pods whose engine runs other settings; pods that are not ready yet are picked
-    up once they are (their workload's status change triggers a reconcile)."""
+    """Ready serving pods whose engine runs other settings and can take them live; pods that are
+    not ready yet are picked up once they are (their workload's status change triggers a
+    reconcile), and pods that cannot take them are being replaced (build.plan)."""
     return [
         p for p in serving_pods
         if pods.is_ready(p) and not pods.is_terminating(p) and p.get("status", {}).get("podIP")
-        and pod_settings(p) != target
+        and pod_settings(p) != target and live_reachable(started_settings(p) or target, target)
     ]
 
 

@@ -27,6 +27,7 @@ DEFAULTS = {
     "parallelism": {"tensor": 1, "pipeline": 1, "gpusPerNode": 8},
     "engine": {"policy": "sarathi", "tokenBudget": 512, "dtype": "auto", "extraArgs": []},
     "autotune": {"enabled": False, "intervalSeconds": 30},
+    "probes": {"startupTimeoutSeconds": 1800, "stallTimeoutSeconds": 120},
     "resources": {},
     "nodeSelector": {},
     "tolerations": [],
@@ -36,7 +37,7 @@ DEFAULTS = {
 MANAGED_FLAGS = (
     "--model", "--served-model-name", "--host", "--port", "--policy", "--token-budget",
     "--tbt-slo-ms", "--slo-margin", "--max-num-seqs", "--max-model-len", "--dtype", "--tensor-parallel-size",
-    "--pipeline-parallel-size",
+    "--pipeline-parallel-size", "--stall-timeout",
 )
 RESERVED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SARATHI_ADMIN_TOKEN")
 GPU_RESOURCE = "nvidia.com/gpu"

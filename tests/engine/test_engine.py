@@ -45,7 +45,8 @@ def test_64_mixed_requests_in_a_small_cache_preempt_and_still_match_running_alon
 
 
 def test_a_token_budget_change_takes_effect_on_the_next_iteration(tiny_models):
-    engine = LLM(str(tiny_models["qwen2"]), dtype="float32", token_budget=64, kv_cache_memory="64MiB").engine
+    engine = LLM(str(tiny_models["qwen2"]), dtype="float32", token_budget=64, max_token_budget=200,
+                 kv_cache_memory="64MiB").engine
     for i in range(4):
         engine.add_request(f"long{i}", list(range(100, 700)), SamplingParams(max_tokens=4))
     for _ in range(3):
@@ -59,6 +60,9 @@ def test_a_token_budget_change_takes_effect_on_the_next_iteration(tiny_models):
     assert [it.token_budget for it in engine.iterations] == tokens
     with pytest.raises(ValueError, match="token_budget must be a positive integer"):
         engine.set_token_budget(0)
+    with pytest.raises(ValueError, match="token_budget 201 is above 200, the largest this engine warmed up for"):
+        engine.set_token_budget(201)
+    assert engine.token_budget == 32
     run_to_completion(engine)
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 

@@ -83,12 +83,25 @@ def test_pod_has_probes_admin_token_and_drain_time():
     container = engine(workload)
     assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
-    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    # startup: until the engine has loaded and warmed up, for as long as spec.probes allows
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/ready" and startup["periodSeconds"] * startup["failureThreshold"] == 1800
+    args = container["args"]
+    assert flag(args, "--device") == "cuda" and flag(args, "--stall-timeout") == "120"
     assert container["ports"] == [{"name": "http", "containerPort": 8000}]
     assert env(container)["SARATHI_ADMIN_TOKEN"] == {"secretKeyRef": {"name": "chat-admin", "key": "token"}}
     assert "RANK" not in env(container)
     assert pod["terminationGracePeriodSeconds"] >= 60
     assert pod["automountServiceAccountToken"] is False
+
+
+def test_probe_timeouts_follow_the_spec():
+    container = engine(children(make_sdep(probes={"startupTimeoutSeconds": 3605, "stallTimeoutSeconds": 45}))[
+        ("Deployment", "chat")])
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 3605 > startup["periodSeconds"] * (
+        startup["failureThreshold"] - 1)
+    assert flag(container["args"], "--stall-timeout") == "45"
 
 
 def test_user_env_resources_node_selector_and_tolerations_reach_the_pod():
@@ -220,21 +233,29 @@ def test_new_workloads_start_with_the_desired_settings_as_flags_and_annotations(
 
 def test_a_settings_only_change_keeps_the_settings_the_pods_started_with():
     running = children(make_sdep())[("Deployment", "chat")]
-    changed = make_sdep(engine={"tokenBudget": 1024})
+    changed = make_sdep(engine={"tokenBudget": 256})
     kept = children(changed, existing={"chat": running})[("Deployment", "chat")]
-    assert kept == running  # no rollout: the reconciler pushes 1024 live
-    rolled = make_sdep(engine={"tokenBudget": 1024, "maxNumSeqs": 8})
+    assert kept == running  # no rollout: the reconciler pushes 256 live
+    rolled = make_sdep(engine={"tokenBudget": 256, "maxNumSeqs": 8})
     fresh = children(rolled, existing={"chat": running})[("Deployment", "chat")]
-    assert flag(engine(fresh)["args"], "--token-budget") == "1024"  # rolls anyway, with the new budget
+    assert flag(engine(fresh)["args"], "--token-budget") == "256"  # rolls anyway, with the new budget
+
+
+def test_a_budget_above_the_started_one_rolls_the_pods():
+    """Their engines warmed up for 512 and refuse more live."""
+    running = children(make_sdep())[("Deployment", "chat")]
+    raised = children(make_sdep(engine={"tokenBudget": 1024}), existing={"chat": running})[("Deployment", "chat")]
+    assert flag(engine(raised)["args"], "--token-budget") == "1024"
+    assert raised["spec"]["template"] != running["spec"]["template"]
 
 
 def test_multi_pod_scale_up_starts_new_replicas_with_the_desired_settings():
     before = make_sdep(parallelism={"tensor": 4, "pipeline": 4}, replicas=1)
     running = children(before)[("StatefulSet", "chat-0")]
-    after = make_sdep(parallelism={"tensor": 4, "pipeline": 4}, replicas=2, engine={"tokenBudget": 2048})
+    after = make_sdep(parallelism={"tensor": 4, "pipeline": 4}, replicas=2, engine={"tokenBudget": 256})
     planned = children(after, existing={"chat-0": running})
     assert flag(engine(planned[("StatefulSet", "chat-0")])["args"], "--token-budget") == "512"
-    assert flag(engine(planned[("StatefulSet", "chat-1")])["args"], "--token-budget") == "2048"
+    assert flag(engine(planned[("StatefulSet", "chat-1")])["args"], "--token-budget") == "256"
 
 
 def test_plan_is_deterministic():

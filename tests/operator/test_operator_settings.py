@@ -64,6 +64,12 @@ def test_only_ready_reachable_pods_on_other_settings_need_a_push():
     assert [p["metadata"]["name"] for p in pods_needing(pods, target)] == ["behind"]
 
 
+def test_pods_that_started_on_a_smaller_budget_are_replaced_not_pushed():
+    raised = with_(token_budget=1024)
+    pods = [pod("started-at-512"), pod("started-at-2048", started=with_(token_budget=2048))]
+    assert [p["metadata"]["name"] for p in pods_needing(pods, raised)] == ["started-at-2048"]
+
+
 def test_budget_in_force_is_the_one_all_engines_agree_on():
     big = with_(token_budget=1024)
     assert budget_in_force([pod(), pod()], previous=None, desired_budget=512) == 512

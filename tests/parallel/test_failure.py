@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -77,3 +78,37 @@ def test_killing_another_pod_while_idle_ends_the_serving_pod_with_an_error(serve
     finally:
         serving.stop(signal.SIGKILL)
         worker.stop(signal.SIGKILL)
+
+
+def test_a_hung_step_fails_liveness_while_the_server_answers_and_recovers_with_it(server_args):
+    # A rank that stops answering (SIGSTOP) hangs rank 0's step in its receive, as a stuck NCCL
+    # collective or kernel would: nothing dies, so only the stall clock can tell.
+    server = ServerProcess([*server_args, "--pipeline-parallel-size", "2", "--stall-timeout", "3"])
+    with server:
+        first_token = threading.Event()
+        client = threading.Thread(target=stream_forever, args=(server, server_args[1], first_token), daemon=True)
+        client.start()
+        assert first_token.wait(120)
+        assert health(server) == (200, "ok")
+        [child] = rank_children(server.process.pid)
+        os.kill(child, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 30
+            while health(server)[0] == 200 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            code, status = health(server)
+            assert (code, status) == (503, "engine stalled"), server.log_tail()
+        finally:
+            os.kill(child, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while health(server)[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert health(server) == (200, "ok") and server.process.poll() is None
+
+
+def health(server: ServerProcess) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(server.url + "/health", timeout=5) as response:
+            return response.status, json.loads(response.read())["status"]
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["status"]

@@ -91,6 +91,15 @@ def test_smollm2_at_pp2_matches_a_single_process(smollm2_dir, smollm2_prompts, s
     assert len(llm.engine.runner.model.layers) == 15
 
 
+def test_one_tensor_parallel_llm_after_another_in_the_same_process(tiny_models):
+    prompts = random_prompts([5, 40], seed=4)
+    runs = []
+    for _ in range(2):
+        with LLM(str(tiny_models["llama"]), dtype="float32", kv_cache_memory="16MiB", tensor_parallel_size=2) as llm:
+            runs.append([o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=8))])
+    assert runs[0] == runs[1] and all(len(t) == 8 for t in runs[0])
+
+
 @pytest.mark.parametrize("layout,message", [
     (dict(tensor_parallel_size=4), "9 attention heads with 3 KV heads cannot be split over tensor-parallel size 4"),
     (dict(pipeline_parallel_size=31), "pipeline-parallel size 31 is larger than the model's 30 layers"),

@@ -33,6 +33,7 @@ class ServerState:
     max_model_len: int
     admin_token: str | None
     draining: bool = False
+    stall_timeout: float | None = None  # /health fails once the engine has had work and no step this long
 
 
 STATE = web.AppKey("state", ServerState)
@@ -269,6 +270,13 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """Liveness: the process answers, and its engine is not stuck (work pending, no step
+    finished for stall_timeout seconds: a hung kernel or a peer rank that stopped answering)."""
+    state = request.app[STATE]
+    stalled = state.engine.stalled_for(time.monotonic()) if state.engine is not None else 0.0
+    if state.stall_timeout is not None and stalled > state.stall_timeout:
+        return web.json_response({"status": "engine stalled", "seconds_without_a_step": round(stalled, 1)},
+                                 status=503)
     return web.json_response({"status": "ok"})
 
 
@@ -340,6 +348,11 @@ async def patch_admin_config(request: web.Request) -> web.Response:
             values[name] = LIVE_SETTINGS[name](value)
         except ValueError as e:
             raise RequestError(str(e), param=name) from None
+    if "token_budget" in values:
+        try:
+            engine.check_live_token_budget(values["token_budget"])
+        except ValueError as e:
+            raise RequestError(str(e), param="token_budget") from None
     if "tbt_slo_ms" in values:  # first: the engine may refuse it, and then nothing has changed
         try:
             engine.set_tbt_slo_ms(values["tbt_slo_ms"])

@@ -72,6 +72,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_progress = time.monotonic()  # the last step's end, or when work arrived at an idle engine
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -89,6 +90,12 @@ class AsyncEngine:
     @property
     def num_in_flight(self) -> int:
         return len(self._requests)
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the engine has had work and finished no step (0 while idle or stepping on)."""
+        if not self.engine.has_unfinished_requests():
+            return 0.0
+        return max(0.0, now - self._last_progress)
 
     def submit(self, prompts: list[tuple[list[int], SamplingParams]], request_id: str) -> Submission:
         """Queue one engine request per prompt; raises before queueing any if the engine is dead
@@ -122,10 +129,11 @@ class AsyncEngine:
                     self.engine.check_health()  # a rank lost while idle must bring the server down too
                     self._wake.wait(0.5)
                     self._wake.clear()
+                    self._last_progress = time.monotonic()  # work that arrives now has waited for nothing
                     continue
                 seen = len(self.engine.iterations)
                 outputs = self.engine.step()
-                now = time.monotonic()
+                now = self._last_progress = time.monotonic()
                 if len(self.engine.iterations) > seen:
                     self.metrics.observe_iteration(self.engine.iterations[-1], self.engine.scheduler.num_preemptions)
                 for out in outputs:

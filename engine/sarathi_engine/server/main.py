@@ -30,7 +30,8 @@ async def serve(args) -> int:
     stop = asyncio.Event()
     exit_code = 0
     state = ServerState(engine=None, served_model_name=args.served_model_name or args.model, max_model_len=0,
-                        admin_token=os.environ.get("SARATHI_ADMIN_TOKEN") or None)
+                        admin_token=os.environ.get("SARATHI_ADMIN_TOKEN") or None,
+                        stall_timeout=args.stall_timeout or None)
     runner = web.AppRunner(build_app(state, args.max_request_bytes), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
@@ -78,6 +79,9 @@ def add_serve_args(parser) -> None:
     parser.add_argument("--max-waiting", type=int, default=1024, help="beyond this many waiting requests: 429")
     parser.add_argument("--max-request-bytes", type=int, default=4 << 20)
     parser.add_argument("--grace-period", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    parser.add_argument("--stall-timeout", type=float, default=120.0,
+                        help="/health fails once the engine has had work and finished no step for this many "
+                             "seconds (0: never), so that liveness restarts a hung engine")
 
 
 def run(args) -> int:
