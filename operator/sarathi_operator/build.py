@@ -252,7 +252,7 @@ def build_pod_template(sdep: dict, spec: dict, lay: Layout, admin_digest: str, r
         "args": engine_args(spec, source.path),
         "ports": [{"name": "http", "containerPort": HTTP_PORT}]
         + ([{"name": "dist", "containerPort": DIST_PORT}] if lay.multi_pod else []),
-        "env": _engine_env(name, lay, replica) + list(spec["env"]),
+        "env": _engine_env(name, lay, replica) + _api_key_env(spec) + list(spec["env"]),
         "resources": _resources(spec["resources"], lay.gpus_per_pod),
         # Loading weights and warming up can take many minutes: liveness starts once the engine is
         # ready, and from then on fails when it stalls (/health, --stall-timeout).
@@ -301,6 +301,13 @@ def _engine_env(name: str, lay: Layout, replica: int | None) -> list[dict]:
             {"name": "MASTER_PORT", "value": str(DIST_PORT)},
         ]
     return env
+
+
+def _api_key_env(spec: dict) -> list[dict]:
+    secret = spec.get("auth", {}).get("apiKeySecret")
+    if not secret:
+        return []
+    return [{"name": "SARATHI_API_KEY", "valueFrom": {"secretKeyRef": {"name": secret["name"], "key": secret["key"]}}}]
 
 
 def _resources(overrides: dict, gpus: int) -> dict:

@@ -37,9 +37,9 @@ DEFAULTS = {
 MANAGED_FLAGS = (
     "--model", "--served-model-name", "--host", "--port", "--policy", "--token-budget",
     "--tbt-slo-ms", "--slo-margin", "--max-num-seqs", "--max-model-len", "--dtype", "--tensor-parallel-size",
-    "--pipeline-parallel-size", "--stall-timeout",
+    "--pipeline-parallel-size", "--stall-timeout", "--api-key",
 )
-RESERVED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SARATHI_ADMIN_TOKEN")
+RESERVED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SARATHI_ADMIN_TOKEN", "SARATHI_API_KEY")
 GPU_RESOURCE = "nvidia.com/gpu"
 
 # A Service name is a DNS-1035 label; the longest Service suffix is "-ranks".

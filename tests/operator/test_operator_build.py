@@ -95,6 +95,13 @@ def test_pod_has_probes_admin_token_and_drain_time():
     assert pod["automountServiceAccountToken"] is False
 
 
+def test_an_api_key_secret_reaches_the_engine_as_its_env():
+    container = engine(children(make_sdep(auth={"apiKeySecret": {"name": "keys", "key": "chat"}}))[
+        ("Deployment", "chat")])
+    assert env(container)["SARATHI_API_KEY"] == {"secretKeyRef": {"name": "keys", "key": "chat"}}
+    assert "SARATHI_API_KEY" not in env(engine(children(make_sdep())[("Deployment", "chat")]))
+
+
 def test_probe_timeouts_follow_the_spec():
     container = engine(children(make_sdep(probes={"startupTimeoutSeconds": 3605, "stallTimeoutSeconds": 45}))[
         ("Deployment", "chat")])

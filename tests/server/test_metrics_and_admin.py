@@ -117,3 +117,20 @@ def test_admin_api_is_disabled_without_a_token(tiny_server):
     server = tiny_server(env={"SARATHI_ADMIN_TOKEN": ""})
     code, error = admin(server, {"token_budget": 64})
     assert code == 403 and "admin API disabled" in error["error"]["message"]
+
+
+def test_an_api_key_guards_the_openai_routes_only(tiny_server):
+    import openai
+
+    server = tiny_server("--max-model-len", "128", env={"SARATHI_API_KEY": "sk-test", "SARATHI_ADMIN_TOKEN": ADMIN_TOKEN})
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
+        wrong.completions.create(model="any", prompt="hi", max_tokens=2)
+    code, error = get(server.url + "/v1/models")  # no key at all
+    assert code == 401 and error["error"]["type"] == "authentication_error"
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-test", max_retries=0)
+    [model] = [m.id for m in client.models.list().data]
+    assert client.completions.create(model=model, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    assert get(server.url + "/health")[0] == get(server.url + "/ready")[0] == 200
+    assert "sarathi_generation_tokens_total" in str(scrape(server.url))
+    assert admin(server)[0] == 200  # the admin API keeps its own token

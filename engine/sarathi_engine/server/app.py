@@ -32,6 +32,7 @@ class ServerState:
     served_model_name: str
     max_model_len: int
     admin_token: str | None
+    api_key: str | None = None  # when set, /v1/* needs it as a Bearer token
     draining: bool = False
     stall_timeout: float | None = None  # /health fails once the engine has had work and no step this long
 
@@ -46,6 +47,20 @@ def json_error(status: int, message: str, kind: str, param: str | None = None) -
 ERROR_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable"}
+
+
+@web.middleware
+async def api_key_required(request: web.Request, handler):
+    """/v1/* answers only with the API key, when one is set; probes and /metrics stay open."""
+    key = request.app[STATE].api_key
+    if key and request.path.startswith("/v1/") and not bearer_matches(request, key):
+        return json_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
+    return await handler(request)
+
+
+def bearer_matches(request: web.Request, secret: str) -> bool:
+    """The request's Bearer token is `secret`, compared in constant time."""
+    return hmac.compare_digest(request.headers.get("Authorization", "").encode(), f"Bearer {secret}".encode())
 
 
 @web.middleware
@@ -301,8 +316,7 @@ def check_admin(request: web.Request) -> None:
     if not token:
         raise RequestError("admin API disabled: set SARATHI_ADMIN_TOKEN to enable it", status=403,
                            kind="permission_error")
-    given = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    if not bearer_matches(request, token):
         raise RequestError("missing or wrong admin bearer token", status=401, kind="authentication_error")
 
 
@@ -372,7 +386,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def build_app(state: ServerState, max_request_bytes: int) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=max_request_bytes)
+    app = web.Application(middlewares=[errors_as_json, api_key_required], client_max_size=max_request_bytes)
     app[STATE] = state
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -31,6 +31,7 @@ async def serve(args) -> int:
     exit_code = 0
     state = ServerState(engine=None, served_model_name=args.served_model_name or args.model, max_model_len=0,
                         admin_token=os.environ.get("SARATHI_ADMIN_TOKEN") or None,
+                        api_key=args.api_key or os.environ.get("SARATHI_API_KEY") or None,
                         stall_timeout=args.stall_timeout or None)
     runner = web.AppRunner(build_app(state, args.max_request_bytes), handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -76,6 +77,9 @@ def add_serve_args(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="the name clients use; default: --model")
+    parser.add_argument("--api-key", default=None,
+                        help="require it as a Bearer token on /v1/* (or set SARATHI_API_KEY, which keeps it off "
+                             "the command line)")
     parser.add_argument("--max-waiting", type=int, default=1024, help="beyond this many waiting requests: 429")
     parser.add_argument("--max-request-bytes", type=int, default=4 << 20)
     parser.add_argument("--grace-period", type=float, default=30.0, help="seconds to drain on SIGTERM")
