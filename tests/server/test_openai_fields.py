@@ -70,6 +70,8 @@ def test_completion_logprobs_with_echo_streamed_or_not(client, tokenizer):
     assert "".join(c.choices[0].text for c in chunks) == full.text
     assert sum((c.choices[0].logprobs.token_logprobs for c in chunks), []) == lp.token_logprobs
     assert sum((c.choices[0].logprobs.text_offset for c in chunks), []) == lp.text_offset
+    echoed = list(complete(client, max_tokens=6, echo=True, stream=True))  # no logprobs
+    assert "".join(c.choices[0].text for c in echoed) == full.text and echoed[1].choices[0].logprobs is None
     plain = complete(client, max_tokens=6, logprobs=0).choices[0]
     assert plain.logprobs.token_logprobs == lp.token_logprobs[-6:] and plain.logprobs.text_offset[0] == 0
 

@@ -190,6 +190,7 @@ class ChoiceView:
         self.prompt_tokens = sum(len(ids) for ids in prepared.prompts)
         self._tokenizer = tokenizer
         self._offsets: dict[int, int] = {}  # streaming: each choice's text_offset so far
+        self._streaming: set[int] = set()  # samples whose first chunk has gone
 
     def token_text(self, token: int) -> str:
         return self._tokenizer.decode([token])
@@ -214,7 +215,8 @@ class ChoiceView:
 
     def event(self, request_id: str, model: str, sample: int, out) -> dict:
         """A streamed chunk for an output; the first of each choice carries the echoed prompt."""
-        first = sample not in self._offsets
+        first = sample not in self._streaming
+        self._streaming.add(sample)
         new = out.logprobs[len(out.token_ids) - len(out.new_token_ids):]
         text = (self.echo_text(sample) if first else "") + out.new_text
         return protocol.chunk(request_id, model, sample, text, out.finish_reason, self.parsed.chat,
