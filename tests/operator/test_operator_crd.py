@@ -91,3 +91,25 @@ def test_schema_is_structural():
             walk(node["items"], f"{path}[]")
 
     walk(SCHEMA, "")
+
+
+# What a structural schema node may say (apiextensions.k8s.io/v1 JSONSchemaProps, as used here).
+SCHEMA_KEYWORDS = {
+    "type", "description", "properties", "required", "items", "additionalProperties", "default", "enum",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems",
+    "pattern", "format", "anyOf", "nullable", "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-validations", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
+}
+
+
+def test_every_schema_node_uses_only_schema_keywords():
+    """A stray key (say, YAML splitting a description at a comma) is refused by the API server."""
+    def walk(node, path):
+        assert set(node) <= SCHEMA_KEYWORDS, (path, set(node) - SCHEMA_KEYWORDS)
+        for key, child in node.get("properties", {}).items():
+            walk(child, f"{path}.{key}")
+        for key in ("additionalProperties", "items"):
+            if isinstance(node.get(key), dict):
+                walk(node[key], f"{path}.{key}")
+
+    walk(SCHEMA, "")
