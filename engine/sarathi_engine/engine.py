@@ -189,29 +189,31 @@ class LLMEngine:
                     arrival_time: float | None = None) -> None:
         params = params or SamplingParams()
         ids = self.tokenize(prompt)
-        self.check_params(params)
+        grammar = self.check_params(params)
         seq = Sequence(request_id, ids, params, arrival_time)
         seq.end_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
-        if params.json_schema is not None:
-            seq.matcher = self.grammars.matcher(params.json_schema)
+        if grammar is not None:
+            seq.matcher = self.grammars.matcher(grammar)
         with self._ids_lock:
             if request_id in self._ids_in_use:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._ids_in_use.add(request_id)
         self._inbox.put(seq)
 
-    def check_params(self, params: SamplingParams) -> None:
-        """A ValueError for what SamplingParams cannot check alone: token ids outside this model's
-        vocabulary, or a JSON schema the grammar cannot hold."""
+    def check_params(self, params: SamplingParams) -> str | None:
+        """An InvalidParam for what SamplingParams cannot check alone: token ids outside this
+        model's vocabulary, or a JSON schema the grammar cannot hold; else the schema's compiled
+        grammar (None without one)."""
         vocab = self.model_config.vocab_size
         bad = [t for t in params.logit_bias if t >= vocab]
         if bad:
             raise InvalidParam(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})", "logit_bias")
-        if params.json_schema is not None:
-            try:
-                self.grammars.compile(params.json_schema)
-            except ValueError as e:
-                raise InvalidParam(str(e), "json_schema") from None
+        if params.json_schema is None:
+            return None
+        try:
+            return self.grammars.compile(params.json_schema)
+        except ValueError as e:
+            raise InvalidParam(str(e), "json_schema") from None
 
     def abort_request(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))

@@ -43,11 +43,12 @@ class Grammars:
             raise ValueError(f"invalid JSON schema: {error}")
         return grammar
 
-    def matcher(self, schema: dict) -> JsonMatcher:
+    def matcher(self, grammar: str) -> JsonMatcher:
+        """A fresh matcher at the start of a grammar compile() returned."""
         import llguidance
 
         tokenizer = self.tokenizer
-        return JsonMatcher(llguidance.LLMatcher(tokenizer, self.compile(schema)), tokenizer.vocab_size)
+        return JsonMatcher(llguidance.LLMatcher(tokenizer, grammar), tokenizer.vocab_size)
 
 
 class JsonMatcher:
