@@ -107,6 +107,7 @@ class CacheConfig:
     # of the largest batch as the warm-up measured them, KV cache), as vLLM's flag of that name.
     gpu_memory_utilization: float = 0.9
     watermark: float = 0.01  # share of blocks kept free when admitting new requests
+    prefix_caching: bool = True  # reuse the KV of full blocks whose tokens an earlier request computed
 
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -229,12 +230,13 @@ def make_engine_config(model: str, policy: str = "sarathi", token_budget: int = 
                        tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                        tbt_slo_ms: float | None = None, slo_margin: float = 1.0,
                        min_prefill_chunk: int = 16, attention_backend: str = "auto",
-                       gpu_memory_utilization: float = 0.9, max_token_budget: int | None = None) -> EngineConfig:
+                       gpu_memory_utilization: float = 0.9, max_token_budget: int | None = None,
+                       prefix_caching: bool = True) -> EngineConfig:
     """The engine settings from the flat keyword arguments that LLM(...) and the CLI share."""
     return EngineConfig(
         model=model, dtype=dtype, device=device, attention_backend=attention_backend, seed=seed,
         cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_memory_size(kv_cache_memory),
-                          gpu_memory_utilization=gpu_memory_utilization),
+                          gpu_memory_utilization=gpu_memory_utilization, prefix_caching=prefix_caching),
         scheduler=SchedulerConfig(policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs,
                                   max_model_len=max_model_len, tbt_slo_ms=tbt_slo_ms,
                                   slo_margin=slo_margin, min_prefill_chunk=min_prefill_chunk,

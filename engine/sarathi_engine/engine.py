@@ -157,7 +157,8 @@ class LLMEngine:
                 f"KV cache holds {capacity} tokens, fewer than max_model_len {sched.max_model_len}: "
                 "give it more memory or lower max_model_len"
             )
-        self.blocks = BlockManager(self.runner.num_blocks, self.runner.block_size, config.cache.watermark)
+        self.blocks = BlockManager(self.runner.num_blocks, self.runner.block_size, config.cache.watermark,
+                                   config.cache.prefix_caching)
         # Fitted from every iteration under the sarathi policy, so an SLO set live plans at once.
         self.planner = SloPlanner(sched) if sched.policy == "sarathi" and self._depth == 1 else None
         self.scheduler = make_scheduler(sched, self.blocks, self.planner)
@@ -339,6 +340,7 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = flight.start
             seq.num_computed_tokens += chunk.num_tokens
+            self.blocks.register_computed(seq)
             seq.prompt_logprobs.extend(result.prompt_logprobs)
             if result.token is not None:
                 outputs.append(self._append_token(self._tracked[seq.request_id], result))

@@ -34,6 +34,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "activations at the largest batch, KV cache)")
     parser.add_argument("--kv-cache-memory", default="1GiB", help="KV cache size on CPU, e.g. 512MiB, 2GiB")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the KV cache of prompt prefixes earlier requests computed, as vLLM's automatic "
+                             "prefix caching (on by default; --no-prefix-caching turns it off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-parallel-size", type=int, default=1)
@@ -47,5 +50,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         tbt_slo_ms=args.tbt_slo_ms, slo_margin=args.slo_margin, min_prefill_chunk=args.min_prefill_chunk,
         attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
-        max_token_budget=args.max_token_budget,
+        max_token_budget=args.max_token_budget, prefix_caching=args.prefix_caching,
     )

@@ -13,7 +13,7 @@ class LLM:
     def __init__(self, model: str, **settings) -> None:
         """settings: policy, token_budget, max_num_seqs, max_model_len, dtype, device,
         kv_cache_memory, block_size, seed, tensor_parallel_size, pipeline_parallel_size, tbt_slo_ms,
-        min_prefill_chunk."""
+        min_prefill_chunk, prefix_caching (make_engine_config's keywords)."""
         self.engine = LLMEngine(make_engine_config(model, **settings))
         self.tokenizer = self.engine.tokenizer
 

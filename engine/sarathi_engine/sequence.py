@@ -32,6 +32,8 @@ class Sequence:
         self.status = Status.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # prefix-cache keys of its full blocks, as far as computed
+        self.num_registered_blocks = 0  # leading blocks of block_table offered to the prefix cache
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
@@ -68,9 +70,11 @@ class Sequence:
         return (self.prompt_token_ids + self.output_token_ids)[start:end]
 
     def reset_for_recompute(self) -> None:
-        """After preemption: nothing cached, everything (prompt and outputs) to prefill again."""
+        """After preemption: no blocks held, everything (prompt and outputs) to prefill again but what
+        the prefix cache still holds when it is admitted again."""
         self.num_computed_tokens = 0
         self.block_table = []
+        self.num_registered_blocks = 0
         self.status = Status.WAITING
         self.num_preemptions += 1
 

@@ -136,7 +136,7 @@ def test_an_slo_no_iteration_can_meet_plans_minimum_chunks_counts_them_and_chang
     assert all(it.predicted is not None and it.predicted > 0 for it in planned)
 
     engine.set_tbt_slo_ms(None)  # live: the budget alone again
-    engine.add_request("after", prompts[0], SamplingParams(max_tokens=1))
+    engine.add_request("after", prompts[0][::-1], SamplingParams(max_tokens=1))  # nothing of it cached
     engine.step()
     assert engine.iterations[-1].num_prefill_tokens == 128
     run_to_completion(engine)

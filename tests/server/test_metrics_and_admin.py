@@ -42,11 +42,30 @@ def test_latency_histogram_counts_match_requests_and_tokens(smol_server):
         assert (name, ()) in after, name
 
 
+def test_prefix_cache_counters_count_prompt_tokens_looked_up_and_found(smol_server):
+    prompt = [2000 + i for i in range(300)]
+    before = scrape(smol_server.url)
+    first = post(smol_server.url + "/v1/completions", {"prompt": prompt, "max_tokens": 4, "temperature": 0})
+    middle = scrape(smol_server.url)
+    second = post(smol_server.url + "/v1/completions", {"prompt": prompt + [7, 8], "max_tokens": 4, "temperature": 0})
+    after = scrape(smol_server.url)
+
+    def delta(a, b, name):
+        return count(b, name) - count(a, name)
+
+    assert delta(before, middle, "sarathi_prefix_cache_queries_total") == 300
+    assert delta(before, middle, "sarathi_prefix_cache_hits_total") == 0
+    assert delta(middle, after, "sarathi_prefix_cache_queries_total") == 302
+    assert delta(middle, after, "sarathi_prefix_cache_hits_total") == 300 // 16 * 16  # its full blocks
+    assert first[1]["usage"]["prompt_tokens"] == 300 and second[1]["usage"]["prompt_tokens"] == 302
+
+
 def test_patching_the_budget_changes_the_gauge_and_the_iterations(smol_server):
     status, config = admin(smol_server)
     assert status == 200 and config["policy"] == "sarathi" and config["max_num_seqs"] == 128
-    long_prompt = {"prompt": [100 + i for i in range(600)], "max_tokens": 2, "temperature": 0}
     for budget, chunk_bucket, smaller_bucket in ((64, "64.0", "48.0"), (128, "128.0", "96.0")):
+        # A prompt of its own each time: a cached prefix would leave fewer tokens to chunk.
+        long_prompt = {"prompt": [budget + i for i in range(600)], "max_tokens": 2, "temperature": 0}
         status, config = admin(smol_server, {"token_budget": budget})
         assert status == 200 and config["token_budget"] == budget
         assert count(scrape(smol_server.url), "sarathi_token_budget") == budget

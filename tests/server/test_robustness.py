@@ -87,10 +87,14 @@ def test_schemathesis_finds_no_server_error(tiny_server, tmp_path):
     assert get(server.url + "/ready")[0] == 200
 
 
+SHARED_OPENING = "You are a storyteller. Tell each story in plain words, one short paragraph at a time. " * 4
+
+
 async def _disconnect_mid_stream(url: str, clients: int) -> int:
     async def one(session, i):
         # Far more tokens than the three read, so that no request can finish before its client has gone.
-        body = {"prompt": f"Story number {i}:", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+        # A shared opening, so that the clients share cached blocks as well as hold their own.
+        body = {"prompt": SHARED_OPENING + f"Story number {i}:", "max_tokens": 900, "stream": True, "ignore_eos": True}
         async with session.post(url + "/v1/completions", json=body) as response:
             assert response.status == 200
             received = 0
@@ -119,6 +123,8 @@ def test_fifty_clients_leaving_mid_stream_free_every_block(smol_server):
     assert asyncio.run(_disconnect_mid_stream(smol_server.url, 50)) == 150
     after = wait_until_idle(smol_server.url)
     assert count(after, "sarathi_kv_cache_usage_ratio") == 0
+    hits = count(after, "sarathi_prefix_cache_hits_total") - count(before, "sarathi_prefix_cache_hits_total")
+    assert hits >= 16 * 40  # most found the opening's blocks that an earlier one computed
     aborted = count(after, "sarathi_requests_total", finish_reason="abort")
     assert aborted - count(before, "sarathi_requests_total", finish_reason="abort") == 50
     assert post(smol_server.url + "/v1/completions", {"prompt": "Hi", "max_tokens": 3})[0] == 200

@@ -73,12 +73,12 @@ class Scheduler(ABC):
         seq.status = Status.FINISHED
 
     def admit(self, seq: Sequence) -> bool:
-        """Move the head of the waiting queue into running with blocks for all of its tokens, so a
-        prefill never needs a block mid-way; keeps the watermark free unless nothing is running."""
-        if not self.blocks.can_admit(seq, seq.num_tokens, keep_watermark=bool(self.running)):
+        """Move the head of the waiting queue into running with its cached prefix and blocks for
+        all of its other tokens, so a prefill never needs a block mid-way; keeps the watermark
+        free unless nothing is running."""
+        if not self.blocks.admit(seq, keep_watermark=bool(self.running)):
             return False
         self.waiting.popleft()
-        self.blocks.grow(seq, seq.num_tokens)
         seq.status = Status.RUNNING
         self.running.append(seq)
         return True

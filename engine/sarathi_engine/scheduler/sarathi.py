@@ -1,7 +1,9 @@
 """Sarathi-Serve's stall-free batching: every iteration fills the token budget with, in order,
 one token for each running decode, chunks of prompts already being prefilled, and chunks of new
 requests (first come, first served). A long prompt never stalls a running decode. With a TBT SLO,
-the planner also caps each chunk so that the iteration's predicted time stays within it."""
+the planner also caps each chunk so that the iteration's predicted time stays within it. Both
+count only tokens computed: a prompt's cached prefix is neither budgeted nor planned for, though
+its chunks' attention over it is."""
 from __future__ import annotations
 
 from sarathi_engine.scheduler.base import Scheduler, SchedulerOutput
@@ -38,8 +40,10 @@ class SarathiScheduler(Scheduler):
                 out.add(seq, tokens)
         while self.waiting and out.num_tokens < budget and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            tokens = chunk(seq)
-            if tokens == 0 or not self.admit(seq):
+            if not self.admit(seq):  # admission finds its cached prefix: the chunk starts after it
                 break
+            tokens = chunk(seq)
+            if tokens == 0:
+                break  # admitted, it leads the running prefills next iteration
             out.add(seq, tokens)
         return out

@@ -135,7 +135,7 @@ class AsyncEngine:
                 outputs = self.engine.step()
                 now = self._last_progress = time.monotonic()
                 if len(self.engine.iterations) > seen:
-                    self.metrics.observe_iteration(self.engine.iterations[-1], self.engine.scheduler.num_preemptions)
+                    self.metrics.observe_iteration(self.engine.iterations[-1], self.engine)
                 for out in outputs:
                     self._deliver(out, now)
         except BaseException as error:  # the server must learn of it, never hang

@@ -54,6 +54,9 @@ class ServerMetrics:
         self.limited = counter("sarathi_slo_limited_iterations",
                                "Iterations whose prefill the TBT SLO cut short of what the token budget allowed.")
         self.preemptions = counter("sarathi_num_preemptions", "Sequences preempted (recomputed later) for lack of KV blocks.")
+        self.prefix_queries = counter("sarathi_prefix_cache_queries",
+                                      "Prompt tokens of admitted requests looked up in the prefix cache.")
+        self.prefix_hits = counter("sarathi_prefix_cache_hits", "Of those, tokens found in the prefix cache (not computed).")
         self.prompt_tokens = counter("sarathi_prompt_tokens", "Prompt tokens of requests admitted.")
         self.generation_tokens = counter("sarathi_generation_tokens", "Output tokens generated.")
         self.requests = Counter("sarathi_requests", "Finished requests by finish reason.", labels + ["finish_reason"],
@@ -68,19 +71,21 @@ class ServerMetrics:
               lambda: (engine.tbt_slo_ms or 0) / 1e3)
         gauge("sarathi_slo_margin", "The share of the TBT SLO each iteration is planned for.",
               lambda: engine.config.scheduler.slo_margin)
-        self._preemptions_seen = self._infeasible_seen = self._limited_seen = 0
+        self._totals_seen: dict = {}  # per counter fed from an engine total, the total it has counted
 
-    def observe_iteration(self, stats, total_preemptions: int) -> None:
+    def observe_iteration(self, stats, engine) -> None:
+        """One engine iteration's figures, and the engine's running totals since the last one."""
         self.iteration_tokens.observe(stats.num_tokens)
         self.iteration_seconds.observe(stats.duration)
-        self.preemptions.inc(total_preemptions - self._preemptions_seen)
-        self._preemptions_seen = total_preemptions
         if stats.predicted:
             self.predicted_ratio.observe(stats.duration / stats.predicted)
-        self.infeasible.inc(stats.infeasible_iterations - self._infeasible_seen)
-        self._infeasible_seen = stats.infeasible_iterations
-        self.limited.inc(stats.limited_iterations - self._limited_seen)
-        self._limited_seen = stats.limited_iterations
+        for counter, total in ((self.preemptions, engine.scheduler.num_preemptions),
+                               (self.infeasible, stats.infeasible_iterations),
+                               (self.limited, stats.limited_iterations),
+                               (self.prefix_queries, engine.blocks.prefix_queries),
+                               (self.prefix_hits, engine.blocks.prefix_hits)):
+            counter.inc(total - self._totals_seen.get(counter, 0))
+            self._totals_seen[counter] = total
 
     def finished(self, reason: str) -> None:
         self.requests.labels(self.model_name, reason).inc()
