@@ -71,21 +71,28 @@ class ServerMetrics:
               lambda: (engine.tbt_slo_ms or 0) / 1e3)
         gauge("sarathi_slo_margin", "The share of the TBT SLO each iteration is planned for.",
               lambda: engine.config.scheduler.slo_margin)
-        self._totals_seen: dict = {}  # per counter fed from an engine total, the total it has counted
+        # Per counter fed from an engine total, the total it has counted: from now on, so what the
+        # engine did before serving (the SLO planner's calibration) stays out.
+        self._totals_seen = self._engine_totals(engine)
 
     def observe_iteration(self, stats, engine) -> None:
-        """One engine iteration's figures, and the engine's running totals since the last one."""
+        """One engine iteration's figures, and what the engine's running totals added since the last one."""
         self.iteration_tokens.observe(stats.num_tokens)
         self.iteration_seconds.observe(stats.duration)
         if stats.predicted:
             self.predicted_ratio.observe(stats.duration / stats.predicted)
-        for counter, total in ((self.preemptions, engine.scheduler.num_preemptions),
-                               (self.infeasible, stats.infeasible_iterations),
-                               (self.limited, stats.limited_iterations),
-                               (self.prefix_queries, engine.blocks.prefix_queries),
-                               (self.prefix_hits, engine.blocks.prefix_hits)):
-            counter.inc(total - self._totals_seen.get(counter, 0))
+        for counter, total in self._engine_totals(engine).items():
+            counter.inc(total - self._totals_seen[counter])
             self._totals_seen[counter] = total
+
+    def _engine_totals(self, engine) -> dict:
+        """The counters fed from the engine's own running totals, by counter."""
+        planner = engine.planner
+        return {self.preemptions: engine.scheduler.num_preemptions,
+                self.infeasible: planner.infeasible if planner is not None else 0,
+                self.limited: planner.limited if planner is not None else 0,
+                self.prefix_queries: engine.blocks.prefix_queries,
+                self.prefix_hits: engine.blocks.prefix_hits}
 
     def finished(self, reason: str) -> None:
         self.requests.labels(self.model_name, reason).inc()
