@@ -103,7 +103,8 @@ def test_namespaced_install_grants_the_same_rules_in_each_watched_namespace_only
 
 @pytest.mark.parametrize("values, namespaces", [(None, None), (NAMESPACED, ["team-a", "team-b"])],
                          ids=["cluster-wide", "namespaced"])
-def test_operator_container_runs_what_the_operator_accepts(helm, tmp_path, values, namespaces):
+def test_operator_container_runs_what_the_operator_accepts(helm, tmp_path, values, namespaces, monkeypatch):
+    monkeypatch.delenv("SARATHI_ENGINE_IMAGE", raising=False)
     docs = render(helm, tmp_path, values)
     [deployment] = of_kind(docs, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -112,6 +113,7 @@ def test_operator_container_runs_what_the_operator_accepts(helm, tmp_path, value
     assert container["command"] == json.loads(entrypoint), "the chart runs the image's entrypoint"
     args = parse_args(container["args"])
     assert args.namespaces == namespaces
+    assert args.engine_image is None  # no default engine image unless the values give one
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert (args.health_port, args.metrics_port) == (ports["health"], ports["metrics"])
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -134,6 +136,13 @@ def namespace(k):
     k.run("create", "namespace", name)
     yield name
     k.run("delete", "namespace", name, "--wait=false")
+
+
+def test_the_engine_image_value_becomes_the_operators_default_engine_image(helm, tmp_path):
+    docs = render(helm, tmp_path, {"engineImage": "registry.example/sarathi-engine:1.0"})
+    [deployment] = of_kind(docs, "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert parse_args(container["args"]).engine_image == "registry.example/sarathi-engine:1.0"
 
 
 def test_notes_tell_what_to_apply_next(helm, kube_cluster, tmp_path):

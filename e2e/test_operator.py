@@ -25,6 +25,8 @@ CRD = ROOT / "crds" / "sarathideployments.yaml"
 RBAC = ROOT / "operator" / "deploy" / "rbac.yaml"
 GPU = "nvidia.com/gpu"
 OWNER_LABEL = "serving.sarathi.dev/deployment"
+INFERENCE_POOL_CRD = ROOT / "e2e" / "fixtures" / "inferencepool-crd.yaml"
+DEFAULT_ENGINE_IMAGE = "sarathi-engine:default"
 
 
 # ---------------------------------------------------------------- harness
@@ -131,7 +133,8 @@ class Operator:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sarathi_operator", "--kubeconfig", str(self.kubeconfig),
                  "--namespace", self.namespace, "--health-port", str(health),
-                 "--metrics-port", str(self.metrics_port), "--resync-seconds", "5"],
+                 "--metrics-port", str(self.metrics_port), "--resync-seconds", "5",
+                 "--engine-image", DEFAULT_ENGINE_IMAGE],
                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
             )
         wait_until("the operator's liveness endpoint", lambda: self._healthy(health), timeout=30)
@@ -233,7 +236,8 @@ def operator(operator_kubeconfig, namespace, tmp_path):
 def test_crd_is_served_and_explains_the_documented_fields(k, crd):
     text = k.run("explain", "sarathideployment.spec").stdout
     for field in ("model", "image", "imagePullPolicy", "replicas", "parallelism", "engine", "slo", "autotune",
-                  "resources", "nodeSelector", "tolerations", "env"):
+                  "resources", "nodeSelector", "tolerations", "env", "affinity", "topologySpreadConstraints",
+                  "priorityClassName", "podLabels", "volumes", "volumeMounts", "gateway"):
         assert f"  {field}\t" in text, field
     engine = k.run("explain", "sarathideployment.spec.engine").stdout
     for field in ("policy", "tokenBudget", "maxNumSeqs", "maxModelLen", "dtype", "extraArgs"):
@@ -259,9 +263,16 @@ def test_crd_is_served_and_explains_the_documented_fields(k, crd):
         ({"model": {"name": "m", "source": "s3://bucket/model"}}, "spec.model.source",
          "must be smollm2-135m-instruct, an absolute path"),
         ({"engine": {"policy": "fifo"}}, "spec.engine.policy", "Unsupported value"),
+        ({"volumes": [{"name": "model", "emptyDir": {}}]}, "spec.volumes",
+         "must not be named dshm or model, which the operator mounts"),
+        ({"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone"}]},
+         "spec.topologySpreadConstraints[0].whenUnsatisfiable", "Required value"),
+        ({"gateway": {"inferencePool": True, "endpointPicker": {"name": "epp", "port": 0}}},
+         "spec.gateway.endpointPicker.port", "should be greater than or equal to 1"),
     ],
     ids=["tensor-0", "autotune-without-slo", "autotune-without-chunking",
-         "gpus-not-whole-nodes", "tensor-straddles-pods", "model-source", "policy"],
+         "gpus-not-whole-nodes", "tensor-straddles-pods", "model-source", "policy", "operator-volume",
+         "spread-without-when-unsatisfiable", "endpoint-picker-port"],
 )
 def test_the_api_server_rejects_invalid_resources_naming_the_field(k, scratch_namespace, spec, field, message):
     result = k.apply(sdep("bad", scratch_namespace, **spec), check=False)
@@ -375,3 +386,77 @@ def test_a_child_the_api_server_rejects_fails_with_its_message(k, namespace, ope
     assert ready["reason"] == "ChildRejected"
     assert ready["message"].startswith("the API server rejected Deployment badlabel:")
     assert "nodeSelector" in ready["message"]
+
+
+def test_pod_fields_reach_the_pods_and_the_image_defaults_to_the_operators(k, namespace, operator):
+    suffix = namespace.removeprefix("sdep-")
+    k.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": f"inference-{suffix}"},
+             "value": 1000})
+    k.apply({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": f"gpu-{suffix}"},
+             "handler": "runc"})
+    k.run("create", "serviceaccount", "engine", "-n", namespace)
+    spread = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+               "labelSelector": {"matchLabels": {OWNER_LABEL: "pods"}}}]
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "type", "operator": "In", "values": ["kwok"]}]}]}}}
+    manifest = sdep("pods", namespace, replicas=2, affinity=affinity, topologySpreadConstraints=spread,
+                    priorityClassName=f"inference-{suffix}", runtimeClassName=f"gpu-{suffix}",
+                    serviceAccountName="engine", imagePullSecrets=[{"name": "registry"}],
+                    podLabels={"team": "ml"}, podAnnotations={"example.com/owner": "ml"},
+                    podSecurityContext={"runAsNonRoot": True, "runAsUser": 1000},
+                    securityContext={"allowPrivilegeEscalation": False},
+                    volumes=[{"name": "scratch", "emptyDir": {}}],
+                    volumeMounts=[{"name": "scratch", "mountPath": "/scratch"}])
+    del manifest["spec"]["image"]
+    try:
+        k.apply(manifest)
+        wait_phase(k, namespace, "pods", "Ready")
+        pods = engine_pods(k, namespace, "pods")
+        assert len(pods) == 2 and running(pods)
+        assert {p["spec"]["nodeName"] for p in pods} == {"gpu-node-0", "gpu-node-1"}  # spread over the nodes
+        for pod in pods:
+            spec, meta = pod["spec"], pod["metadata"]
+            [container] = spec["containers"]
+            assert container["image"] == DEFAULT_ENGINE_IMAGE
+            assert spec["affinity"] == affinity and spec["topologySpreadConstraints"] == spread
+            assert (spec["priorityClassName"], spec["priority"]) == (f"inference-{suffix}", 1000)
+            assert spec["runtimeClassName"] == f"gpu-{suffix}" and spec["serviceAccountName"] == "engine"
+            assert spec["imagePullSecrets"] == [{"name": "registry"}]
+            assert spec["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000}
+            assert container["securityContext"] == {"allowPrivilegeEscalation": False}
+            assert {"name": "scratch", "mountPath": "/scratch"} in container["volumeMounts"]
+            assert meta["labels"]["team"] == "ml" and meta["annotations"]["example.com/owner"] == "ml"
+    finally:
+        k.run("delete", "priorityclass", f"inference-{suffix}", "--ignore-not-found")
+        k.run("delete", "runtimeclass", f"gpu-{suffix}", "--ignore-not-found")
+
+
+def test_an_inference_pool_follows_the_spec_once_the_cluster_serves_the_api(k, namespace, operator):
+    k.run("delete", "-f", str(INFERENCE_POOL_CRD), "--ignore-not-found")
+    k.apply(sdep("gw", namespace, gateway={"inferencePool": True, "endpointPicker": {"name": "gw-epp"}}))
+    obj = wait_phase(k, namespace, "gw", "Ready")  # serving does not wait for the gateway
+    wait_until("the InferencePoolReady condition", lambda: condition(k.get("sdep", namespace, "gw"), "InferencePoolReady"))
+    pool_condition = condition(k.get("sdep", namespace, "gw"), "InferencePoolReady")
+    assert (pool_condition["status"], pool_condition["reason"]) == ("False", "CRDNotInstalled")
+
+    k.run("apply", "-f", str(INFERENCE_POOL_CRD))
+    try:
+        k.run("wait", "--for", "condition=Established", "--timeout=60s", "crd/inferencepools.inference.networking.k8s.io")
+        pool = wait_until("the InferencePool", lambda: k.get("inferencepool", namespace, "gw"), timeout=60)
+        assert pool["spec"]["selector"]["matchLabels"] == {OWNER_LABEL: "gw", "app.kubernetes.io/component": "engine"}
+        assert pool["spec"]["targetPorts"] == [{"number": 8000}]
+        assert pool["spec"]["endpointPickerRef"] == {"kind": "Service", "name": "gw-epp", "port": {"number": 9002},
+                                                     "failureMode": "FailClose"}
+        [ref] = pool["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["uid"]) == ("SarathiDeployment", obj["metadata"]["uid"])
+        wait_until("InferencePoolReady true",
+                   lambda: condition(k.get("sdep", namespace, "gw"), "InferencePoolReady").get("status") == "True")
+        [pod] = engine_pods(k, namespace, "gw")
+        assert pool["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+        k.patch("sdep", namespace, "gw", {"spec": {"gateway": {"inferencePool": False}}})
+        wait_until("the InferencePool pruned", lambda: k.get("inferencepool", namespace, "gw") is None, timeout=60)
+        wait_until("the condition gone",
+                   lambda: not condition(k.get("sdep", namespace, "gw"), "InferencePoolReady"), timeout=30)
+    finally:
+        k.run("delete", "-f", str(INFERENCE_POOL_CRD), "--ignore-not-found", "--wait=false")

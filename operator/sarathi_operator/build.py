@@ -7,6 +7,8 @@ deletes them all:
   <name>-ranks   Service (headless)   rank discovery, only when a replica spans pods
   <name>         Service              the OpenAI API on the serving (rank-0) pods
   <name>         PodDisruptionBudget  at most one engine pod evicted at a time
+  <name>         InferencePool        the serving pods for a Gateway API inference gateway, when
+                                      spec.gateway.inferencePool asks and the cluster serves the API
   <name>         Deployment           when a replica is one pod
   <name>-<i>     StatefulSet          one per replica when a replica spans pods
 
@@ -21,21 +23,25 @@ import json
 
 from . import names, settings
 from .names import CONTAINER, DIST_PORT, HTTP_PORT
-from .spec import GPU_RESOURCE, MODEL_DIR, Layout, layout, model_source, statefulset_name
+from .spec import GPU_RESOURCE, MODEL_DIR, OPERATOR_VOLUMES, Layout, layout, model_source, statefulset_name
 
 # Long enough for the engine to drain in-flight requests after SIGTERM.
 TERMINATION_GRACE_SECONDS = 120
 
 
-def plan(sdep: dict, spec: dict, *, token: str, desired: dict, existing: dict[str, dict]) -> list[dict]:
+def plan(sdep: dict, spec: dict, *, token: str, desired: dict, existing: dict[str, dict],
+         inference_pools: bool = False) -> list[dict]:
     """Every child of the resource, workloads last. desired: the live settings (settings.py);
     existing: the workloads there are, by name (their pods keep the settings they started with
-    while nothing else in their template changes)."""
+    while nothing else in their template changes); inference_pools: the cluster serves
+    InferencePools (the Gateway API Inference Extension's CRD is installed)."""
     lay = layout(spec["parallelism"])
     children = [build_secret(sdep, token)]
     if lay.multi_pod:
         children.append(build_ranks_service(sdep))
     children += [build_service(sdep, lay), build_pdb(sdep)]
+    if spec["gateway"]["inferencePool"] and inference_pools:
+        children.append(build_inference_pool(sdep, spec, lay))
     workloads = []
     for workload in build_workloads(sdep, spec, token_digest(token)):
         meta = workload["metadata"]
@@ -147,6 +153,23 @@ def build_pdb(sdep: dict) -> dict:
     }
 
 
+INFERENCE_POOL_API = "inference.networking.k8s.io/v1"
+ENDPOINT_PICKER_PORT = 9002  # the Gateway API Inference Extension's default
+
+
+def build_inference_pool(sdep: dict, spec: dict, lay: Layout) -> dict:
+    """The Gateway API Inference Extension's InferencePool over the pods that serve the API (rank
+    0 of each multi-pod replica), on the OpenAI port, with the endpoint picker the spec names."""
+    name = sdep["metadata"]["name"]
+    pool = {"selector": {"matchLabels": names.serving_selector(name, lay)}, "targetPorts": [{"number": HTTP_PORT}]}
+    picker = spec["gateway"].get("endpointPicker")
+    if picker:
+        pool["endpointPickerRef"] = {"kind": "Service", "name": picker["name"],
+                                     "port": {"number": picker.get("port", ENDPOINT_PICKER_PORT)},
+                                     "failureMode": picker.get("failureMode", "FailClose")}
+    return {"apiVersion": INFERENCE_POOL_API, "kind": "InferencePool", "metadata": _metadata(sdep, name), "spec": pool}
+
+
 def build_workloads(sdep: dict, spec: dict, admin_digest: str) -> list[dict]:
     """The workloads without the live settings, each with its rollout hash."""
     lay = layout(spec["parallelism"])
@@ -217,7 +240,7 @@ def build_statefulset(sdep: dict, spec: dict, lay: Layout, admin_digest: str, re
 def build_pod_template(sdep: dict, spec: dict, lay: Layout, admin_digest: str, replica: int | None = None) -> dict:
     name = sdep["metadata"]["name"]
     source = model_source(spec["model"]["source"])
-    pod_labels = {**names.labels(name), **names.pod_selector(name)}
+    pod_labels = {**spec["podLabels"], **names.labels(name), **names.pod_selector(name)}
     if replica is not None:
         pod_labels[names.REPLICA_LABEL] = str(replica)
 
@@ -226,7 +249,7 @@ def build_pod_template(sdep: dict, spec: dict, lay: Layout, admin_digest: str, r
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
     mounts = [
-        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "dshm", "mountPath": OPERATOR_VOLUMES["dshm"]},
     ]
     init_containers = []
     if source.pvc_claim:
@@ -242,6 +265,7 @@ def build_pod_template(sdep: dict, spec: dict, lay: Layout, admin_digest: str, r
             "command": ["hf", "download", source.hf_repo, "--local-dir", source.path],
             "env": list(spec["env"]),
             "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}],
+            **_security_context(spec),
         })
 
     container = {
@@ -260,31 +284,46 @@ def build_pod_template(sdep: dict, spec: dict, lay: Layout, admin_digest: str, r
                                failures=-(-spec["probes"]["startupTimeoutSeconds"] // STARTUP_PERIOD)),
         "livenessProbe": _probe("/health", period=10, failures=3),
         "readinessProbe": _probe("/ready", period=5, failures=2),
-        "volumeMounts": mounts,
+        "volumeMounts": mounts + list(spec["volumeMounts"]),
+        **_security_context(spec),
     }
     pod_spec = {
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "enableServiceLinks": False,
-        "automountServiceAccountToken": False,
         "containers": [container],
-        "volumes": volumes,
+        "volumes": volumes + list(spec["volumes"]),
     }
     if init_containers:
         pod_spec["initContainers"] = init_containers
-    if spec["nodeSelector"]:
-        pod_spec["nodeSelector"] = dict(spec["nodeSelector"])
-    if spec["tolerations"]:
-        pod_spec["tolerations"] = list(spec["tolerations"])
+    pod_spec.update(_scheduling_fields(spec))
+    if "serviceAccountName" not in pod_spec:
+        pod_spec["automountServiceAccountToken"] = False  # the engine never calls the Kubernetes API
     return {
         "metadata": {
             "labels": pod_labels,
             "annotations": {
+                **spec["podAnnotations"],
                 # A new admin token (the Secret was recreated) must reach the pods: roll them.
                 names.ADMIN_TOKEN_DIGEST: admin_digest,
             },
         },
         "spec": pod_spec,
     }
+
+
+# Pod fields the spec passes through as they are, by the pod spec's own name, when set.
+POD_FIELDS = {"nodeSelector": "nodeSelector", "tolerations": "tolerations", "affinity": "affinity",
+              "topologySpreadConstraints": "topologySpreadConstraints", "priorityClassName": "priorityClassName",
+              "runtimeClassName": "runtimeClassName", "serviceAccountName": "serviceAccountName",
+              "imagePullSecrets": "imagePullSecrets", "podSecurityContext": "securityContext"}
+
+
+def _scheduling_fields(spec: dict) -> dict:
+    return {field: json.loads(json.dumps(spec[key])) for key, field in POD_FIELDS.items() if spec.get(key)}
+
+
+def _security_context(spec: dict) -> dict:
+    return {"securityContext": json.loads(json.dumps(spec["securityContext"]))} if spec.get("securityContext") else {}
 
 
 def _engine_env(name: str, lay: Layout, replica: int | None) -> list[dict]:

@@ -31,6 +31,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=8081, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--resync-seconds", type=float, default=60.0,
                         help="reconcile every resource at this interval, besides reacting to changes")
+    parser.add_argument("--engine-image", default=os.environ.get("SARATHI_ENGINE_IMAGE") or None,
+                        help="the engine image of a SarathiDeployment without spec.image "
+                             "(default: $SARATHI_ENGINE_IMAGE; none: spec.image is required)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -38,7 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> None:
     kube = Kube(load_api_client(args.kubeconfig))
     autotuners = Autotuners(kube, lambda namespace, name: reconciler.reconcile(namespace, name))
-    reconciler = Reconciler(kube, on_autotune=autotuners.ensure)
+    reconciler = Reconciler(kube, on_autotune=autotuners.ensure, engine_image=args.engine_image)
     resync = asyncio.create_task(reconciler.resync_forever(args.namespaces, args.resync_seconds))
     try:
         await kopf.operator(

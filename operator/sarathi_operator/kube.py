@@ -26,6 +26,7 @@ _PLURALS = {
     "Deployment": "deployments",
     "StatefulSet": "statefulsets",
     "PodDisruptionBudget": "poddisruptionbudgets",
+    "InferencePool": "inferencepools",
     "SarathiDeployment": PLURAL,
 }
 
@@ -66,6 +67,16 @@ class Kube:
         if not 200 <= response.status <= 299:
             raise ApiException(http_resp=response)
         return json.loads(text) if text else None
+
+    def serves(self, api_version: str, kind: str) -> bool:
+        """Whether the API server serves this kind (its CRD is installed), from discovery."""
+        try:
+            resources = self._request("GET", f"/apis/{api_version}")
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return any(r.get("kind") == kind for r in resources.get("resources", []))
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
         try:

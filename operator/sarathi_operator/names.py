@@ -45,6 +45,11 @@ def pod_selector(name: str) -> dict:
     return {DEPLOYMENT_LABEL: name, COMPONENT_LABEL: "engine"}
 
 
+def operator_pod_labels() -> set[str]:
+    """Every label key the operator or its workloads put on an engine pod: spec.podLabels may set none."""
+    return {*labels(""), *pod_selector(""), REPLICA_LABEL, POD_INDEX_LABEL}
+
+
 def serving_selector(name: str, lay: Layout) -> dict:
     """The pods that serve the OpenAI API: all of them, or rank 0 of each multi-pod replica."""
     if lay.multi_pod:

@@ -36,7 +36,8 @@ RECONCILE_SECONDS = Histogram(
 )
 RECONCILE_ERRORS = Counter("sarathi_operator_reconcile_errors_total", "Reconcile passes that raised")
 
-# Children that can fall out of the plan (scale-down of multi-pod replicas, a layout change).
+# Children that can fall out of the plan (scale-down of multi-pod replicas, a layout change),
+# besides an InferencePool where the cluster serves them.
 _PRUNABLE = (("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"), ("v1", "Service"))
 _WORKLOADS = ("Deployment", "StatefulSet")
 
@@ -52,6 +53,7 @@ class Converged:
     observed: tuple[int, int, bool]  # replicas, ready, rolling
     serving_pods: list[dict]
     pod_problems: list[str]
+    inference_pool: status.Check | None  # when the spec asks for one
 
 
 def now() -> str:
@@ -59,8 +61,10 @@ def now() -> str:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, on_autotune: Callable[[str, str], None] | None = None):
+    def __init__(self, kube: Kube, on_autotune: Callable[[str, str], None] | None = None,
+                 engine_image: str | None = None):
         self.kube = kube
+        self.engine_image = engine_image  # for a spec without an image of its own
         # Called on every pass over a resource that wants autotuning (autotune/daemon.py).
         self.on_autotune = on_autotune
         # Independent requests of one pass go out together.
@@ -110,7 +114,7 @@ class Reconciler:
         sdep = await asyncio.to_thread(self.kube.get, API_VERSION, KIND, namespace, name)
         if sdep is None or "deletionTimestamp" in sdep["metadata"]:
             return
-        spec = with_defaults(sdep["spec"])
+        spec = with_defaults(sdep["spec"], self.engine_image)
         if spec["autotune"]["enabled"] and self.on_autotune:
             self.on_autotune(namespace, name)
         problems = validate(name, spec)
@@ -134,6 +138,7 @@ class Reconciler:
             ),
             settings_pending=pending,
             pod_problems=converged.pod_problems,
+            inference_pool=converged.inference_pool,
         )
         lay = layout(spec["parallelism"])
         new = status.compute_status(
@@ -162,19 +167,21 @@ class Reconciler:
         meta = sdep["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         token = self._pool.submit(self._admin_token, namespace, name)
+        pools_served = self.kube.serves(build.INFERENCE_POOL_API, "InferencePool")
+        prunable = _PRUNABLE + (((build.INFERENCE_POOL_API, "InferencePool"),) if pools_served else ())
         listed = self._pool.map(
-            lambda kind: self.kube.select(*kind, namespace, {names.DEPLOYMENT_LABEL: name}), _PRUNABLE)
+            lambda kind: self.kube.select(*kind, namespace, {names.DEPLOYMENT_LABEL: name}), prunable)
         owned = {kind: [c for c in children if names.is_controlled_by(c, sdep)]
-                 for (_, kind), children in zip(_PRUNABLE, listed)}
+                 for (_, kind), children in zip(prunable, listed)}
         token = token.result()
         existing = {w["metadata"]["name"]: w for w in owned["Deployment"] + owned["StatefulSet"]}
         desired = settings.desired(spec, sdep.get("status", {}))
-        plan = build.plan(sdep, spec, token=token, desired=desired, existing=existing)
+        plan = build.plan(sdep, spec, token=token, desired=desired, existing=existing, inference_pools=pools_served)
         # Workloads go last, so what their pods mount and reference exists when pods start.
         applied = []
         for stage in ([m for m in plan if m["kind"] not in _WORKLOADS], [m for m in plan if m["kind"] in _WORKLOADS]):
             applied += self._pool.map(lambda manifest: self._apply(sdep, manifest), stage)
-        self._prune(sdep, owned, {(c["kind"], c["metadata"]["name"]) for c in applied})
+        self._prune(sdep, prunable, owned, {(c["kind"], c["metadata"]["name"]) for c in applied})
 
         lay = layout(spec["parallelism"])
         engine_pods = self.kube.select("v1", "Pod", namespace, names.pod_selector(name))
@@ -190,7 +197,8 @@ class Reconciler:
         serving = names.serving_selector(name, lay)
         serving_pods = [p for p in engine_pods if serving.items() <= p["metadata"].get("labels", {}).items()]
         problems = [p for p in map(pods.problem, engine_pods) if p]
-        return Converged(token, desired, observed, serving_pods, problems)
+        pool = status.inference_pool_check(name, pools_served) if spec["gateway"]["inferencePool"] else None
+        return Converged(token, desired, observed, serving_pods, problems, pool)
 
     def _admin_token(self, namespace: str, name: str) -> str:
         """The token in the existing Secret, or a new one: it is generated only once."""
@@ -215,8 +223,8 @@ class Reconciler:
                                  f"overwrote {kind} {child}: changed by another writer beyond what apply restores")
             return self.kube.replace(manifest)
 
-    def _prune(self, sdep: dict, owned: dict[str, list[dict]], keep: set[tuple[str, str]]) -> None:
-        for api_version, kind in _PRUNABLE:
+    def _prune(self, sdep: dict, prunable: tuple, owned: dict[str, list[dict]], keep: set[tuple[str, str]]) -> None:
+        for api_version, kind in prunable:
             for child in owned[kind]:
                 child_name = child["metadata"]["name"]
                 if (kind, child_name) not in keep:

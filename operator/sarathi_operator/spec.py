@@ -28,9 +28,16 @@ DEFAULTS = {
     "engine": {"policy": "sarathi", "tokenBudget": 512, "dtype": "auto", "extraArgs": []},
     "autotune": {"enabled": False, "intervalSeconds": 30},
     "probes": {"startupTimeoutSeconds": 1800, "stallTimeoutSeconds": 120},
+    "gateway": {"inferencePool": False},
     "resources": {},
     "nodeSelector": {},
     "tolerations": [],
+    "topologySpreadConstraints": [],
+    "imagePullSecrets": [],
+    "podLabels": {},
+    "podAnnotations": {},
+    "volumes": [],
+    "volumeMounts": [],
     "env": [],
 }
 
@@ -50,9 +57,12 @@ MAX_NAME = 63 - len("-ranks")
 MAX_STATEFULSET_NAME = 52
 
 
-def with_defaults(spec: dict) -> dict:
-    """The spec with every defaulted field filled in; the input is left untouched."""
+def with_defaults(spec: dict, engine_image: str | None = None) -> dict:
+    """The spec with every defaulted field filled in, the image from the operator's engine image
+    when the spec names none; the input is left untouched."""
     merged = copy.deepcopy(DEFAULTS)
+    if engine_image:
+        merged["image"] = engine_image
     for key, value in spec.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **copy.deepcopy(value)}
@@ -134,6 +144,10 @@ def validate(name: str, spec: dict) -> list[str]:
             "plan each iteration's prefill chunks for the SLO, which only the sarathi policy chunks, "
             "and not yet across pipeline stages"
         )
+    if not spec.get("image"):
+        problems.append("spec.image is not set and the operator has no default engine image: set spec.image, "
+                        "or install the operator with one (the chart's engineImage, `sarathi operator --engine-image`)")
+    problems += pod_field_conflicts(spec)
     reserved = [e["name"] for e in spec["env"] if e["name"] in RESERVED_ENV]
     if reserved:
         problems.append(f"spec.env must not set {', '.join(reserved)}: the operator sets them")
@@ -144,3 +158,40 @@ def validate(name: str, spec: dict) -> list[str]:
                 f"spec.parallelism (tensor x pipeline GPUs per replica)"
             )
     return problems
+
+
+# The pod's own volumes and where they are mounted (build.py).
+OPERATOR_VOLUMES = {"dshm": "/dev/shm", "model": MODEL_DIR}
+
+
+def pod_field_conflicts(spec: dict) -> list[str]:
+    """The spec's pod fields that would collide with what the operator sets on the pods: the
+    labels it selects them by, its annotations, its volumes and their mount paths."""
+    from . import names  # names builds on this module's constants
+
+    problems = []
+    owned_labels = sorted(set(spec["podLabels"]) & names.operator_pod_labels())
+    if owned_labels:
+        problems.append(f"spec.podLabels must not set {', '.join(owned_labels)}: the operator selects its pods by them")
+    owned_annotations = sorted(k for k in spec["podAnnotations"] if k.startswith(GROUP + "/"))
+    if owned_annotations:
+        problems.append(f"spec.podAnnotations must not set {', '.join(owned_annotations)}: "
+                        f"the operator owns the {GROUP}/ annotations")
+    reserved = [v["name"] for v in spec["volumes"] if v["name"] in OPERATOR_VOLUMES]
+    if reserved:
+        problems.append(f"spec.volumes must not be named {', '.join(reserved)}: the operator's own volumes")
+    defined = {v["name"] for v in spec["volumes"]}
+    for i, mount in enumerate(spec["volumeMounts"]):
+        if mount["name"] not in defined:
+            problems.append(f"spec.volumeMounts[{i}] mounts volume {mount['name']!r}, which spec.volumes does not define")
+        taken = [p for p in OPERATOR_VOLUMES.values() if _overlaps(mount["mountPath"], p)]
+        if taken:
+            problems.append(f"spec.volumeMounts[{i}].mountPath {mount['mountPath']!r} overlaps {taken[0]}, "
+                            "where the operator mounts its own volume")
+    return problems
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """One path is the other or lies under it."""
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)

@@ -1,5 +1,6 @@
 """The status of a SarathiDeployment, computed from its workloads: phase, replica counts,
-the token budget in force, and the Ready / Progressing / Degraded conditions.
+the token budget in force, the Ready / Progressing / Degraded conditions, and
+InferencePoolReady while the spec asks for an InferencePool.
 
 Phases:
   Pending      nothing has been ready since creation: first pods starting
@@ -17,6 +18,23 @@ MAX_POD_PROBLEMS = 3
 
 
 @dataclass(frozen=True)
+class Check:
+    """A condition of its own beside the phase: whether something the spec asks for is in place."""
+
+    ok: bool
+    reason: str
+    message: str
+
+
+def inference_pool_check(name: str, served: bool) -> Check:
+    if served:
+        return Check(True, "Created", f"InferencePool {name} selects the serving pods on their OpenAI port")
+    return Check(False, "CRDNotInstalled", "spec.gateway.inferencePool: the cluster does not serve "
+                 "inference.networking.k8s.io/v1 InferencePool (install the Gateway API Inference Extension's "
+                 "CRDs); the engines serve through their Service meanwhile")
+
+
+@dataclass(frozen=True)
 class Observation:
     replicas: int  # replicas that exist
     ready: int  # replicas ready to serve
@@ -24,6 +42,7 @@ class Observation:
     token_budget: int  # in force on the serving engines
     settings_pending: list[str] = field(default_factory=list)  # why the live settings are not everywhere yet
     pod_problems: list[str] = field(default_factory=list)  # why pods are not running, when known
+    inference_pool: Check | None = None  # when the spec asks for an InferencePool
 
 
 def observe_deployment(deployment: dict) -> tuple[int, int, bool]:
@@ -85,6 +104,10 @@ def compute_status(
         _condition("Progressing", in_progress, reason if in_progress else "RolloutComplete", message),
         _condition("Degraded", current == "Degraded", reason if current == "Degraded" else "AsExpected", message),
     ]
+    pool = obs.inference_pool
+    if pool is not None:
+        conditions.append(_condition(INFERENCE_POOL, pool.ok, pool.reason, pool.message))
+    merged = merge_conditions(previous.get("conditions", []), conditions, generation, now)
     return {
         "phase": current,
         "replicas": obs.replicas,
@@ -92,8 +115,12 @@ def compute_status(
         "tokenBudget": obs.token_budget,
         "selector": selector,
         "observedGeneration": generation,
-        "conditions": merge_conditions(previous.get("conditions", []), conditions, generation, now),
+        # An InferencePool no longer asked for takes its condition with it.
+        "conditions": [c for c in merged if pool is not None or c["type"] != INFERENCE_POOL],
     }
+
+
+INFERENCE_POOL = "InferencePoolReady"
 
 
 def failed_status(*, previous: dict, generation: int, reason: str, message: str, now: str) -> dict:

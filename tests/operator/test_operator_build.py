@@ -130,6 +130,63 @@ def test_user_env_resources_node_selector_and_tolerations_reach_the_pod():
     assert workload["spec"]["template"]["spec"]["tolerations"] == [toleration]
 
 
+def test_pod_fields_reach_every_pod_beside_the_operators_own():
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}}
+    spread = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway",
+               "labelSelector": {"matchLabels": {names.DEPLOYMENT_LABEL: "chat"}}}]
+    for parallelism, kind, name in (({}, "Deployment", "chat"), ({"tensor": 8, "pipeline": 2}, "StatefulSet", "chat-0")):
+        obj = make_sdep(
+            parallelism=parallelism, affinity=affinity, topologySpreadConstraints=spread,
+            priorityClassName="inference", runtimeClassName="nvidia", serviceAccountName="engine",
+            imagePullSecrets=[{"name": "registry"}], podLabels={"team": "ml"}, podAnnotations={"owner": "ml"},
+            podSecurityContext={"runAsNonRoot": True, "fsGroup": 1000},
+            securityContext={"allowPrivilegeEscalation": False},
+            volumes=[{"name": "cache", "emptyDir": {}}], volumeMounts=[{"name": "cache", "mountPath": "/cache"}],
+        )
+        obj["spec"]["model"]["source"] = "hf://org/model"
+        template = children(obj)[(kind, name)]["spec"]["template"]
+        pod = template["spec"]
+        assert pod["affinity"] == affinity and pod["topologySpreadConstraints"] == spread
+        assert pod["priorityClassName"] == "inference" and pod["runtimeClassName"] == "nvidia"
+        assert pod["serviceAccountName"] == "engine" and "automountServiceAccountToken" not in pod
+        assert pod["imagePullSecrets"] == [{"name": "registry"}]
+        assert pod["securityContext"] == {"runAsNonRoot": True, "fsGroup": 1000}
+        assert template["metadata"]["labels"]["team"] == "ml"
+        assert template["metadata"]["labels"][names.DEPLOYMENT_LABEL] == "chat"
+        assert template["metadata"]["annotations"]["owner"] == "ml"
+        assert names.ADMIN_TOKEN_DIGEST in template["metadata"]["annotations"]
+        assert [v["name"] for v in pod["volumes"]] == ["dshm", "model", "cache"]
+        assert {"name": "cache", "mountPath": "/cache"} in engine({"spec": {"template": template}})["volumeMounts"]
+        for container in pod["containers"] + pod["initContainers"]:
+            assert container["securityContext"] == {"allowPrivilegeEscalation": False}
+
+
+def test_a_pod_without_a_service_account_mounts_no_token():
+    pod = children(make_sdep())[("Deployment", "chat")]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert not {"affinity", "priorityClassName", "serviceAccountName", "securityContext"} & set(pod)
+
+
+def test_an_inference_pool_selects_the_serving_pods_where_the_cluster_serves_the_api():
+    obj = make_sdep(gateway={"inferencePool": True, "endpointPicker": {"name": "chat-epp"}})
+    assert ("InferencePool", "chat") not in children(obj)  # the CRD is not installed
+    pool = {(c["kind"], c["metadata"]["name"]): c for c in build.plan(
+        obj, obj["spec"], token=TOKEN, desired=settings.desired(obj["spec"], {}), existing={},
+        inference_pools=True)}[("InferencePool", "chat")]
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    assert pool["spec"] == {
+        "selector": {"matchLabels": names.serving_selector("chat", layout(obj["spec"]["parallelism"]))},
+        "targetPorts": [{"number": 8000}],
+        "endpointPickerRef": {"kind": "Service", "name": "chat-epp", "port": {"number": 9002}, "failureMode": "FailClose"},
+    }
+    multi = make_sdep(parallelism={"tensor": 8, "pipeline": 2}, gateway={"inferencePool": True})
+    [pool] = [c for c in build.plan(multi, multi["spec"], token=TOKEN, desired=settings.desired(multi["spec"], {}),
+                                    existing={}, inference_pools=True) if c["kind"] == "InferencePool"]
+    assert pool["spec"]["selector"]["matchLabels"][names.POD_INDEX_LABEL] == "0"  # rank 0 serves
+    assert "endpointPickerRef" not in pool["spec"]
+
+
 def test_deployment_rolls_without_losing_capacity():
     strategy = children(make_sdep())[("Deployment", "chat")]["spec"]["strategy"]
     assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}

@@ -66,7 +66,7 @@ def test_every_cel_rule_names_a_field_in_its_message():
             walk(child)
 
     walk(SPEC)
-    assert len(rules) == 5
+    assert len(rules) == 6
     for rule in rules:
         assert rule["message"].startswith("spec."), rule
 

@@ -87,3 +87,37 @@ def test_resources_must_not_set_gpus():
 def test_all_problems_are_reported_at_once():
     spec = make_sdep(env=[{"name": "WORLD_SIZE", "value": "2"}], engine={"extraArgs": ["--dtype=float16"]})["spec"]
     assert len(validate("Bad", spec)) == 3
+
+
+def test_the_image_defaults_to_the_operators_engine_image_and_is_required_without_one():
+    raw = {"model": {"name": "m", "source": "smollm2-135m-instruct"}}
+    assert with_defaults(raw, "registry.example/engine:2")["image"] == "registry.example/engine:2"
+    assert with_defaults({**raw, "image": "mine:1"}, "registry.example/engine:2")["image"] == "mine:1"
+    [problem] = validate("chat", with_defaults(raw))
+    assert problem.startswith("spec.image is not set and the operator has no default engine image")
+
+
+def test_pod_labels_and_annotations_must_leave_the_operators_own_alone():
+    spec = make_sdep(podLabels={"team": "ml", "serving.sarathi.dev/deployment": "other",
+                                "app.kubernetes.io/instance": "x"},
+                     podAnnotations={"prometheus.io/scrape": "true", "serving.sarathi.dev/engine-settings": "{}"})["spec"]
+    assert validate("chat", spec) == [
+        "spec.podLabels must not set app.kubernetes.io/instance, serving.sarathi.dev/deployment: "
+        "the operator selects its pods by them",
+        "spec.podAnnotations must not set serving.sarathi.dev/engine-settings: "
+        "the operator owns the serving.sarathi.dev/ annotations",
+    ]
+
+
+def test_extra_volumes_and_mounts_must_not_collide_with_the_operators():
+    spec = make_sdep(
+        volumes=[{"name": "model", "emptyDir": {}}, {"name": "cache", "emptyDir": {}}],
+        volumeMounts=[{"name": "cache", "mountPath": "/cache"}, {"name": "missing", "mountPath": "/x"},
+                      {"name": "cache", "mountPath": "/models/extra"}, {"name": "cache", "mountPath": "/dev"}],
+    )["spec"]
+    assert validate("chat", spec) == [
+        "spec.volumes must not be named model: the operator's own volumes",
+        "spec.volumeMounts[1] mounts volume 'missing', which spec.volumes does not define",
+        "spec.volumeMounts[2].mountPath '/models/extra' overlaps /models, where the operator mounts its own volume",
+        "spec.volumeMounts[3].mountPath '/dev' overlaps /dev/shm, where the operator mounts its own volume",
+    ]

@@ -2,8 +2,8 @@ import pytest
 
 from sarathi_operator.rollout import ReplicaGroup
 from sarathi_operator.status import (
-    Observation, compute_status, failed_status, merge_conditions, observe_deployment, observe_statefulsets,
-    phase, transition_event,
+    INFERENCE_POOL, Observation, compute_status, failed_status, inference_pool_check, merge_conditions,
+    observe_deployment, observe_statefulsets, phase, transition_event,
 )
 
 T0, T1 = "2025-01-01T00:00:00Z", "2025-01-01T00:01:00Z"
@@ -142,3 +142,20 @@ def test_events_on_phase_changes_and_new_failures_only():
     assert transition_event(ready, failed) == ("Warning", "Failed", "one")
     assert transition_event(failed, again) is None
     assert transition_event(failed, other) == ("Warning", "Failed", "two")
+
+
+def test_an_inference_pool_has_its_own_condition_while_the_spec_asks_for_one():
+    def conditions(previous, pool):
+        observation = Observation(replicas=1, ready=1, rolling=False, token_budget=512, inference_pool=pool)
+        return compute_status(previous=previous, generation=1, desired=1, obs=observation, selector="s", now=T0)
+
+    missing = conditions({}, inference_pool_check("chat", served=False))
+    assert missing["phase"] == "Ready"  # the engines still serve through their Service
+    [cond] = [c for c in missing["conditions"] if c["type"] == INFERENCE_POOL]
+    assert (cond["status"], cond["reason"]) == ("False", "CRDNotInstalled")
+    assert "spec.gateway.inferencePool" in cond["message"]
+    created = conditions(missing, inference_pool_check("chat", served=True))
+    [cond] = [c for c in created["conditions"] if c["type"] == INFERENCE_POOL]
+    assert (cond["status"], cond["reason"]) == ("True", "Created")
+    dropped = conditions(created, None)
+    assert INFERENCE_POOL not in {c["type"] for c in dropped["conditions"]}

@@ -60,6 +60,10 @@ test keeps them equal), granted cluster-wide or in each watched namespace.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, update, patch]
+# The Gateway API Inference Extension's pool over the serving pods, where its CRD is installed.
+- apiGroups: [inference.networking.k8s.io]
+  resources: [inferencepools]
+  verbs: [get, list, create, update, patch, delete]
 # The admin token Secret is read by name, never listed or watched.
 - apiGroups: [""]
   resources: [secrets]
