@@ -95,3 +95,29 @@ def test_decodes_alone_over_the_slo_hold_the_margin_and_report_it_until_it_clear
 def test_the_state_round_trips_through_the_status_verbatim():
     state = LoopState(margin=0.6734, infeasible=True)
     assert LoopState.from_status(state.to_status()) == state
+
+
+def test_replica_scaling_on_the_load_and_the_loop_on_p99_do_not_fight():
+    """A scaler sets replicas from the request rate each serves while the loop sets the margin from
+    P99. A replica serves up to `capacity x margin^0.5` requests/s (a tighter margin cuts prefill);
+    the scaler aims each at 80% of what it serves. While their planner limits prefill, P99 = bias x
+    margin x SLO whatever the load, so the margin settles where the bias puts it and a load ramp up
+    and down moves only the replicas, once each way."""
+    bias, capacity = 1.5, 1.0
+    rng = np.random.default_rng(3)
+    state, replicas = LoopState(), 1
+    margins, counts = [], []
+    for load in np.concatenate([np.linspace(0.5, 6, 60), np.full(40, 6.0), np.linspace(6, 1, 60)]):
+        p99 = bias * state.margin * CONFIG.slo * rng.uniform(0.9, 1.1)
+        _, state = step(state, planned(p99), CONFIG)
+        per_replica = capacity * state.margin ** 0.5
+        desired = int(np.ceil(load / (0.8 * per_replica)))
+        if abs(desired - replicas) / replicas > 0.1:  # the HPA's tolerance
+            replicas = desired
+        margins.append(state.margin)
+        counts.append(replicas)
+    ideal = CONFIG.aim / bias
+    assert (np.abs(np.array(margins[10:]) / ideal - 1) < 0.15).all()  # the margin ignores the replicas
+    assert max(counts) == int(np.ceil(6 / (0.8 * capacity * ideal ** 0.5))) and counts[-1] < max(counts)
+    moves = np.sign([b - a for a, b in zip(counts, counts[1:]) if b != a])
+    assert np.count_nonzero(np.diff(moves)) == 1  # up while the load rises, down while it falls: no see-saw
