@@ -4,8 +4,8 @@ is returned for the caller to apply and record: in the operator the reconciler p
 margin (settings.py) and record.py writes the status; `sarathi autotune` pushes it itself.
 
 A window runs from the last pass whose window held enough token gaps to now, so a quiet spell
-widens it (up to KEEP_INTERVALS intervals) until it holds enough, and no gap produced under an
-older margin or SLO counts for a newer one (a new SLO starts a new window).
+widens it (up to window_reach) until it holds enough, and no gap produced under an older margin
+or SLO counts for a newer one (a new SLO starts a new window).
 """
 
 from dataclasses import dataclass
@@ -15,8 +15,15 @@ import aiohttp
 from . import fetch, loop
 from .aggregate import Scrapes, Window, summarize
 
-# Scrapes older than this many intervals are dropped: the longest a window can grow.
-KEEP_INTERVALS = 5
+KEEP_INTERVALS = 5  # a window may always reach back this many intervals
+
+
+def window_reach(interval: float, config: loop.LoopConfig) -> float:
+    """How far back a window may reach, in seconds (older scrapes are dropped): KEEP_INTERVALS
+    intervals, or twice the time a busy engine takes to run min_samples iterations at the SLO's
+    pace, whichever is longer. An iteration may take up to the SLO, so at a one-second SLO the
+    200 samples a window needs take 200 s, which five 10 s intervals can never hold."""
+    return max(KEEP_INTERVALS * interval, 2 * config.min_samples * config.slo)
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class Tuner:
 
     def __init__(self, state: loop.LoopState, interval: float):
         self.state = state
+        self.interval = interval
         self.scrapes = Scrapes(keep_seconds=KEEP_INTERVALS * interval)
         self.window_start: float | None = None
         self.slo: float | None = None  # the SLO the window is measured against
@@ -43,6 +51,7 @@ class Tuner:
         """engines: {key: base URL} of every engine that serves now."""
         scraped = await fetch.scrape_all(session, engines)
         snapshots = {s.key: s.snapshot for s in scraped if s.snapshot is not None}
+        self.scrapes.keep_seconds = window_reach(self.interval, config)
         self.scrapes.add(now, snapshots)
         if self.window_start is None or config.slo != self.slo:
             self.window_start, self.slo = now, config.slo

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from sarathi_operator.autotune.aggregate import Histogram, Scrapes, Snapshot, increase, parse, summarize
+from sarathi_operator.autotune.loop import LoopConfig, LoopState, step
+from sarathi_operator.autotune.tuner import window_reach
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRUTH = json.loads((FIXTURES / "truth.json").read_text())
@@ -116,3 +118,22 @@ def test_the_window_summary():
     assert (observed.tbt_samples, observed.iterations, observed.limited) == (
         w.tbt_samples, int(w.iterations.count), served.limited)
     assert summarize(Snapshot(), 0, 0).request_rate == 0.0
+
+
+def test_a_window_reaches_back_far_enough_to_gather_its_samples_at_the_slos_pace():
+    """At a 1 s SLO an engine may run one iteration a second: scraped every 10 s, five intervals
+    never hold the 200 samples a window needs; the reach the SLO implies does, and the loop acts."""
+    config = LoopConfig(slo=1.0)
+    assert window_reach(10, config) == 400 and window_reach(30, LoopConfig(slo=0.05)) == 150
+    bounds = (0.5, 1.0, 2.0, math.inf)
+
+    def engine_at(t: int) -> Snapshot:  # one 0.9 s iteration a second, no token gaps
+        return Snapshot(iteration_seconds=Histogram(bounds, (0.0, t, t, t)), limited=t // 2)
+
+    for keep, acts in ((5 * 10, False), (window_reach(10, config), True)):
+        scrapes, state, acted = Scrapes(keep_seconds=keep), LoopState(), False
+        for t in range(0, 300, 10):
+            scrapes.add(t, {"x": engine_at(t)})
+            decision, state = step(state, summarize(*scrapes.increase_since(0)).observed(), config)
+            acted = acted or decision.acted
+        assert acted is acts
