@@ -119,11 +119,13 @@ def build_load(phases: list[Phase], rates: dict[str, float], scale: float, max_m
 
 
 async def prefill_rate(url: str, model: str, tokens: int = 512) -> float:
-    """Prompt tokens per second of one prefill on an idle engine (the better of two)."""
-    payload = {"model": model, "prompt": list(range(1000, 1000 + tokens)), "max_tokens": 1}
+    """Prompt tokens per second of one prefill on an idle engine (the better of two, each of its
+    own tokens: a repeated prompt would come from the prefix cache)."""
     best = float("inf")
     async with loadgen.client_session(300) as session:
-        for _ in range(2):
+        for attempt in range(2):
+            first = 1000 + attempt * tokens
+            payload = {"model": model, "prompt": list(range(first, first + tokens)), "max_tokens": 1}
             started = time.monotonic()
             async with session.post(url + "/v1/completions", json=payload) as response:
                 response.raise_for_status()

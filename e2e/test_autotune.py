@@ -134,12 +134,13 @@ def iterations_over(ip: str, tokens: float) -> float:
     return buckets[float("inf")] - buckets[tokens]
 
 
-def long_prompt(ip: str, tokens: int = 2 * CAP - 24) -> None:
-    """One prompt longer than the cap, one output token."""
+def long_prompt(ip: str, first: int, tokens: int = 2 * CAP - 24) -> None:
+    """One prompt longer than the cap, one output token; `first`, its first token id, makes each
+    call's prompt its own (a repeated one would come from the prefix cache)."""
     async def send():
         async with loadgen.client_session(120) as session:
             record = await loadgen.stream_completion(
-                session, f"http://{ip}:8000", loadgen.completion_payload(NAME, list(range(3000, 3000 + tokens)), 1, False),
+                session, f"http://{ip}:8000", loadgen.completion_payload(NAME, list(range(first, first + tokens)), 1, False),
                 loadgen.RequestRecord(0, tokens, 1, 0.0))
             assert record.ok, record.error
 
@@ -232,7 +233,7 @@ def test_the_engines_plan_for_the_slo_and_the_outer_loop_corrects_the_margin(k, 
                    timeout=4 * INTERVAL)
         limited = engine_metrics(ip).limited
         # A prompt twice the cap: at the cap its chunks alone would take P99 past the SLO.
-        long_one = threading.Thread(target=long_prompt, args=(ip,))
+        long_one = threading.Thread(target=long_prompt, args=(ip, 3000))
         long_one.start()
         timeline.append(f"SLO tightened to {tight} ms; a {2 * CAP - 24}-token prompt sent")
         acted: set[str] = set()
@@ -279,7 +280,7 @@ def test_the_engines_plan_for_the_slo_and_the_outer_loop_corrects_the_margin(k, 
         wait_until("the relaxed SLO on the engine", lambda: engine_metrics(ip).settings["tbt_slo_ms"] == relaxed,
                    timeout=4 * INTERVAL)
         full = iterations_over(ip, CAP * 0.75)
-        long_prompt(ip)
+        long_prompt(ip, 6000)
         assert iterations_over(ip, CAP * 0.75) > full, "no iteration held more than 3/4 of the cap"
         st = wait_status(k, namespace, "two windows at the relaxed SLO",
                          lambda s: window_after(s, relaxed_at + INTERVAL), timeout=12 * INTERVAL)

@@ -89,7 +89,8 @@ def test_target_server_args_name_policy_budget_and_context():
     args = server_args(plan, SimpleNamespace(policy="orca", token_budget=256))
     assert args[args.index("--policy") + 1] == "orca" and args[args.index("--token-budget") + 1] == "256"
     assert args[args.index("--max-model-len") + 1] == "512" and args[-2:] == ["--kv-cache-memory", "2GiB"]
-    build_parser().parse_args(["serve", *args])  # sarathi serve accepts every one of them
+    parsed = build_parser().parse_args(["serve", *args])  # sarathi serve accepts every one of them
+    assert parsed.prefix_caching is False  # the probes resend one workload's prompts
 
 
 def test_doc_sections_are_replaced_in_place_and_new_ones_appended(tmp_path):

@@ -95,8 +95,10 @@ def source_commit() -> str | None:
 
 
 def server_args(plan: Plan, target: Target) -> list[str]:
+    # Every probe of a target sends the same workload's prompts: with prefix caching on, the later
+    # probes would find them cached and measure a capacity no new traffic sees.
     return ["--model", plan.model, "--policy", target.policy, "--token-budget", str(target.token_budget),
-            "--max-model-len", str(plan.workload.max_model_len), *plan.server_args]
+            "--max-model-len", str(plan.workload.max_model_len), "--no-prefix-caching", *plan.server_args]
 
 
 @contextlib.asynccontextmanager

@@ -285,8 +285,9 @@ class OursAdapter:
 def worker(spec: dict) -> None:
     from sarathi_engine import LLM
 
+    # Prefix caching off, as vLLM's side of the comparison runs (speed_vllm.py): the repeats reuse prompts.
     llm = LLM(spec["model"], dtype=spec["dtype"], token_budget=spec["budget"], max_model_len=spec["max_model_len"],
-              max_num_seqs=spec["max_num_seqs"], kv_cache_memory="4GiB")
+              max_num_seqs=spec["max_num_seqs"], kv_cache_memory="4GiB", prefix_caching=False)
     results = run_cells(OursAdapter(llm.engine), spec["cells"], spec["repeats"],
                         progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(RESULTS_MARK + json.dumps({"results": results}), flush=True)
@@ -313,7 +314,7 @@ def offline_worker(spec: dict) -> None:
     prompts, outputs = serving_mix(spec["requests"])
     llm = LLM(spec["model"], dtype=spec.get("dtype", "bfloat16"), token_budget=spec["budget"],
               max_model_len=SERVING_MIX["max_model_len"],
-              kv_cache_memory="4GiB")
+              kv_cache_memory="4GiB", prefix_caching=False)  # every repeat sends the same prompts
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in outputs]
     figures = []
     for _ in range(spec["repeats"]):
@@ -335,7 +336,7 @@ def served_throughput(model_dir: Path, dtype: str, requests: int, budget: int, r
     prompts, outputs = serving_mix(requests)
     server = ServerProcess(["--model", str(model_dir), "--served-model-name", "speed", "--dtype", dtype,
                             "--token-budget", str(budget), "--max-model-len", str(SERVING_MIX["max_model_len"]),
-                            "--kv-cache-memory", "4GiB"])
+                            "--kv-cache-memory", "4GiB", "--no-prefix-caching"])  # as offline: repeats reuse prompts
     server.start()
     figures = []
     try:
