@@ -5,17 +5,22 @@
    it as processes of this checkout (there is no container runtime here),
 3. the operator installed by the Helm chart, watching namespace `sarathi-demo`; its pod runs
    on the runner too, as its own ServiceAccount,
-4. a SarathiDeployment of the bundled SmolLM2-135M-Instruct on CPU,
-5. a question through the OpenAI API of its engine, then its status.
+4. a SarathiDeployment of the bundled SmolLM2-135M-Instruct on CPU, in the operator's default
+   engine image, its API behind a key the demo keeps in a Secret,
+5. a question through the OpenAI API of its engine with that key, then its status.
 
 Everything is left running so it can be explored; `make demo-down` (`python -m e2e.demo down`)
 removes the deployment and the operator, stops the pod runner with its processes, and stops
 the cluster.
 """
 
+import base64
 import json
 import os
+import secrets
 import subprocess
+import urllib.error
+import urllib.request
 import sys
 import time
 from pathlib import Path
@@ -33,6 +38,8 @@ NAMESPACE = "sarathi-demo"
 RELEASE = "sarathi-operator"
 NODE = "demo-runner"
 NAME = "chat"
+API_KEY_SECRET = "chat-api-key"
+ENGINE_IMAGE = "sarathi-engine:0.1.0"  # the pod runner runs this checkout in its place
 QUESTION = "What is the capital of France?"
 READY_TIMEOUT = 600
 
@@ -68,9 +75,9 @@ def deployment_manifest() -> dict:
         "apiVersion": "serving.sarathi.dev/v1alpha1",
         "kind": "SarathiDeployment",
         "metadata": {"name": NAME, "namespace": NAMESPACE},
-        "spec": {
-            "image": "sarathi-engine:0.1.0",  # the pod runner runs this checkout in its place
+        "spec": {  # no image: the operator's engine image (chart_values)
             "model": {"name": NAME, "source": "smollm2-135m-instruct"},
+            "auth": {"apiKeySecret": {"name": API_KEY_SECRET, "key": "key"}},
             "replicas": 1,
             "engine": {"tokenBudget": 512, "maxModelLen": 2048,
                        "extraArgs": ["--device", "cpu", "--kv-cache-memory", "256MiB"]},
@@ -83,7 +90,18 @@ def deployment_manifest() -> dict:
 
 def chart_values() -> dict:
     node_selector, tolerations = pod_placement(NODE)
-    return {"watchNamespaces": [NAMESPACE], "nodeSelector": node_selector, "tolerations": tolerations}
+    return {"watchNamespaces": [NAMESPACE], "engineImage": ENGINE_IMAGE, "nodeSelector": node_selector,
+            "tolerations": tolerations}
+
+
+def api_key(tools: Tools) -> str:
+    """The key in the demo's Secret, made once: running pods read it when they started."""
+    found = tools.kubectl("get", "secret", API_KEY_SECRET, "-n", NAMESPACE, "-o", "json", "--ignore-not-found")
+    if found.strip():
+        return base64.b64decode(json.loads(found)["data"]["key"]).decode()
+    key = secrets.token_urlsafe(24)
+    tools.kubectl("create", "secret", "generic", API_KEY_SECRET, "-n", NAMESPACE, f"--from-literal=key={key}")
+    return key
 
 
 def wait_ready(tools: Tools, status) -> dict:
@@ -105,10 +123,18 @@ def describe_status(status: dict) -> str:
     return "\n".join(lines)
 
 
-def ask(pod_ip: str) -> str:
+def status_without_key(pod_ip: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{pod_ip}:8000/v1/models", timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def ask(pod_ip: str, key: str) -> str:
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"http://{pod_ip}:8000/v1", api_key="unused", timeout=120)
+    client = OpenAI(base_url=f"http://{pod_ip}:8000/v1", api_key=key, timeout=120)
     reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTION}],
                                            max_tokens=32, temperature=0)
     return reply.choices[0].message.content
@@ -127,14 +153,19 @@ def up() -> int:
                                                               "metadata": {"name": NAMESPACE}}))
         tools.run("helm", "upgrade", "--install", RELEASE, str(CHART), "-n", NAMESPACE, "-f", "-",
                   "--wait", "--timeout", "5m", input=yaml.safe_dump(chart_values()))
+    with step(f"API key in Secret {API_KEY_SECRET}"):
+        key = api_key(tools)
     with step(f"SarathiDeployment {NAME} (smollm2-135m-instruct on CPU) Ready") as status:
         tools.kubectl("apply", "-f", "-", input=json.dumps(deployment_manifest()))
         wait_ready(tools, status)
     [pod] = [p for p in tools.json("get", "pods", "-n", NAMESPACE, "-l", f"serving.sarathi.dev/deployment={NAME}")["items"]
              if "deletionTimestamp" not in p["metadata"]]
-    with step(f"a request to the engine at {pod['status']['podIP']}:8000"):
-        answer = ask(pod["status"]["podIP"])
+    with step(f"a request to the engine at {pod['status']['podIP']}:8000 with the API key"):
+        answer = ask(pod["status"]["podIP"], key)
+        refused = status_without_key(pod["status"]["podIP"])
     print(f"\nQ: {QUESTION}\nA: {answer}\n")
+    print(f"API key (Secret {API_KEY_SECRET}, spec.auth.apiKeySecret): sent as 'Authorization: Bearer {key}'; "
+          f"/v1/models without it answered {refused}\n")
     print(tools.kubectl("get", "sdep,pods", "-n", NAMESPACE, "-o", "wide"))
     print(describe_status(tools.json("get", "sdep", NAME, "-n", NAMESPACE)["status"]) + "\n")
     say(f"""Left running for you to explore:
@@ -142,6 +173,7 @@ def up() -> int:
   export PATH={build.bin_dir()}:$PATH
   kubectl get sdep,pods -n {NAMESPACE} -o wide
   curl http://{pod['status']['podIP']}:8000/metrics | grep sarathi_token_budget
+  curl http://{pod['status']['podIP']}:8000/v1/models -H 'Authorization: Bearer {key}'
   kubectl patch sdep {NAME} -n {NAMESPACE} --type merge -p '{{"spec":{{"engine":{{"tokenBudget":256}}}}}}'
 Pod output: .cache/podrunner/{NODE}/<namespace>_<pod>_<uid>/container.log
 Clean up (deployment, operator, pod runner and its processes, cluster): make demo-down""")

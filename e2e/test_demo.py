@@ -17,7 +17,8 @@ def test_demo_deployment_is_accepted_by_the_api_server_and_the_operator(k, scrat
     manifest["metadata"]["namespace"] = scratch_namespace
     result = k.run("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(manifest), check=False)
     assert result.returncode == 0, result.stderr
-    assert validate(manifest["metadata"]["name"], with_defaults(manifest["spec"])) == []
+    assert "image" not in manifest["spec"]  # the operator's engine image, from the chart's values
+    assert validate(manifest["metadata"]["name"], with_defaults(manifest["spec"], demo.chart_values()["engineImage"])) == []
 
 
 def test_demo_chart_values_pass_the_charts_schema(helm, tmp_path):  # noqa: F811
