@@ -18,6 +18,7 @@ settings its pods start with are then written in.
 """
 
 import base64
+import copy
 import hashlib
 import json
 
@@ -295,7 +296,7 @@ def build_pod_template(sdep: dict, spec: dict, lay: Layout, admin_digest: str, r
     }
     if init_containers:
         pod_spec["initContainers"] = init_containers
-    pod_spec.update(_scheduling_fields(spec))
+    pod_spec.update(_pod_fields(spec))
     if "serviceAccountName" not in pod_spec:
         pod_spec["automountServiceAccountToken"] = False  # the engine never calls the Kubernetes API
     return {
@@ -318,12 +319,13 @@ POD_FIELDS = {"nodeSelector": "nodeSelector", "tolerations": "tolerations", "aff
               "imagePullSecrets": "imagePullSecrets", "podSecurityContext": "securityContext"}
 
 
-def _scheduling_fields(spec: dict) -> dict:
-    return {field: json.loads(json.dumps(spec[key])) for key, field in POD_FIELDS.items() if spec.get(key)}
+def _pod_fields(spec: dict) -> dict:
+    return {field: copy.deepcopy(spec[key]) for key, field in POD_FIELDS.items() if spec.get(key)}
 
 
 def _security_context(spec: dict) -> dict:
-    return {"securityContext": json.loads(json.dumps(spec["securityContext"]))} if spec.get("securityContext") else {}
+    """The container's securityContext, for the engine and the model download step alike."""
+    return {"securityContext": copy.deepcopy(spec["securityContext"])} if spec.get("securityContext") else {}
 
 
 def _engine_env(name: str, lay: Layout, replica: int | None) -> list[dict]:
