@@ -25,6 +25,16 @@ def computed(blocks: BlockManager, s: Sequence) -> None:
     blocks.register_computed(s)
 
 
+def admitted_after_a_first(blocks: BlockManager, prompt: list[int], **params) -> Sequence:
+    """A second sequence of `prompt`, admitted once a first one of it has been computed."""
+    first = seq("first", prompt)
+    blocks.admit(first, keep_watermark=False)
+    computed(blocks, first)
+    second = seq("second", prompt, **params)
+    blocks.admit(second, keep_watermark=False)
+    return second
+
+
 def test_a_sequence_reuses_the_full_blocks_another_computed_and_computes_only_the_rest():
     blocks = BlockManager(20, BS, watermark=0.0)
     shared = list(range(100, 140))  # two full blocks and 8 tokens
@@ -45,12 +55,7 @@ def test_a_sequence_reuses_the_full_blocks_another_computed_and_computes_only_th
 
 def test_the_last_token_is_always_computed_so_its_logits_exist():
     blocks = BlockManager(20, BS, watermark=0.0)
-    prompt = list(range(100, 132))  # exactly two blocks
-    first = seq("a", prompt)
-    blocks.admit(first, keep_watermark=False)
-    computed(blocks, first)
-    again = seq("b", prompt)
-    blocks.admit(again, keep_watermark=False)
+    again = admitted_after_a_first(blocks, list(range(100, 132)))  # exactly two blocks
     assert again.num_computed_tokens == 16 and again.num_uncomputed == 16
 
 
@@ -121,24 +126,14 @@ def test_admission_counts_the_free_cached_blocks_it_revives_against_the_free_one
 
 def test_without_prefix_caching_nothing_is_reused_or_counted():
     blocks = BlockManager(20, BS, watermark=0.0, prefix_caching=False)
-    prompt = list(range(100, 150))
-    first = seq("a", prompt)
-    blocks.admit(first, keep_watermark=False)
-    computed(blocks, first)
-    second = seq("b", prompt)
-    blocks.admit(second, keep_watermark=False)
+    second = admitted_after_a_first(blocks, list(range(100, 150)))
     assert second.num_computed_tokens == 0 and blocks.num_cached_blocks == 0
     assert blocks.prefix_queries == blocks.prefix_hits == 0
 
 
 def test_a_request_for_prompt_logprobs_computes_its_whole_prompt():
     blocks = BlockManager(20, BS, watermark=0.0)
-    prompt = list(range(100, 150))
-    first = seq("a", prompt)
-    blocks.admit(first, keep_watermark=False)
-    computed(blocks, first)
-    scored = seq("b", prompt, prompt_logprobs=1)
-    blocks.admit(scored, keep_watermark=False)
+    scored = admitted_after_a_first(blocks, list(range(100, 150)), prompt_logprobs=1)
     assert scored.num_computed_tokens == 0
 
 
