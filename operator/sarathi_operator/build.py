@@ -30,8 +30,8 @@ from .spec import GPU_RESOURCE, MODEL_DIR, OPERATOR_VOLUMES, Layout, layout, mod
 TERMINATION_GRACE_SECONDS = 120
 
 
-def plan(sdep: dict, spec: dict, *, token: str, desired: dict, existing: dict[str, dict],
-         inference_pools: bool = False) -> list[dict]:
+def children(sdep: dict, spec: dict, *, token: str, desired: dict, existing: dict[str, dict],
+             inference_pools: bool = False) -> list[dict]:
     """Every child of the resource, workloads last. desired: the live settings (settings.py);
     existing: the workloads there are, by name (their pods keep the settings they started with
     while nothing else in their template changes); inference_pools: the cluster serves

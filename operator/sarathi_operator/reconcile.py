@@ -1,11 +1,11 @@
 """One reconcile pass over a SarathiDeployment, and the per-resource serialisation of passes.
 
-A pass is level-triggered and idempotent: read the resource, validate it, apply the plan
-(build.py) with server-side apply, prune children the plan no longer holds, restart the next
-stale multi-pod replica (rollout.py), push changed live settings to the running engines
-(settings.py: the one path for the spec's token budget and the autotuner's SLO margin), and
-write a status that matches what it saw (status.py). Every trigger (create,
-update, resume, a child's change, the periodic resync) runs the same pass.
+A pass is level-triggered and idempotent, in three steps: `observe` reads the resource, its
+labelled children and its pods; `plan.plan` decides, without I/O, what to apply, prune, restart
+and push, and the status; `execute` carries that out with server-side apply, deletes, pushes of
+the live settings to the running engines (settings.py: the one path for the spec's token budget
+and the autotuner's SLO margin), and writes the status. Every trigger (create, update, resume, a
+child's change, the periodic resync) runs the same pass.
 """
 
 import asyncio
@@ -18,16 +18,14 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import aiohttp
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter, Histogram
 
-from . import admin, build, names, pods, rollout, settings, status
-from .autotune import record as autotune_record
+from . import admin, names, plan, settings, status
 from .kube import Kube
-from .spec import API_VERSION, KIND, layout, validate, with_defaults
+from .spec import API_VERSION, KIND
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +34,9 @@ RECONCILE_SECONDS = Histogram(
 )
 RECONCILE_ERRORS = Counter("sarathi_operator_reconcile_errors_total", "Reconcile passes that raised")
 
-# Children that can fall out of the plan (scale-down of multi-pod replicas, a layout change),
-# besides an InferencePool where the cluster serves them.
-_PRUNABLE = (("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"), ("v1", "Service"))
-_WORKLOADS = ("Deployment", "StatefulSet")
-
 
 class ChildRejected(Exception):
     """The API server refused a child as invalid: the spec cannot be applied as it is."""
-
-
-@dataclass
-class Converged:
-    token: str
-    desired: dict  # the live settings every serving engine should run
-    observed: tuple[int, int, bool]  # replicas, ready, rolling
-    serving_pods: list[dict]
-    pod_problems: list[str]
-    inference_pool: status.Check | None  # when the spec asks for one
 
 
 def now() -> str:
@@ -111,101 +94,64 @@ class Reconciler:
                         log.exception("resync of %s/%s failed", meta["namespace"], meta["name"])
 
     async def _pass(self, namespace: str, name: str) -> None:
-        sdep = await asyncio.to_thread(self.kube.get, API_VERSION, KIND, namespace, name)
-        if sdep is None or "deletionTimestamp" in sdep["metadata"]:
+        world = await asyncio.to_thread(self.observe, namespace, name)
+        if world is None:
             return
-        spec = with_defaults(sdep["spec"], self.engine_image)
-        if spec["autotune"]["enabled"] and self.on_autotune:
+        decided = plan.plan(world, engine_image=self.engine_image, fresh_token=secrets.token_urlsafe(32), now=now())
+        if decided.spec["autotune"]["enabled"] and self.on_autotune:
             self.on_autotune(namespace, name)
-        problems = validate(name, spec)
-        if problems:
-            await self._write_status(sdep, self._failed(sdep, "InvalidSpec", "; ".join(problems)))
+        await self.execute(world, decided)
+
+    def observe(self, namespace: str, name: str) -> plan.World | None:
+        """The resource, its admin token, its labelled children and its engine pods (blocking
+        reads, independent ones at once); None when it is gone or going."""
+        sdep = self.kube.get(API_VERSION, KIND, namespace, name)
+        if sdep is None or "deletionTimestamp" in sdep["metadata"]:
+            return None
+        secret = self._pool.submit(self.kube.get, "v1", "Secret", namespace, names.admin_secret(name))
+        engine_pods = self._pool.submit(self.kube.select, "v1", "Pod", namespace, names.pod_selector(name))
+        pools_served = self.kube.serves(*plan.INFERENCE_POOL_KIND)
+        kinds = plan.prunable(pools_served)
+        listed = self._pool.map(lambda kind: self.kube.select(*kind, namespace, {names.DEPLOYMENT_LABEL: name}), kinds)
+        return plan.World(
+            sdep=sdep,
+            admin_token=_token(secret.result()),
+            pools_served=pools_served,
+            labelled={kind: children for (_, kind), children in zip(kinds, listed)},
+            engine_pods=engine_pods.result(),
+        )
+
+    async def execute(self, world: plan.World, decided: plan.Plan) -> None:
+        """Applies, prunes, restarts and pushes what the plan says, then writes its status."""
+        sdep = world.sdep
+        if decided.inputs is None:
+            await self._write_status(sdep, decided.status)
             return
         try:
-            converged = await asyncio.to_thread(self._converge, sdep, spec)
+            await asyncio.to_thread(self._converge, sdep, decided)
         except ChildRejected as e:
-            await self._write_status(sdep, self._failed(sdep, "ChildRejected", str(e)))
+            rejected = plan.failed(world, decided.spec, "ChildRejected", str(e), now())
+            await self._write_status(sdep, rejected.status)
             return
-        pending = await self._push_settings(sdep, converged)
-        previous = sdep.get("status", {})
-        replicas, ready, rolling = converged.observed
-        obs = status.Observation(
-            replicas=replicas,
-            ready=ready,
-            rolling=rolling,
-            token_budget=settings.budget_in_force(
-                converged.serving_pods, previous.get("tokenBudget"), converged.desired["token_budget"]
-            ),
-            settings_pending=pending,
-            pod_problems=converged.pod_problems,
-            inference_pool=converged.inference_pool,
-        )
-        lay = layout(spec["parallelism"])
-        new = status.compute_status(
-            previous=previous,
-            generation=sdep["metadata"]["generation"],
-            desired=spec["replicas"],
-            obs=obs,
-            selector=names.selector_string(names.serving_selector(name, lay)),
-            now=now(),
-        )
-        if not spec["autotune"]["enabled"]:
-            new.update(autotune_record.cleared(previous, new["conditions"]))
-        await self._write_status(sdep, new)
+        failures = await self._push_settings(sdep, decided)
+        await self._write_status(sdep, plan.status_after(decided, failures))
 
-    def _failed(self, sdep: dict, reason: str, message: str) -> dict:
-        return status.failed_status(
-            previous=sdep.get("status", {}),
-            generation=sdep["metadata"]["generation"],
-            reason=reason,
-            message=message,
-            now=now(),
-        )
-
-    def _converge(self, sdep: dict, spec: dict) -> Converged:
-        """Applies the plan and prunes; returns what the workloads report (blocking I/O)."""
-        meta = sdep["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
-        token = self._pool.submit(self._admin_token, namespace, name)
-        pools_served = self.kube.serves(build.INFERENCE_POOL_API, "InferencePool")
-        prunable = _PRUNABLE + (((build.INFERENCE_POOL_API, "InferencePool"),) if pools_served else ())
-        listed = self._pool.map(
-            lambda kind: self.kube.select(*kind, namespace, {names.DEPLOYMENT_LABEL: name}), prunable)
-        owned = {kind: [c for c in children if names.is_controlled_by(c, sdep)]
-                 for (_, kind), children in zip(prunable, listed)}
-        token = token.result()
-        existing = {w["metadata"]["name"]: w for w in owned["Deployment"] + owned["StatefulSet"]}
-        desired = settings.desired(spec, sdep.get("status", {}))
-        plan = build.plan(sdep, spec, token=token, desired=desired, existing=existing, inference_pools=pools_served)
-        # Workloads go last, so what their pods mount and reference exists when pods start.
-        applied = []
-        for stage in ([m for m in plan if m["kind"] not in _WORKLOADS], [m for m in plan if m["kind"] in _WORKLOADS]):
-            applied += self._pool.map(lambda manifest: self._apply(sdep, manifest), stage)
-        self._prune(sdep, prunable, owned, {(c["kind"], c["metadata"]["name"]) for c in applied})
-
-        lay = layout(spec["parallelism"])
-        engine_pods = self.kube.select("v1", "Pod", namespace, names.pod_selector(name))
-        workloads = [c for c in applied if c["kind"] in _WORKLOADS]
-        if lay.multi_pod:
-            groups = [rollout.replica_group(s, engine_pods) for s in workloads]
-            victim = rollout.replica_to_restart(groups)
-            if victim:
-                self._restart_replica(sdep, victim, engine_pods)
-            observed = status.observe_statefulsets(workloads, groups, spec["replicas"])
-        else:
-            observed = status.observe_deployment(workloads[0])
-        serving = names.serving_selector(name, lay)
-        serving_pods = [p for p in engine_pods if serving.items() <= p["metadata"].get("labels", {}).items()]
-        problems = [p for p in map(pods.problem, engine_pods) if p]
-        pool = status.inference_pool_check(name, pools_served) if spec["gateway"]["inferencePool"] else None
-        return Converged(token, desired, observed, serving_pods, problems, pool)
-
-    def _admin_token(self, namespace: str, name: str) -> str:
-        """The token in the existing Secret, or a new one: it is generated only once."""
-        secret = self.kube.get("v1", "Secret", namespace, names.admin_secret(name))
-        if secret and names.ADMIN_TOKEN_KEY in secret.get("data", {}):
-            return base64.b64decode(secret["data"][names.ADMIN_TOKEN_KEY]).decode()
-        return secrets.token_urlsafe(32)
+    def _converge(self, sdep: dict, decided: plan.Plan) -> None:
+        """Applies the children stage by stage, prunes, restarts a replica (blocking I/O)."""
+        for stage in decided.apply:
+            list(self._pool.map(lambda manifest: self._apply(sdep, manifest), stage))
+        for child in decided.prune:
+            meta = child["metadata"]
+            self.kube.delete(child["apiVersion"], child["kind"], meta["namespace"], meta["name"], uid=meta["uid"])
+            self.kube.post_event(sdep, "Normal", "Pruned", f"deleted {child['kind']} {meta['name']}: no longer in the plan")
+        if decided.restart:
+            for pod in decided.restart_pods:
+                meta = pod["metadata"]
+                self.kube.delete("v1", "Pod", meta["namespace"], meta["name"], uid=meta["uid"])
+            self.kube.post_event(
+                sdep, "Normal", "RestartingReplica",
+                f"restarting all {len(decided.restart_pods)} pods of replica {decided.restart} to roll out the new template",
+            )
 
     def _apply(self, sdep: dict, manifest: dict) -> dict:
         try:
@@ -223,50 +169,30 @@ class Reconciler:
                                  f"overwrote {kind} {child}: changed by another writer beyond what apply restores")
             return self.kube.replace(manifest)
 
-    def _prune(self, sdep: dict, prunable: tuple, owned: dict[str, list[dict]], keep: set[tuple[str, str]]) -> None:
-        for api_version, kind in prunable:
-            for child in owned[kind]:
-                child_name = child["metadata"]["name"]
-                if (kind, child_name) not in keep:
-                    self.kube.delete(api_version, kind, child["metadata"]["namespace"], child_name,
-                                     uid=child["metadata"]["uid"])
-                    self.kube.post_event(sdep, "Normal", "Pruned", f"deleted {kind} {child_name}: no longer in the plan")
-
-    def _restart_replica(self, sdep: dict, statefulset: str, engine_pods: list[dict]) -> None:
-        victims = [p for p in engine_pods if pods.owned_by(p, "StatefulSet", statefulset)]
-        for pod in victims:
-            meta = pod["metadata"]
-            self.kube.delete("v1", "Pod", meta["namespace"], meta["name"], uid=meta["uid"])
-        self.kube.post_event(
-            sdep, "Normal", "RestartingReplica",
-            f"restarting all {len(victims)} pods of replica {statefulset} to roll out the new template",
-        )
-
-    async def _push_settings(self, sdep: dict, converged: Converged) -> list[str]:
-        """Sets the desired live settings on ready engines that run others; returns what failed."""
-        target = converged.desired
-        stale = settings.pods_needing(converged.serving_pods, target)
-        if not stale:
-            return []
+    async def _push_settings(self, sdep: dict, decided: plan.Plan) -> dict[str, str]:
+        """Sets the plan's live settings on the engines it names; returns, by pod, why a push
+        failed."""
+        if not decided.push:
+            return {}
+        target = decided.settings
         async with aiohttp.ClientSession() as session:
             results = await asyncio.gather(
-                *(admin.push_settings(session, admin.pod_url(p["status"]["podIP"]), converged.token, target)
-                  for p in stale),
+                *(admin.push_settings(session, admin.pod_url(p["status"]["podIP"]), decided.token, target)
+                  for p in decided.push),
                 return_exceptions=True,
             )
-        applied, failures = [], []
-        for pod, result in zip(stale, results):
+        applied, failures = [], {}
+        for pod, result in zip(decided.push, results):
             pod_name = pod["metadata"]["name"]
             if isinstance(result, admin.AdminError):
-                failures.append(f"settings not yet applied on pod {pod_name}: {result}")
+                failures[pod_name] = str(result)
                 continue
             if isinstance(result, BaseException):
                 raise result
-            updated = await asyncio.to_thread(
+            await asyncio.to_thread(
                 self.kube.merge_patch, "v1", "Pod", pod["metadata"]["namespace"], pod_name,
                 settings.live_patch(pod, target),
             )
-            converged.serving_pods[converged.serving_pods.index(pod)] = updated
             applied.append(f"{pod_name} ({settings.changes(settings.pod_settings(pod), target)})")
         if applied:
             await asyncio.to_thread(
@@ -283,6 +209,13 @@ class Reconciler:
         event = status.transition_event(previous, new)
         if event:
             await asyncio.to_thread(self.kube.post_event, sdep, *event)
+
+
+def _token(secret: dict | None) -> str | None:
+    """The admin token an existing Secret holds: generated once, kept after."""
+    if secret and names.ADMIN_TOKEN_KEY in secret.get("data", {}):
+        return base64.b64decode(secret["data"][names.ADMIN_TOKEN_KEY]).decode()
+    return None
 
 
 def _message(e: ApiException) -> str:

@@ -88,7 +88,7 @@ def live_patch(pod: dict, settings: dict) -> dict:
 def pods_needing(serving_pods: list[dict], target: dict) -> list[dict]:
     """Ready serving pods whose engine runs other settings and can take them live; pods that are
     not ready yet are picked up once they are (their workload's status change triggers a
-    reconcile), and pods that cannot take them are being replaced (build.plan)."""
+    reconcile), and pods that cannot take them are being replaced (build.children)."""
     return [
         p for p in serving_pods
         if pods.is_ready(p) and not pods.is_terminating(p) and p.get("status", {}).get("podIP")

@@ -9,13 +9,13 @@ from sarathi_operator.spec import layout
 TOKEN = "s3cret"
 
 
-def plan(obj, existing=None):
-    return build.plan(obj, obj["spec"], token=TOKEN, desired=settings.desired(obj["spec"], obj.get("status", {})),
-                      existing=existing or {})
+def built(obj, existing=None):
+    return build.children(obj, obj["spec"], token=TOKEN, desired=settings.desired(obj["spec"], obj.get("status", {})),
+                          existing=existing or {})
 
 
 def children(obj, existing=None):
-    return {(c["kind"], c["metadata"]["name"]): c for c in plan(obj, existing)}
+    return {(c["kind"], c["metadata"]["name"]): c for c in built(obj, existing)}
 
 
 def engine(workload):
@@ -42,7 +42,7 @@ def test_single_pod_replica_is_a_deployment_with_its_services():
 
 
 def test_every_child_is_owned_labelled_and_namespaced():
-    for child in plan(make_sdep()):
+    for child in built(make_sdep()):
         meta = child["metadata"]
         assert meta["namespace"] == "ml"
         assert meta["ownerReferences"] == [{
@@ -171,7 +171,7 @@ def test_a_pod_without_a_service_account_mounts_no_token():
 def test_an_inference_pool_selects_the_serving_pods_where_the_cluster_serves_the_api():
     obj = make_sdep(gateway={"inferencePool": True, "endpointPicker": {"name": "chat-epp"}})
     assert ("InferencePool", "chat") not in children(obj)  # the CRD is not installed
-    pool = {(c["kind"], c["metadata"]["name"]): c for c in build.plan(
+    pool = {(c["kind"], c["metadata"]["name"]): c for c in build.children(
         obj, obj["spec"], token=TOKEN, desired=settings.desired(obj["spec"], {}), existing={},
         inference_pools=True)}[("InferencePool", "chat")]
     assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
@@ -181,8 +181,8 @@ def test_an_inference_pool_selects_the_serving_pods_where_the_cluster_serves_the
         "endpointPickerRef": {"kind": "Service", "name": "chat-epp", "port": {"number": 9002}, "failureMode": "FailClose"},
     }
     multi = make_sdep(parallelism={"tensor": 8, "pipeline": 2}, gateway={"inferencePool": True})
-    [pool] = [c for c in build.plan(multi, multi["spec"], token=TOKEN, desired=settings.desired(multi["spec"], {}),
-                                    existing={}, inference_pools=True) if c["kind"] == "InferencePool"]
+    [pool] = [c for c in build.children(multi, multi["spec"], token=TOKEN, desired=settings.desired(multi["spec"], {}),
+                                        existing={}, inference_pools=True) if c["kind"] == "InferencePool"]
     assert pool["spec"]["selector"]["matchLabels"][names.POD_INDEX_LABEL] == "0"  # rank 0 serves
     assert "endpointPickerRef" not in pool["spec"]
 
@@ -277,7 +277,7 @@ def test_the_rollout_hash_ignores_the_live_settings_only():
     tuned["status"] = {"autotune": {"state": {"margin": 0.7, "infeasible": False}}}
     assert rollout_hash(tuned) == base
     assert rollout_hash(make_sdep(engine={"maxNumSeqs": 8})) != base
-    other_token = build.plan(make_sdep(), make_sdep()["spec"], token="other", desired=settings.desired(
+    other_token = build.children(make_sdep(), make_sdep()["spec"], token="other", desired=settings.desired(
         make_sdep()["spec"], {}), existing={})[-1]
     assert other_token["metadata"]["annotations"][names.ROLLOUT_HASH] != base
 
@@ -322,9 +322,9 @@ def test_multi_pod_scale_up_starts_new_replicas_with_the_desired_settings():
     assert flag(engine(planned[("StatefulSet", "chat-1")])["args"], "--token-budget") == "256"
 
 
-def test_plan_is_deterministic():
+def test_children_are_deterministic():
     obj = make_sdep(parallelism={"tensor": 4, "pipeline": 4}, replicas=3)
-    assert plan(obj) == plan(obj)
+    assert built(obj) == built(obj)
     assert layout(obj["spec"]["parallelism"]).pods_per_replica == 2
 
 
