@@ -239,6 +239,8 @@ def test_crd_is_served_and_explains_the_documented_fields(k, crd):
                   "resources", "nodeSelector", "tolerations", "env", "affinity", "topologySpreadConstraints",
                   "priorityClassName", "podLabels", "volumes", "volumeMounts", "gateway"):
         assert f"  {field}\t" in text, field
+    model = k.run("explain", "sarathideployment.spec.model").stdout
+    assert "  cache\t" in model and "  diskSize\t" in model
     engine = k.run("explain", "sarathideployment.spec.engine").stdout
     for field in ("policy", "tokenBudget", "maxNumSeqs", "maxModelLen", "dtype", "extraArgs"):
         assert f"  {field}\t" in engine, field
@@ -269,10 +271,21 @@ def test_crd_is_served_and_explains_the_documented_fields(k, crd):
          "spec.topologySpreadConstraints[0].whenUnsatisfiable", "Required value"),
         ({"gateway": {"inferencePool": True, "endpointPicker": {"name": "epp", "port": 0}}},
          "spec.gateway.endpointPicker.port", "should be greater than or equal to 1"),
+        ({"model": {"name": "m", "source": "hf://org/m"}}, "spec.model",
+         "spec.model.diskSize: an hf:// source without spec.model.cache downloads"),
+        ({"model": {"name": "m", "source": "hf://org/m", "diskSize": "lots"}}, "spec.model.diskSize",
+         "must be a positive quantity"),
+        ({"model": {"name": "m", "source": "pvc://models/m", "cache": {"claimName": "c"}}}, "spec.model",
+         "spec.model.cache holds hf:// downloads"),
+        ({"model": {"name": "m", "source": "hf://org/m", "cache": {"claimName": "c", "size": "1Gi"}}},
+         "spec.model.cache", "needs claimName (an existing PersistentVolumeClaim) or size"),
+        ({"model": {"name": "m", "source": "hf://org/m", "cache": {"claimName": "c", "storageClassName": "nfs"}}},
+         "spec.model.cache", "describe a claim the operator creates"),
     ],
     ids=["tensor-0", "autotune-without-slo", "autotune-without-chunking",
          "gpus-not-whole-nodes", "tensor-straddles-pods", "model-source", "policy", "operator-volume",
-         "spread-without-when-unsatisfiable", "endpoint-picker-port"],
+         "spread-without-when-unsatisfiable", "endpoint-picker-port", "hf-without-disk-size", "disk-size",
+         "cache-of-a-pvc-source", "cache-claim-and-size", "cache-class-of-an-existing-claim"],
 )
 def test_the_api_server_rejects_invalid_resources_naming_the_field(k, scratch_namespace, spec, field, message):
     result = k.apply(sdep("bad", scratch_namespace, **spec), check=False)

@@ -4,11 +4,15 @@ runner supports.
 
 The image is replaced by this checkout: `command[0]` is looked up on the image's PATH, which
 has the checkout's virtualenv first, and the image's own environment is a few variables of
-the runner's (never its kubeconfig). A pod asking for what the runner does not emulate gets
-CreateContainerConfigError with the reason, as the kubelet reports a container it cannot create.
+the runner's (never its kubeconfig). With no mount namespace, a mount of a claim bound to a
+hostPath or local volume is emulated by rewriting paths under its mountPath in the command,
+args and env to the volume's path on this machine. A pod asking for what the runner does not
+emulate gets CreateContainerConfigError with the reason, as the kubelet reports a container it
+cannot create.
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +102,27 @@ def pod_env(pod: dict, container: dict, pod_ip: str, read_secret) -> dict[str, s
         else:
             raise Unsupported(f"env {var['name']}: {', '.join(source)} is not supported by the local pod runner")
     return env
+
+
+def claim_mounts(pod: dict, container: dict, claim_path: Callable[[str, str], str]) -> dict[str, str]:
+    """Where each mounted persistentVolumeClaim lies on this machine, by mountPath.
+    claim_path(namespace, claim) is the path of the volume bound to the claim."""
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in pod["spec"].get("volumes", []) if "persistentVolumeClaim" in v}
+    mounts = {}
+    for mount in container.get("volumeMounts", []):
+        if mount["name"] in claims:
+            host = claim_path(pod["metadata"]["namespace"], claims[mount["name"]])
+            mounts[mount["mountPath"].rstrip("/")] = str(Path(host, mount.get("subPath", "")))
+    return mounts
+
+
+def under_mounts(value: str, mounts: dict[str, str]) -> str:
+    """value with a path under a mountPath (the longest that matches) moved to where it lies."""
+    for mount in sorted(mounts, key=len, reverse=True):
+        if value == mount or value.startswith(mount + "/"):
+            return mounts[mount] + value[len(mount):]
+    return value
 
 
 def image_env(environ: dict[str, str], venv_bin: Path) -> dict[str, str]:

@@ -129,8 +129,11 @@ class PodProcess:
         try:
             spec = container.the_container(self.pod)
             argv = container.argv(spec)
+            mounts = container.claim_mounts(self.pod, spec, self.runner.claim_path)
+            argv = [container.under_mounts(arg, mounts) for arg in argv]
             env = {**self.runner.image_env,
-                   **container.pod_env(self.pod, spec, self.ip, self.runner.read_secret),
+                   **{k: container.under_mounts(v, mounts)
+                      for k, v in container.pod_env(self.pod, spec, self.ip, self.runner.read_secret).items()},
                    container.POD_IP_ENV: self.ip}
             if _mounts_service_account_token(self.pod):
                 env["KUBECONFIG"] = str(self.runner.write_pod_kubeconfig(self.pod, self.workdir))
@@ -418,6 +421,19 @@ class Runner:
                 return None
             raise
         return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+    def claim_path(self, namespace: str, claim: str) -> str:
+        """The path on this machine of the hostPath or local volume bound to a claim."""
+        pvc = self._json(self.core.read_namespaced_persistent_volume_claim, claim, namespace)
+        volume = pvc["spec"].get("volumeName")
+        if pvc.get("status", {}).get("phase") != "Bound" or not volume:
+            raise container.Unsupported(f"persistentvolumeclaim {claim!r} is not bound")
+        pv = self._json(self.core.read_persistent_volume, volume)["spec"]
+        path = (pv.get("hostPath") or pv.get("local") or {}).get("path")
+        if not path:
+            raise container.Unsupported(f"persistentvolume {volume!r}: the local pod runner mounts hostPath "
+                                        "and local volumes only")
+        return path
 
     def write_pod_kubeconfig(self, pod: dict, workdir: Path) -> Path:
         """A kubeconfig with a token of the pod's ServiceAccount, bound to the pod as the

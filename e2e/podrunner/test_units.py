@@ -77,6 +77,30 @@ def test_image_env_is_the_checkouts_and_never_the_runners_credentials(tmp_path):
     assert "KUBECONFIG" not in env and "SECRET" not in env
 
 
+def test_claim_mounts_move_paths_under_them_to_the_bound_volume():
+    p = pod(command=["sarathi"], volumeMounts=[
+        {"name": "model", "mountPath": "/models/", "readOnly": True},
+        {"name": "sub", "mountPath": "/models/extra", "subPath": "x"},
+        {"name": "shm", "mountPath": "/dev/shm"}])
+    p["spec"]["volumes"] = [{"name": "model", "persistentVolumeClaim": {"claimName": "cache"}},
+                            {"name": "sub", "persistentVolumeClaim": {"claimName": "other"}},
+                            {"name": "shm", "emptyDir": {"medium": "Memory"}}]
+    asked = []
+
+    def claim_path(namespace, claim):
+        asked.append((namespace, claim))
+        return f"/srv/{claim}"
+
+    mounts = container.claim_mounts(p, p["spec"]["containers"][0], claim_path)
+    assert mounts == {"/models": "/srv/cache", "/models/extra": "/srv/other/x"}
+    assert asked == [("ns", "cache"), ("ns", "other")]
+    assert container.under_mounts("/models/org/m", mounts) == "/srv/cache/org/m"
+    assert container.under_mounts("/models", mounts) == "/srv/cache"
+    assert container.under_mounts("/models/extra/a", mounts) == "/srv/other/x/a", "the longest mount wins"
+    assert container.under_mounts("/modelsx", mounts) == "/modelsx"
+    assert container.under_mounts("--local-dir", mounts) == "--local-dir"
+
+
 def test_probe_resolves_named_ports_and_the_apis_defaults():
     c = {"ports": [{"name": "http", "containerPort": 8000}],
          "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5}}

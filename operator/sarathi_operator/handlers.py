@@ -15,6 +15,7 @@ CHILDREN = (
     ("apps/v1", "statefulsets"),
     ("v1", "services"),
     ("policy/v1", "poddisruptionbudgets"),
+    ("batch/v1", "jobs"),  # a model download finishing lets the workloads start
 )
 RETRY_SECONDS = 5
 

@@ -27,6 +27,8 @@ _PLURALS = {
     "StatefulSet": "statefulsets",
     "PodDisruptionBudget": "poddisruptionbudgets",
     "InferencePool": "inferencepools",
+    "Job": "jobs",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
     "SarathiDeployment": PLURAL,
 }
 

@@ -10,10 +10,13 @@ the live settings on, and the status to write once that is done. Its rules:
   prune     owned children (controlled by this incarnation of the resource) the plan no longer
             holds; children of others, even with our labels, are left alone.
   restart   rollout.replica_to_restart over the multi-pod replicas, and never in a pass that
-            changes a workload: its controller must see the new template before pods restart,
-            or they come back with the old one.
+            changes a workload (its controller must see the new template before pods restart,
+            or they come back with the old one) nor while the model downloads.
   push      settings.pods_needing: ready serving pods whose engine runs other live settings and
             can take them live.
+  cache     an hf:// source with a cache: a Job downloads it into the claim; until that Job has
+            completed, no workload is applied (existing ones keep serving what they serve) and
+            the status says the cache's state.
   status    computed from the observed workloads and pods as they will be once the plan is
             carried out: a workload the plan creates, changes or prunes is rolling, and pushed
             engines run the settings pushed to them (`status_after` re-derives it when some
@@ -24,12 +27,13 @@ from dataclasses import dataclass, field, replace
 
 from . import build, names, pods, rollout, settings, status
 from .autotune import record as autotune_record
-from .spec import layout, validate, with_defaults
+from .spec import layout, model_source, validate, with_defaults
 
 INFERENCE_POOL_KIND = (build.INFERENCE_POOL_API, "InferencePool")
-# Children that can fall out of the plan (scale-down of multi-pod replicas, a layout change),
-# besides an InferencePool where the cluster serves them.
-PRUNABLE = (("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"), ("v1", "Service"))
+# Children that can fall out of the plan (scale-down of multi-pod replicas, a layout change,
+# another model source, a cache dropped), besides an InferencePool where the cluster serves them.
+PRUNABLE = (("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"), ("v1", "Service"), ("batch/v1", "Job"),
+            ("v1", "PersistentVolumeClaim"))
 WORKLOADS = ("Deployment", "StatefulSet")
 
 
@@ -60,6 +64,7 @@ class StatusInputs:
     serving_pods: list[dict]  # as they will be once every push lands
     pod_problems: list[str]
     inference_pool: status.Check | None
+    model_cache: dict | None
     selector: str
     autotuned: bool
     now: str
@@ -96,23 +101,29 @@ def plan(world: World, *, engine_image: str | None, fresh_token: str, now: str) 
     target = settings.desired(spec, previous)
     children = build.children(sdep, spec, token=token, desired=target, existing=existing,
                               inference_pools=world.pools_served)
+    cache = model_cache(meta["name"], spec, children, owned)
+    held = cache is not None and cache["state"] != "Ready"  # workloads wait for the model
     keep = {(c["kind"], c["metadata"]["name"]) for c in children}
+    if held:
+        keep |= {(kind, w["metadata"]["name"]) for kind in WORKLOADS for w in owned.get(kind, [])}
     prune = [c for kind, listed in owned.items() for c in listed if (kind, c["metadata"]["name"]) not in keep]
-    workloads = [c for c in children if c["kind"] in WORKLOADS]
+    workloads = [] if held else [c for c in children if c["kind"] in WORKLOADS]
     changing = [w["metadata"]["name"] for w in workloads if changes(w, existing.get(w["metadata"]["name"]))]
-    current = [existing[w["metadata"]["name"]] for w in workloads if w["metadata"]["name"] in existing]
+    # What runs now: the planned workloads that exist, or, while held, every existing one.
+    current = list(existing.values()) if held else [
+        existing[w["metadata"]["name"]] for w in workloads if w["metadata"]["name"] in existing]
 
     lay = layout(spec["parallelism"])
     restart, restart_pods = None, []
     if lay.multi_pod:
         groups = [rollout.replica_group(s, world.engine_pods) for s in current]
-        if not changing:
+        if not changing and not held:
             restart = rollout.replica_to_restart(groups)
             restart_pods = [p for p in world.engine_pods if pods.owned_by(p, "StatefulSet", restart)] if restart else []
         replicas, ready, rolling = status.observe_statefulsets(current, groups, spec["replicas"])
     else:
         replicas, ready, rolling = status.observe_deployment(current[0]) if current else (0, 0, True)
-    rolling = rolling or bool(changing) or any(c["kind"] in WORKLOADS for c in prune)
+    rolling = rolling or held or bool(changing) or any(c["kind"] in WORKLOADS for c in prune)
 
     serving = names.serving_selector(meta["name"], lay)
     serving_pods = [p for p in world.engine_pods if serving.items() <= p["metadata"].get("labels", {}).items()]
@@ -127,6 +138,7 @@ def plan(world: World, *, engine_image: str | None, fresh_token: str, now: str) 
         pod_problems=[p for p in map(pods.problem, world.engine_pods) if p],
         inference_pool=status.inference_pool_check(meta["name"], world.pools_served)
         if spec["gateway"]["inferencePool"] else None,
+        model_cache=cache,
         selector=names.selector_string(serving),
         autotuned=spec["autotune"]["enabled"],
         now=now,
@@ -136,7 +148,7 @@ def plan(world: World, *, engine_image: str | None, fresh_token: str, now: str) 
         token=token,
         settings=target,
         # Workloads go last, so what their pods mount and reference exists when pods start.
-        apply=[[c for c in children if c["kind"] not in WORKLOADS], workloads],
+        apply=[stage for stage in ([c for c in children if c["kind"] not in WORKLOADS], workloads) if stage],
         prune=prune,
         restart=restart,
         restart_pods=restart_pods,
@@ -164,6 +176,16 @@ def failed(world: World, spec: dict, reason: str, message: str, now: str) -> Pla
     return Plan(spec=spec, status=status.failed_status(
         previous=sdep.get("status", {}), generation=sdep["metadata"]["generation"],
         reason=reason, message=message, now=now))
+
+
+def model_cache(name: str, spec: dict, children: list[dict], owned: dict[str, list[dict]]) -> dict | None:
+    """status.modelCache of an hf:// source with a cache, from its download Job; None without."""
+    source = model_source(name, spec["model"])
+    if not source.cached:
+        return None
+    [job] = [c["metadata"]["name"] for c in children if c["kind"] == "Job"]
+    current = next((j for j in owned.get("Job", []) if j["metadata"]["name"] == job), None)
+    return status.model_cache(current, source.pvc_claim, job)
 
 
 def changes(wanted: dict, current: dict | None) -> bool:
@@ -197,6 +219,7 @@ def _status(inputs: StatusInputs, target: dict, failures: dict[str, str]) -> dic
         settings_pending=[f"settings not yet applied on pod {pod}: {why}" for pod, why in failures.items()],
         pod_problems=inputs.pod_problems,
         inference_pool=inputs.inference_pool,
+        model_cache=inputs.model_cache,
     )
     new = status.compute_status(previous=previous, generation=inputs.generation,
                                 desired=inputs.desired_replicas, obs=obs, selector=inputs.selector, now=inputs.now)

@@ -98,17 +98,48 @@ class ModelSource:
     """Where the engine finds its weights: `path` is what `--model` receives."""
 
     path: str
-    pvc_claim: str | None = None
+    pvc_claim: str | None = None  # mounted read-only at MODEL_DIR: a pvc:// source, or an hf:// cache
     hf_repo: str | None = None
+    disk_size: str | None = None  # what the weights take on disk, when the spec says
+
+    @property
+    def downloads_per_pod(self) -> bool:
+        """Each pod downloads into a volume of its own (an hf:// source without a cache)."""
+        return self.hf_repo is not None and self.pvc_claim is None
+
+    @property
+    def cached(self) -> bool:
+        """A Job downloads once into a claim the pods share (an hf:// source with a cache)."""
+        return self.hf_repo is not None and self.pvc_claim is not None
 
 
-def model_source(source: str) -> ModelSource:
+def model_cache_claim(name: str) -> str:
+    """The claim the operator creates for spec.model.cache.size."""
+    return f"{name}-model-cache"
+
+
+DOWNLOAD_JOB_DIGEST = 8
+
+
+def download_job(name: str, template_digest: str) -> str:
+    return f"{name}-model-{template_digest[:DOWNLOAD_JOB_DIGEST]}"
+
+
+# A Job's name is a label value of its pods: at most 63 characters.
+MAX_CACHED_NAME = 63 - len(download_job("", "0" * DOWNLOAD_JOB_DIGEST))
+
+
+def model_source(name: str, model: dict) -> ModelSource:
+    """name: the resource's; model: spec.model."""
+    source = model["source"]
     if source.startswith("pvc://"):
         claim, _, path = source.removeprefix("pvc://").partition("/")
         return ModelSource(path=f"{MODEL_DIR}/{path}", pvc_claim=claim)
     if source.startswith("hf://"):
         repo = source.removeprefix("hf://")
-        return ModelSource(path=f"{MODEL_DIR}/{repo}", hf_repo=repo)
+        cache = model.get("cache")
+        claim = (cache.get("claimName") or model_cache_claim(name)) if cache else None
+        return ModelSource(path=f"{MODEL_DIR}/{repo}", pvc_claim=claim, hf_repo=repo, disk_size=model.get("diskSize"))
     return ModelSource(path=source)
 
 
@@ -132,6 +163,11 @@ def validate(name: str, spec: dict) -> list[str]:
                 f"metadata.name {name!r} is too long for a multi-pod replica: StatefulSet name "
                 f"{longest!r} exceeds {MAX_STATEFULSET_NAME} characters"
             )
+    if model_source(name, spec["model"]).cached and len(name) > MAX_CACHED_NAME:
+        problems.append(
+            f"metadata.name {name!r} is too long for a model cache: the download Job's name "
+            f"(<name>-model-<8 hex digits>) must fit a 63-character label, so at most {MAX_CACHED_NAME} characters"
+        )
     managed = [a for a in spec["engine"]["extraArgs"] if a.split("=", 1)[0] in MANAGED_FLAGS]
     if managed:
         problems.append(

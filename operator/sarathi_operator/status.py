@@ -1,6 +1,7 @@
 """The status of a SarathiDeployment, computed from its workloads: phase, replica counts,
-the token budget in force, the Ready / Progressing / Degraded conditions, and
-InferencePoolReady while the spec asks for an InferencePool.
+the token budget in force, the Ready / Progressing / Degraded conditions,
+InferencePoolReady while the spec asks for an InferencePool, and the model cache's state
+(`modelCache`, ModelCacheReady) while it has one.
 
 Phases:
   Pending      nothing has been ready since creation: first pods starting
@@ -34,6 +35,24 @@ def inference_pool_check(name: str, served: bool) -> Check:
                  "CRDs); the engines serve through their Service meanwhile")
 
 
+MODEL_CACHE = "ModelCacheReady"
+CACHE_REASONS = {"Ready": "Downloaded", "Downloading": "Downloading", "Failed": "DownloadFailed"}
+
+
+def model_cache(job: dict | None, claim: str, job_name: str) -> dict:
+    """status.modelCache, from the download Job as the API server reports it (None: not there yet)."""
+    final = {c["type"]: c for c in (job or {}).get("status", {}).get("conditions", []) if c.get("status") == "True"}
+    if "Complete" in final:
+        state, message = "Ready", f"claim {claim} holds the model"
+    elif "Failed" in final:
+        why = ": ".join(filter(None, (final["Failed"].get("reason"), final["Failed"].get("message"))))
+        state, message = "Failed", (f"the download failed (Job {job_name}: {why}); its pods' logs say why; "
+                                    "delete the Job to try again")
+    else:
+        state, message = "Downloading", f"Job {job_name} downloads the model into claim {claim}"
+    return {"state": state, "claimName": claim, "job": job_name, "message": message}
+
+
 @dataclass(frozen=True)
 class Observation:
     replicas: int  # replicas that exist
@@ -43,6 +62,7 @@ class Observation:
     settings_pending: list[str] = field(default_factory=list)  # why the live settings are not everywhere yet
     pod_problems: list[str] = field(default_factory=list)  # why pods are not running, when known
     inference_pool: Check | None = None  # when the spec asks for an InferencePool
+    model_cache: dict | None = None  # status.modelCache, when the spec has one
 
 
 def observe_deployment(deployment: dict) -> tuple[int, int, bool]:
@@ -96,6 +116,9 @@ def compute_status(
         reason = "SettingsPending"
     if obs.settings_pending:
         message += "; " + "; ".join(obs.settings_pending)
+    cache = obs.model_cache
+    if current != "Ready" and cache and cache["state"] != "Ready":
+        message += "; model cache: " + cache["message"]
     if current != "Ready" and obs.pod_problems:
         message += "; " + "; ".join(obs.pod_problems[:MAX_POD_PROBLEMS])
     in_progress = current in ("Pending", "Progressing")
@@ -107,17 +130,26 @@ def compute_status(
     pool = obs.inference_pool
     if pool is not None:
         conditions.append(_condition(INFERENCE_POOL, pool.ok, pool.reason, pool.message))
+    if cache is not None:
+        conditions.append(_condition(MODEL_CACHE, cache["state"] == "Ready", CACHE_REASONS[cache["state"]],
+                                     cache["message"]))
     merged = merge_conditions(previous.get("conditions", []), conditions, generation, now)
-    return {
+    new = {
         "phase": current,
         "replicas": obs.replicas,
         "readyReplicas": obs.ready,
         "tokenBudget": obs.token_budget,
         "selector": selector,
         "observedGeneration": generation,
-        # An InferencePool no longer asked for takes its condition with it.
-        "conditions": [c for c in merged if pool is not None or c["type"] != INFERENCE_POOL],
+        # What the spec no longer asks for takes its condition with it.
+        "conditions": [c for c in merged if (pool is not None or c["type"] != INFERENCE_POOL)
+                       and (cache is not None or c["type"] != MODEL_CACHE)],
     }
+    if cache is not None:
+        new["modelCache"] = cache
+    elif "modelCache" in previous:
+        new["modelCache"] = None  # removed by the merge patch
+    return new
 
 
 INFERENCE_POOL = "InferencePoolReady"

@@ -144,7 +144,7 @@ def test_pod_fields_reach_every_pod_beside_the_operators_own():
             securityContext={"allowPrivilegeEscalation": False},
             volumes=[{"name": "cache", "emptyDir": {}}], volumeMounts=[{"name": "cache", "mountPath": "/cache"}],
         )
-        obj["spec"]["model"]["source"] = "hf://org/model"
+        obj["spec"]["model"] |= {"source": "hf://org/model", "diskSize": "1Gi"}
         template = children(obj)[(kind, name)]["spec"]["template"]
         pod = template["spec"]
         assert pod["affinity"] == affinity and pod["topologySpreadConstraints"] == spread
@@ -250,14 +250,73 @@ def test_pvc_source_mounts_the_claim_read_only():
     assert "initContainers" not in pod
 
 
-def test_hf_source_downloads_in_an_init_container():
-    obj = make_sdep(model={"name": "smol", "source": "hf://HuggingFaceTB/SmolLM2-135M"}, env=[{"name": "HF_TOKEN", "value": "t"}])
+def test_hf_source_downloads_in_an_init_container_into_ephemeral_storage_of_the_models_size():
+    obj = make_sdep(model={"name": "smol", "source": "hf://HuggingFaceTB/SmolLM2-135M", "diskSize": "2Gi"},
+                    env=[{"name": "HF_TOKEN", "value": "t"}])
     workload = children(obj)[("Deployment", "chat")]
-    [init] = workload["spec"]["template"]["spec"]["initContainers"]
+    pod = workload["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
     target = "/models/HuggingFaceTB/SmolLM2-135M"
-    assert init["command"] == ["hf", "download", "HuggingFaceTB/SmolLM2-135M", "--local-dir", target]
+    assert init["command"] == ["sarathi", "model", "download", "HuggingFaceTB/SmolLM2-135M", "--local-dir", target]
     assert init["env"] == [{"name": "HF_TOKEN", "value": "t"}]
     assert flag(engine(workload)["args"], "--model") == target
+    assert {"name": "model", "emptyDir": {"sizeLimit": "2Gi"}} in pod["volumes"]
+    assert engine(workload)["resources"]["requests"]["ephemeral-storage"] == "2Gi"
+    assert not any(c["kind"] in ("Job", "PersistentVolumeClaim") for c in built(obj))
+
+    own = make_sdep(model={"name": "smol", "source": "hf://org/m", "diskSize": "2Gi"},
+                    resources={"requests": {"ephemeral-storage": "5Gi", "cpu": "4"}})
+    requests = engine(children(own)[("Deployment", "chat")])["resources"]["requests"]
+    assert requests["ephemeral-storage"] == "5Gi" and requests["cpu"] == "4", "the spec's own request wins"
+
+
+def download_job(obj):
+    [job] = [c for c in built(obj) if c["kind"] == "Job"]
+    return job
+
+
+def test_a_cached_hf_source_is_downloaded_once_by_a_job_and_mounted_read_only_by_the_pods():
+    placement = {"nodeSelector": {"pool": "cpu"}, "tolerations": [{"operator": "Exists"}]}
+    obj = make_sdep(model={"name": "smol", "source": "hf://org/m", "cache": {"claimName": "models"}},
+                    env=[{"name": "HF_TOKEN", "value": "t"}], runtimeClassName="nvidia",
+                    topologySpreadConstraints=[{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}],
+                    **placement)
+    workload = children(obj)[("Deployment", "chat")]
+    pod = workload["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in engine(workload)["volumeMounts"]
+    assert "ephemeral-storage" not in engine(workload)["resources"]["requests"]
+
+    job = download_job(obj)
+    assert job["metadata"]["name"].startswith("chat-model-") and len(job["metadata"]["name"]) == len("chat-model-") + 8
+    template = job["spec"]["template"]
+    [downloader] = template["spec"]["containers"]
+    assert downloader["command"] == ["sarathi", "model", "download", "org/m", "--local-dir", "/models/org/m"]
+    assert downloader["env"] == [{"name": "HF_TOKEN", "value": "t"}]
+    assert template["spec"]["volumes"] == [{"name": "model", "persistentVolumeClaim": {"claimName": "models"}}]
+    assert template["spec"]["restartPolicy"] == "Never"
+    assert template["spec"]["nodeSelector"] == placement["nodeSelector"]
+    assert "runtimeClassName" not in template["spec"] and "topologySpreadConstraints" not in template["spec"]
+    assert template["metadata"]["labels"][names.COMPONENT_LABEL] == "model-download", "not an engine pod"
+    assert not any(c["kind"] == "PersistentVolumeClaim" for c in built(obj)), "an existing claim is not created"
+
+    assert download_job(obj) == job, "the same spec, the same Job"
+    other = make_sdep(model={"name": "smol", "source": "hf://org/m", "cache": {"claimName": "models"}},
+                      env=[{"name": "HF_TOKEN", "value": "other"}], runtimeClassName="nvidia", **placement)
+    assert download_job(other)["metadata"]["name"] != job["metadata"]["name"], "a Job's template cannot change"
+
+
+def test_a_sized_cache_is_a_claim_the_operator_creates():
+    obj = make_sdep(model={"name": "smol", "source": "hf://org/m", "cache": {"size": "100Gi", "storageClassName": "nfs"}})
+    claim = children(obj)[("PersistentVolumeClaim", "chat-model-cache")]
+    assert claim["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "100Gi"}},
+                             "storageClassName": "nfs"}
+    assert claim["metadata"]["ownerReferences"][0]["name"] == "chat"
+    pod = children(obj)[("Deployment", "chat")]["spec"]["template"]["spec"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "chat-model-cache", "readOnly": True}} in pod["volumes"]
+    rwo = make_sdep(model={"name": "smol", "source": "hf://org/m", "cache": {"size": "1Gi", "accessMode": "ReadWriteOnce"}})
+    assert children(rwo)[("PersistentVolumeClaim", "chat-model-cache")]["spec"]["accessModes"] == ["ReadWriteOnce"]
 
 
 def test_pdb_allows_one_disruption_and_never_blocks_on_unready_pods():

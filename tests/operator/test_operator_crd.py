@@ -66,14 +66,15 @@ def test_every_cel_rule_names_a_field_in_its_message():
             walk(child)
 
     walk(SPEC)
-    assert len(rules) == 6
+    assert len(rules) == 12
     for rule in rules:
         assert rule["message"].startswith("spec."), rule
 
 
 def test_status_schema_covers_what_the_operator_writes():
     assert STATUS["properties"]["phase"]["enum"] == ["Pending", "Progressing", "Ready", "Degraded", "Failed"]
-    written = {"phase", "replicas", "readyReplicas", "tokenBudget", "selector", "observedGeneration", "conditions"}
+    written = {"phase", "replicas", "readyReplicas", "tokenBudget", "selector", "observedGeneration", "conditions",
+               "modelCache"}
     assert written <= set(STATUS["properties"])
     cond = STATUS["properties"]["conditions"]
     assert cond["x-kubernetes-list-map-keys"] == ["type"]

@@ -254,3 +254,73 @@ def test_an_edit_in_the_middle_of_a_rollout_restarts_nothing_until_its_templates
     assert decide(w).restart == "chat-1", "without a new edit, the rollout goes on"
     again = decide(edited(w, replicas=2, engine={"maxNumSeqs": 32}, **MULTI))
     assert again.restart is None
+
+
+CACHED = {"model": {"name": "m", "source": "hf://org/m", "cache": {"claimName": "models"}}}
+
+
+def with_job(w: World, condition: str | None, **detail) -> World:
+    """The world with its download Job finished (Complete or Failed), or still running (None)."""
+    jobs = copy.deepcopy(w.labelled.get("Job", []))
+    for job in jobs:
+        job["status"] = {"conditions": [{"type": condition, "status": "True", **detail}]} if condition else {"active": 1}
+    return World(w.sdep, w.admin_token, w.pools_served, {**w.labelled, "Job": jobs}, w.engine_pods)
+
+
+def cache_condition(st):
+    return next(c for c in st["conditions"] if c["type"] == "ModelCacheReady")
+
+
+def test_workloads_wait_for_the_model_cache_and_start_once_its_job_completed():
+    first = decide(world(make_sdep(**CACHED)))
+    assert [k for k, _ in kinds(first.apply[0])][-1] == "Job" and len(first.apply) == 1, "no workload yet"
+    assert first.status["modelCache"]["state"] == "Downloading" and first.status["phase"] == "Pending"
+    assert cache_condition(first.status)["reason"] == "Downloading"
+    assert "model cache: Job chat-model-" in first.status["conditions"][0]["message"]
+
+    w = with_job(carried_out(world(make_sdep(**CACHED)), first), None)
+    assert len(decide(w).apply) == 1, "still downloading"
+    ready = decide(with_job(w, "Complete"))
+    assert kinds(ready.apply[1]) == [("Deployment", "chat")]
+    assert ready.status["modelCache"] == {"state": "Ready", "claimName": "models", "job": kinds(first.apply[0])[-1][1],
+                                          "message": "claim models holds the model"}
+    assert cache_condition(ready.status)["status"] == "True"
+
+
+def test_a_failed_download_says_why_and_starts_nothing():
+    w = carried_out(world(make_sdep(**CACHED)), decide(world(make_sdep(**CACHED))))
+    failed = decide(with_job(w, "Failed", reason="BackoffLimitExceeded", message="Job has reached the specified backoff limit"))
+    assert len(failed.apply) == 1
+    assert failed.status["modelCache"]["state"] == "Failed"
+    assert cache_condition(failed.status)["reason"] == "DownloadFailed"
+    assert "BackoffLimitExceeded: Job has reached the specified backoff limit" in failed.status["modelCache"]["message"]
+    assert "delete the Job to try again" in failed.status["conditions"][0]["message"]
+
+
+def settled_cached(**spec) -> World:
+    w = world(make_sdep(**spec))
+    w = with_job(carried_out(w, decide(w)), "Complete")
+    for _ in range(3):
+        w = with_job(carried_out(w, decide(w)), "Complete")
+    return w
+
+
+def test_a_new_source_downloads_while_the_old_pods_keep_serving():
+    w = settled_cached(replicas=2, **CACHED)
+    assert w.sdep["status"]["phase"] == "Ready"
+    old_job = kinds(w.labelled["Job"])
+    decided = decide(edited(w, replicas=2, model={**CACHED["model"], "source": "hf://org/next"}))
+    assert kinds(decided.prune) == old_job, "the finished Job of the old source goes"
+    assert len(decided.apply) == 1 and not any(k == "Deployment" for k, _ in kinds(decided.prune)), \
+        "the Deployment is neither changed nor pruned while the new model downloads"
+    assert decided.status["phase"] == "Progressing" and decided.status["readyReplicas"] == 2
+
+
+def test_dropping_the_cache_prunes_its_job_and_claim_and_clears_its_status():
+    sized = {"model": {"name": "m", "source": "hf://org/m", "cache": {"size": "10Gi"}}}
+    w = settled_cached(**sized)
+    assert sorted(kinds(w.labelled["PersistentVolumeClaim"])) == [("PersistentVolumeClaim", "chat-model-cache")]
+    decided = decide(edited(w, model={"name": "m", "source": "hf://org/m", "diskSize": "1Gi"}))
+    assert sorted(k for k, _ in kinds(decided.prune)) == ["Job", "PersistentVolumeClaim"]
+    assert decided.status["modelCache"] is None, "removed by the status merge patch"
+    assert all(c["type"] != "ModelCacheReady" for c in decided.status["conditions"])

@@ -25,13 +25,21 @@ def test_layout_is_multi_pod_only_beyond_one_node():
 
 
 def test_model_sources():
-    assert model_source("smollm2-135m-instruct").path == "smollm2-135m-instruct"
-    assert model_source("/weights/llama") .path == "/weights/llama"
-    pvc = model_source("pvc://models/llama/3-8b")
+    def source(value, **model):
+        return model_source("chat", {"name": "m", "source": value, **model})
+
+    assert source("smollm2-135m-instruct").path == "smollm2-135m-instruct"
+    assert source("/weights/llama").path == "/weights/llama"
+    pvc = source("pvc://models/llama/3-8b")
     assert (pvc.pvc_claim, pvc.path, pvc.hf_repo) == ("models", "/models/llama/3-8b", None)
-    hf = model_source("hf://HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert (hf.hf_repo, hf.path, hf.pvc_claim) == (
-        "HuggingFaceTB/SmolLM2-135M-Instruct", "/models/HuggingFaceTB/SmolLM2-135M-Instruct", None)
+    assert not pvc.cached and not pvc.downloads_per_pod
+    hf = source("hf://HuggingFaceTB/SmolLM2-135M-Instruct", diskSize="1Gi")
+    assert (hf.hf_repo, hf.path, hf.pvc_claim, hf.disk_size) == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "/models/HuggingFaceTB/SmolLM2-135M-Instruct", None, "1Gi")
+    assert hf.downloads_per_pod and not hf.cached
+    shared = source("hf://org/m", cache={"claimName": "models"})
+    assert (shared.pvc_claim, shared.path) == ("models", "/models/org/m") and shared.cached
+    assert source("hf://org/m", cache={"size": "100Gi"}).pvc_claim == "chat-model-cache"
 
 
 def test_with_defaults_fills_nested_defaults_and_keeps_given_values():
@@ -64,6 +72,15 @@ def test_multi_pod_names_must_leave_room_for_statefulset_pod_labels():
     assert validate(name, spec) == []
     [problem] = validate("m" * 51, spec)  # "-9" makes 53
     assert "StatefulSet name" in problem and "exceeds 52" in problem
+
+
+def test_a_cached_model_leaves_room_for_its_download_jobs_name():
+    spec = make_sdep(model={"name": "m", "source": "hf://org/m", "cache": {"claimName": "models"}})["spec"]
+    assert validate("m" * 48, spec) == []
+    [problem] = validate("m" * 49, spec)  # the Job, <name>-model-<8 hex>, would be 64 characters
+    assert "model cache" in problem and "at most 48" in problem
+    spec["model"] = {"name": "m", "source": "hf://org/m", "diskSize": "1Gi"}
+    assert validate("m" * 49, spec) == [], "no cache, no Job"
 
 
 def test_extra_args_must_not_set_managed_flags():

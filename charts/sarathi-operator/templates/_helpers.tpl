@@ -60,6 +60,14 @@ test keeps them equal), granted cluster-wide or in each watched namespace.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, update, patch]
+# The model cache of an hf:// source: the claim (when the spec sizes it) and the Job that
+# downloads into it, watched for its completion.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, list, create, update, patch, delete]
 # The Gateway API Inference Extension's pool over the serving pods, where its CRD is installed.
 - apiGroups: [inference.networking.k8s.io]
   resources: [inferencepools]
