@@ -28,7 +28,7 @@ import pytest
 
 from benchmarks.autotune import prefill_rate
 from e2e.test_operator import (  # noqa: F401  (fixtures)
-    Cluster, Operator, condition, crd, engine_pods, fresh_namespace, k, operator_kubeconfig, sdep_on_runner,
+    Cluster, condition, crd, engine_pods, fresh_namespace, k, operator_kubeconfig, operator_running, sdep_on_runner,
     wait_until,
 )
 from sarathi_engine.bench import loadgen
@@ -109,11 +109,9 @@ def namespace(k, crd, pod_runner):
 
 @pytest.fixture(scope="module")
 def operator(operator_kubeconfig, namespace, tmp_path_factory):
-    op = Operator(operator_kubeconfig, namespace, tmp_path_factory.mktemp("operator") / "operator.log")
-    op.start()
-    yield op
-    op.stop()
-    print(f"--- operator log ({op.log}) ---\n{op.log.read_text()[-8000:]}")
+    with operator_running(operator_kubeconfig, namespace, tmp_path_factory.mktemp("operator") / "operator.log",
+                          shown=8000) as op:
+        yield op
 
 
 def status(k: Cluster, namespace: str) -> dict:

@@ -17,7 +17,7 @@ import pytest
 from openai import OpenAI
 
 from e2e.test_operator import (  # noqa: F401  (fixtures)
-    Cluster, Operator, crd, fresh_namespace, k, operator_kubeconfig, sdep_on_runner, wait_until,
+    Cluster, crd, fresh_namespace, k, operator_kubeconfig, operator_running, sdep_on_runner, wait_until,
 )
 from sarathi_engine.model_store import DEFAULT_MODEL, DOWNLOADED_MARKER, resolve_model
 from sarathi_operator.names import COMPONENT_LABEL, DEPLOYMENT_LABEL
@@ -38,11 +38,9 @@ def namespace(k, crd, pod_runner):
 
 @pytest.fixture(scope="module")
 def operator(operator_kubeconfig, namespace, tmp_path_factory):
-    op = Operator(operator_kubeconfig, namespace, tmp_path_factory.mktemp("operator") / "operator.log")
-    op.start()
-    yield op
-    op.stop()
-    print(f"--- operator log ({op.log}) ---\n{op.log.read_text()[-8000:]}")
+    with operator_running(operator_kubeconfig, namespace, tmp_path_factory.mktemp("operator") / "operator.log",
+                          shown=8000) as op:
+        yield op
 
 
 @pytest.fixture(scope="module")

@@ -222,13 +222,23 @@ def scratch_namespace(k, crd):
         yield name
 
 
+@contextlib.contextmanager
+def operator_running(kubeconfig: Path, namespace: str, log: Path, shown: int = 5000):
+    """An operator watching namespace while the block runs; the tail of its log is printed
+    after (pytest shows it when a test failed)."""
+    op = Operator(kubeconfig, namespace, log)
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        print(f"--- operator log ({op.log}) ---\n{op.log.read_text()[-shown:]}")
+
+
 @pytest.fixture
 def operator(operator_kubeconfig, namespace, tmp_path):
-    op = Operator(operator_kubeconfig, namespace, tmp_path / "operator.log")
-    op.start()
-    yield op
-    op.stop()
-    print(f"--- operator log ({op.log}) ---\n{op.log.read_text()[-5000:]}")
+    with operator_running(operator_kubeconfig, namespace, tmp_path / "operator.log") as op:
+        yield op
 
 
 # ---------------------------------------------------------------- the CRD
