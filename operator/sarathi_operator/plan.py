@@ -72,6 +72,8 @@ class StatusInputs:
 
 @dataclass(frozen=True)
 class Plan:
+    """What one pass does (apply, prune, restart, push, in that order) and the status it writes."""
+
     spec: dict  # with defaults
     token: str = ""  # the admin token the engines and the Secret carry
     settings: dict = field(default_factory=dict)  # the live settings every serving engine should run
