@@ -143,8 +143,11 @@ def test_a_full_waiting_queue_answers_429_and_the_server_stays_up(tiny_server):
             return await asyncio.gather(*(one(i) for i in range(12)))
 
     results = asyncio.run(flood())
-    # One running and two waiting are served in full; the other nine are turned away at once.
-    assert sorted(status for status, _ in results) == [200] * 3 + [429] * 9
+    # One running and two waiting are served in full; the others are turned away at once. Until
+    # the engine has scheduled the first, it holds a waiting place too: then only two are served.
+    statuses = sorted(status for status, _ in results)
+    served = statuses.count(200)
+    assert served in (2, 3) and statuses == [200] * served + [429] * (12 - served), statuses
     message = next(body for status, body in results if status == 429)["error"]
     assert "overloaded" in message["message"] and message["type"] == "rate_limit_error"
     assert get(server.url + "/ready")[0] == 200
