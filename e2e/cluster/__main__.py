@@ -1,4 +1,7 @@
-"""`python -m e2e.cluster {build,up,down,status,gpu-nodes}`: the command line behind make cluster-up/-down.
+"""`python -m e2e.cluster {build,up,down,status,gpu-nodes,lws-up,lws-down}`: the command line behind make
+cluster-up/-down.
+
+lws-up installs LeaderWorkerSet (CRDs, controller, webhooks) on the running cluster; lws-down removes it.
 
 gpu-nodes prints the fake GPU Node manifests, for putting them on another cluster that runs kwok (kind).
 """
@@ -9,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from . import build, cluster
+from . import build, cluster, lws
 from .layout import Layout, default_base_port, default_state_dir
 from .nodes import gpu_nodes
 from .ui import say
@@ -17,7 +20,7 @@ from .ui import say
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m e2e.cluster", description=__doc__)
-    parser.add_argument("command", choices=["build", "up", "down", "status", "gpu-nodes"])
+    parser.add_argument("command", choices=["build", "up", "down", "status", "gpu-nodes", "lws-up", "lws-down"])
     parser.add_argument("--state-dir", type=Path, default=None, help="default: $SARATHI_CLUSTER_STATE or .cache/cluster")
     parser.add_argument("--port", type=int, default=None, help="base port; default: $SARATHI_CLUSTER_PORT or 26443")
     parser.add_argument("--gpu-nodes", type=int, default=2, help="fake 8-GPU nodes to create (up, gpu-nodes)")
@@ -38,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "down":
             with cluster.locked(layout):
                 cluster.down(layout)
+        elif args.command in ("lws-up", "lws-down"):
+            with cluster.locked(layout):
+                if not cluster.running(layout):
+                    raise cluster.ClusterError(f"no cluster running in {layout.state}: `up` first")
+                if args.command == "lws-up":
+                    lws.install(layout, args.timeout)
+                else:
+                    lws.uninstall(layout)
         elif args.command == "gpu-nodes":
             print(yaml.safe_dump_all(gpu_nodes(args.gpu_nodes), sort_keys=False), end="")
         else:

@@ -84,7 +84,7 @@ def read_procs(layout: Layout) -> list[Proc]:
         return []
 
 
-def _write_procs(layout: Layout, procs: list[Proc]) -> None:
+def write_procs(layout: Layout, procs: list[Proc]) -> None:
     layout.processes.write_text(json.dumps([p.to_json() for p in procs], indent=1))
 
 
@@ -147,7 +147,7 @@ def _start_daemons(layout: Layout, bin_dir, procs: list[Proc], timeout: float) -
             env = {"HOME": str(layout.state)} if name == "kwok" else None  # no ~/.kwok config leaks in
             proc = spawn(name, components.ARGV[name](layout, bin_dir), layout.log(name), env)
             procs.append(proc)
-            _write_procs(layout, procs)
+            write_procs(layout, procs)
             wait_healthy(proc, layout, timeout)
 
 

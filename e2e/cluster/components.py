@@ -81,6 +81,6 @@ def health_url(name: str, layout: Layout) -> str:
     """The endpoint that answers 200 once the component is serving."""
     paths = {"etcd": ("http", "/health"), "kube-apiserver": ("https", "/readyz"),
              "kube-controller-manager": ("https", "/healthz"), "kube-scheduler": ("https", "/healthz"),
-             "kwok": ("http", "/healthz")}
+             "kwok": ("http", "/healthz"), "lws-controller": ("http", "/healthz")}
     scheme, path = paths[name]
     return layout.url(name, scheme) + path

@@ -13,7 +13,7 @@ POD_CIDR = "127.1.0.0/16"
 SERVICE_CIDR = "127.2.0.0/16"
 # Offsets from the base port; the API server takes the base port itself.
 PORT_OFFSETS = {"kube-apiserver": 0, "etcd": 1, "etcd-peer": 2, "kube-controller-manager": 3,
-                "kube-scheduler": 4, "kwok": 5}
+                "kube-scheduler": 4, "kwok": 5, "lws-webhook": 6, "lws-controller": 7}
 
 
 def default_state_dir() -> Path:

@@ -46,18 +46,27 @@ def _signed(pki: Path, name: str, subj: str, exts: list[str]) -> None:
              "-extfile", str(ext_file), "-out", str(pki / f"{name}.crt"))
 
 
+def client_cert(pki: Path, name: str, cn: str, org: str) -> None:
+    """<name>.crt/.key: a client certificate from the CA for the identity cn (in group org)."""
+    _signed(pki, name, subject(cn, org), ["keyUsage=critical,digitalSignature,keyEncipherment",
+                                          "extendedKeyUsage=clientAuth"])
+
+
+def server_cert(pki: Path, name: str, cn: str, sans: tuple[str, ...]) -> None:
+    """<name>.crt/.key: a serving certificate from the CA for the subject alternative names."""
+    _signed(pki, name, f"/CN={cn}", ["keyUsage=critical,digitalSignature,keyEncipherment",
+                                     "extendedKeyUsage=serverAuth", "subjectAltName=" + ",".join(sans)])
+
+
 def make_pki(pki: Path) -> None:
     """CA, API-server serving cert, one client cert per CLIENTS entry, service-account key pair."""
     pki.mkdir(parents=True, exist_ok=True)
     _ec_key(pki / "ca.key")
     _openssl("req", "-x509", "-new", "-key", str(pki / "ca.key"), "-subj", "/CN=sarathi-local-ca",
              "-days", "3650", "-sha256", "-out", str(pki / "ca.crt"))
-    _signed(pki, "apiserver", "/CN=kube-apiserver",
-            ["keyUsage=critical,digitalSignature,keyEncipherment", "extendedKeyUsage=serverAuth",
-             "subjectAltName=" + ",".join(SERVER_SANS)])
+    server_cert(pki, "apiserver", "kube-apiserver", SERVER_SANS)
     for name, (cn, org) in CLIENTS.items():
-        _signed(pki, name, subject(cn, org),
-                ["keyUsage=critical,digitalSignature,keyEncipherment", "extendedKeyUsage=clientAuth"])
+        client_cert(pki, name, cn, org)
     _ec_key(pki / "sa.key")
     _openssl("pkey", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from e2e.cluster import build, components, nodes, pki
+from e2e.cluster import build, components, lws, nodes, pki
 from e2e.cluster.layout import PORT_OFFSETS, Layout
 
 RELEASE_GOMOD = """module k8s.io/kubernetes
@@ -73,3 +73,37 @@ def test_kubeconfig_embeds_credentials():
     assert conf["clusters"][0]["cluster"]["certificate-authority-data"] == "Q0E="
     assert conf["users"][0]["user"]["client-key-data"] == "S0VZ"
     assert conf["current-context"] == "c"
+
+
+LWS_MANIFESTS = """apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {name: mutating-webhook-configuration}
+webhooks:
+- name: mleaderworkerset.kb.io
+  clientConfig: {service: {name: webhook-service, namespace: system, path: /mutate-leaderworkerset-x-k8s-io-v1-leaderworkerset}}
+  rules: [{apiGroups: [leaderworkerset.x-k8s.io], apiVersions: [v1], operations: [CREATE], resources: [leaderworkersets]}]
+- name: mpod.kb.io
+  clientConfig: {service: {name: webhook-service, namespace: system, path: /mutate--v1-pod}}
+  rules: [{apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods]}]
+"""
+
+
+def test_lws_webhooks_call_the_controller_on_loopback_and_pods_only_of_leader_worker_sets():
+    [config] = lws.webhook_configurations(LWS_MANIFESTS, "https://127.0.0.1:26449", b"CA")
+    assert config["metadata"]["name"] == "lws-mutating-webhook-configuration"
+    sets, pods = config["webhooks"]
+    assert sets["clientConfig"] == {"url": "https://127.0.0.1:26449/mutate-leaderworkerset-x-k8s-io-v1-leaderworkerset",
+                                    "caBundle": "Q0E="}
+    assert pods["clientConfig"]["url"].endswith("/mutate--v1-pod")
+    assert "objectSelector" not in sets
+    assert pods["objectSelector"] == {"matchExpressions": [{"key": lws.SET_NAME_LABEL, "operator": "Exists"}]}
+
+
+def test_lws_controller_listens_on_the_layouts_ports_without_leader_election_or_its_own_certificates():
+    layout = Layout(Path("/state"), base_port=30000)
+    config = lws.controller_config(layout, Path("/certs"))
+    assert config["webhook"] == {"host": "127.0.0.1", "port": 30006, "certDir": "/certs"}
+    assert config["health"]["healthProbeBindAddress"] == "127.0.0.1:30007"
+    assert components.health_url("lws-controller", layout) == "http://127.0.0.1:30007/healthz"
+    assert config["leaderElection"] == {"leaderElect": False} and config["internalCertManagement"] == {"enable": False}
+    assert config["metrics"] == {"bindAddress": "0"}

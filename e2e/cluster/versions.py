@@ -9,5 +9,7 @@ KUBERNETES = "v1.36.3"
 ETCD = "v3.6.8"
 KWOK = "v0.8.0"
 HELM = "v3.22.0"
+# LeaderWorkerSet, installed on demand (lws.py); v0.9.0 is built against Kubernetes v0.36 libraries.
+LWS = "v0.9.0"
 
-KEY = f"k8s-{KUBERNETES}_etcd-{ETCD}_kwok-{KWOK}_helm-{HELM}"
+KEY = f"k8s-{KUBERNETES}_etcd-{ETCD}_kwok-{KWOK}_helm-{HELM}_lws-{LWS}"
