@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from sarathi_engine.threads import set_engine_threads, threads_per_rank
 
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_TIMEOUT = 600.0  # seconds: joining, loading weights on every rank, and any one wait within a step
+RESOLVE_RETRY_SECONDS = 1.0
 
 T = TypeVar("T")
 
@@ -78,6 +80,29 @@ def _int(text: str, name: str) -> int:
         return int(text)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {text!r}") from None
+
+
+def resolved_master(master: str, timeout: float, resolve: Callable[[str], str] | None = None,
+                    clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> str:
+    """master (host:port) with its host resolved to an address, retried until `timeout`: a pod's
+    DNS name (a headless Service's record, LeaderWorkerSet's LWS_LEADER_ADDRESS) appears only once
+    the pod exists, which may be after this pod starts; torch gets the address."""
+    host, _, port = master.rpartition(":")
+    resolve = resolve or _address_of
+    deadline = clock() + timeout
+    while True:
+        try:
+            address = resolve(host)
+            break
+        except OSError as e:
+            if clock() >= deadline:
+                raise RuntimeError(f"rank 0's address {host!r} did not resolve within {timeout:.0f}s: {e}") from None
+            sleep(RESOLVE_RETRY_SECONDS)
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _address_of(host: str) -> str:
+    return socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)[0][4][0]
 
 
 def dist_timeout(env: Mapping[str, str] = os.environ) -> float:
@@ -182,7 +207,7 @@ def start_pod(config: EngineConfig, model_cfg: ModelConfig, folder: Path,
     """This pod's ranks: the children first, then this process as the pod's first rank."""
     parallel = config.parallel
     check_layout(model_cfg, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
-    master = placement.master or f"127.0.0.1:{free_port()}"
+    master = resolved_master(placement.master, dist_timeout()) if placement.master else f"127.0.0.1:{free_port()}"
     set_engine_threads(placement.ranks_per_pod)
     config = dataclasses.replace(config, model=str(folder))
     children = LocalRanks(config, placement, master)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sarathi_engine.config import ParallelConfig
-from sarathi_engine.launch import Placement, placement_from_env
+from sarathi_engine.launch import Placement, placement_from_env, resolved_master
 from sarathi_engine.model.layers import head_shard
 from sarathi_engine.model.llama import stage_layers
 from sarathi_engine.model_runner import make_inputs
@@ -101,3 +101,33 @@ def test_bubble_share_counts_each_stage_once_and_weighs_by_time():
                StageTiming(2, 1, busy=2.0, span=10.0), StageTiming(3, 1, busy=9.0, span=10.0)]
     assert bubble_share(timings) == pytest.approx((4 + 8) / 20)
     assert timings[2].idle_share == pytest.approx(0.8)
+
+
+def test_rank_zero_is_reached_by_address_once_its_name_resolves():
+    answers = iter([OSError("Name or service not known")] * 2 + ["10.0.3.7"])
+    naps = []
+
+    def resolve(host):
+        assert host == "chat-lws-0.chat-lws.ns"
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    master = resolved_master("chat-lws-0.chat-lws.ns:29500", 60, resolve, clock=lambda: 0.0, sleep=naps.append)
+    assert master == "10.0.3.7:29500" and len(naps) == 2
+
+
+def test_a_name_that_never_resolves_fails_naming_it_after_the_timeout():
+    now = iter(range(0, 100, 30))
+
+    def resolve(host):
+        raise OSError("Name or service not known")
+
+    with pytest.raises(RuntimeError, match="'chat-0-0.chat-ranks' did not resolve within 60s"):
+        resolved_master("chat-0-0.chat-ranks:29500", 60, resolve, clock=lambda: next(now), sleep=lambda s: None)
+
+
+@pytest.mark.parametrize("master", ["127.0.0.1:29500", "[::1]:29500"])
+def test_addresses_pass_through_the_system_resolver(master):
+    assert resolved_master(master, 1) == master
