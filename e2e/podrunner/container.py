@@ -21,6 +21,8 @@ from pathlib import Path
 IMAGE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "SARATHI_CACHE", "SARATHI_KERNELS_DIR",
              "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 POD_IP_ENV = "SARATHI_PODRUNNER_POD_IP"
+HOSTS_ENV = "SARATHI_PODRUNNER_HOSTS"  # the DNS names of the runner's pods (shim/sitecustomize.py)
+NAMESPACE_ENV = "SARATHI_PODRUNNER_NAMESPACE"
 SHIM_DIR = Path(__file__).resolve().parent / "shim"
 
 _LABEL_REF = re.compile(r"^metadata\.(labels|annotations)\['([^']+)'\]$")
@@ -123,6 +125,15 @@ def under_mounts(value: str, mounts: dict[str, str]) -> str:
         if value == mount or value.startswith(mount + "/"):
             return mounts[mount] + value[len(mount):]
     return value
+
+
+def dns_name(pod: dict) -> str | None:
+    """The name cluster DNS gives a pod with a subdomain (a headless Service of that name selects
+    it): <hostname>.<subdomain>.<namespace>.svc.cluster.local; None without a subdomain."""
+    spec, meta = pod["spec"], pod["metadata"]
+    if not spec.get("subdomain"):
+        return None
+    return f"{spec.get('hostname') or meta['name']}.{spec['subdomain']}.{meta['namespace']}.svc.cluster.local"
 
 
 def image_env(environ: dict[str, str], venv_bin: Path) -> dict[str, str]:

@@ -134,7 +134,8 @@ class PodProcess:
             env = {**self.runner.image_env,
                    **{k: container.under_mounts(v, mounts)
                       for k, v in container.pod_env(self.pod, spec, self.ip, self.runner.read_secret).items()},
-                   container.POD_IP_ENV: self.ip}
+                   container.POD_IP_ENV: self.ip, container.HOSTS_ENV: str(self.runner.hosts_file),
+                   container.NAMESPACE_ENV: self.pod["metadata"]["namespace"]}
             if _mounts_service_account_token(self.pod):
                 env["KUBECONFIG"] = str(self.runner.write_pod_kubeconfig(self.pod, self.workdir))
             probes = {kind: container.probe(spec, kind) for kind in ("startupProbe", "readinessProbe")}
@@ -249,6 +250,7 @@ class Runner:
         self.pod_cidr = ""
         self.error: str | None = None
         self._node: dict = {}
+        self._hosts: dict[str, str] | None = None
         self._lease_due = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"podrunner-{node_name}", daemon=True)
@@ -269,6 +271,10 @@ class Runner:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def hosts_file(self) -> Path:
+        return self.state / "hosts.json"
 
     def placement(self) -> tuple[dict, list[dict]]:
         """nodeSelector and tolerations for pods meant to run here."""
@@ -342,6 +348,16 @@ class Runner:
         for uid, pod in listed.items():
             if uid not in self.pods:  # its process is gone, or it was deleted before it ever ran here
                 self._delete_pod(pod)
+        self._write_hosts()
+
+    def _write_hosts(self) -> None:
+        """The DNS names of the pods running here, for the shim; replaced whole when they change."""
+        hosts = {name: p.ip for p in self.pods.values() if not p.terminating and (name := container.dns_name(p.pod))}
+        if hosts != self._hosts:
+            tmp = self.hosts_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(hosts))
+            tmp.replace(self.hosts_file)
+            self._hosts = hosts
 
     def _admit(self, pod: dict) -> PodProcess:
         meta = pod["metadata"]

@@ -1,6 +1,7 @@
 """Unit tests of the pod runner's pure parts: what it runs for a pod, the status it reports,
 its node, and the bind shim."""
 
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 from e2e.cluster.nodes import KWOK_ANNOTATION
 
 from . import container, node, status
-from .shim.sitecustomize import pod_address
+from .shim.sitecustomize import cluster_address, pod_address
 
 
 def pod(**container_fields) -> dict:
@@ -212,3 +213,33 @@ def test_shim_is_loaded_by_python_processes_with_it_on_their_path():
     env = {**os.environ, "PYTHONPATH": str(container.SHIM_DIR), container.POD_IP_ENV: "127.3.255.254"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "127.3.255.254"
+
+
+def test_pods_with_a_subdomain_have_the_dns_name_cluster_dns_gives_them():
+    p = pod()
+    assert container.dns_name(p) is None
+    p["spec"].update(hostname="chat-lws-0", subdomain="chat-lws")
+    assert container.dns_name(p) == f"chat-lws-0.chat-lws.{p['metadata']['namespace']}.svc.cluster.local"
+    del p["spec"]["hostname"]
+    assert container.dns_name(p).startswith(f"{p['metadata']['name']}.chat-lws.")
+
+
+def test_shim_finds_cluster_names_through_the_namespaces_search_domains():
+    table = {"chat-lws-0.chat-lws.ns.svc.cluster.local": "127.3.0.4"}
+    for name in ("chat-lws-0.chat-lws", "chat-lws-0.chat-lws.ns", "chat-lws-0.chat-lws.ns.svc",
+                 "chat-lws-0.chat-lws.ns.svc.cluster.local", "chat-lws-0.chat-lws.ns.svc.cluster.local."):
+        assert cluster_address(name, "ns", table) == "127.3.0.4", name
+    assert cluster_address("chat-lws-0.chat-lws", "other", table) is None, "another namespace's search domains"
+    assert cluster_address("chat-lws-0.chat-lws.", "ns", table) is None, "a trailing dot is not searched"
+    assert cluster_address("example.com", "ns", table) is None and cluster_address(None, "ns", table) is None
+
+
+def test_shim_resolves_the_runners_pods_before_the_system_resolver(tmp_path):
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps({"chat-lws-0.chat-lws.ns.svc.cluster.local": "127.3.0.4"}))
+    code = ("import socket; print(socket.getaddrinfo('chat-lws-0.chat-lws.ns', 29500)[0][4][0], "
+            "socket.gethostbyname('chat-lws-0.chat-lws'), socket.gethostbyname('127.0.0.1'))")
+    env = {**os.environ, "PYTHONPATH": str(container.SHIM_DIR), container.HOSTS_ENV: str(hosts),
+           container.NAMESPACE_ENV: "ns"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["127.3.0.4", "127.3.0.4", "127.0.0.1"]
