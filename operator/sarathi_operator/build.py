@@ -4,7 +4,7 @@ Every child is named after the resource and controlled by it, so deleting the re
 deletes them all:
 
   <name>-admin   Secret               the admin API token (generated once, by the caller)
-  <name>-ranks   Service (headless)   rank discovery, only when a replica spans pods
+  <name>-ranks   Service (headless)   rank discovery, when a replica spans pods as StatefulSets
   <name>         Service              the OpenAI API on the serving (rank-0) pods
   <name>         PodDisruptionBudget  at most one engine pod evicted at a time
   <name>         InferencePool        the serving pods for a Gateway API inference gateway, when
@@ -12,7 +12,9 @@ deletes them all:
   <name>-model-cache  PersistentVolumeClaim  the model cache, when spec.model.cache.size asks
   <name>-model-<digest>  Job          downloads an hf:// source into its cache, once
   <name>         Deployment           when a replica is one pod
-  <name>-<i>     StatefulSet          one per replica when a replica spans pods
+  <name>-lws     LeaderWorkerSet      when a replica spans pods and the cluster serves them: one
+                                      group per replica, started, restarted and rolled as a whole
+  <name>-<i>     StatefulSet          one per replica when a replica spans pods, otherwise
 
 `spec` is always the defaulted spec (spec.with_defaults). Each workload is built once per pass,
 without the live settings (settings.py); its rollout hash is the digest of that template, and the
@@ -27,8 +29,8 @@ import json
 from . import names, settings
 from .names import CONTAINER, DIST_PORT, HTTP_PORT
 from .spec import (
-    GPU_RESOURCE, MODEL_DIR, OPERATOR_VOLUMES, Layout, ModelSource, download_job, layout, model_cache_claim,
-    model_source, statefulset_name,
+    GPU_RESOURCE, MODEL_DIR, OPERATOR_VOLUMES, Layout, ModelSource, download_job, layout, leader_worker_set_name,
+    model_cache_claim, model_source, statefulset_name,
 )
 
 # Long enough for the engine to drain in-flight requests after SIGTERM.
@@ -36,14 +38,15 @@ TERMINATION_GRACE_SECONDS = 120
 
 
 def children(sdep: dict, spec: dict, *, token: str, desired: dict, existing: dict[str, dict],
-             inference_pools: bool = False) -> list[dict]:
+             inference_pools: bool = False, leader_worker_sets: bool = False) -> list[dict]:
     """Every child of the resource, workloads last. desired: the live settings (settings.py);
     existing: the workloads there are, by name (their pods keep the settings they started with
-    while nothing else in their template changes); inference_pools: the cluster serves
-    InferencePools (the Gateway API Inference Extension's CRD is installed)."""
-    lay = layout(spec["parallelism"])
+    while nothing else in their template changes); inference_pools, leader_worker_sets: the
+    cluster serves InferencePools (the Gateway API Inference Extension's CRD is installed),
+    LeaderWorkerSets."""
+    lay = layout(spec["parallelism"], leader_worker_sets)
     children = [build_secret(sdep, token)]
-    if lay.multi_pod:
+    if lay.multi_pod and not lay.gang:
         children.append(build_ranks_service(sdep))
     children += [build_service(sdep, lay), build_pdb(sdep)]
     if spec["gateway"]["inferencePool"] and inference_pools:
@@ -53,7 +56,7 @@ def children(sdep: dict, spec: dict, *, token: str, desired: dict, existing: dic
     if model_source(sdep["metadata"]["name"], spec["model"]).cached:
         children.append(build_download_job(sdep, spec))
     workloads = []
-    for workload in build_workloads(sdep, spec, token_digest(token)):
+    for workload in build_workloads(sdep, spec, lay, token_digest(token)):
         meta = workload["metadata"]
         kept = settings.started_with(existing.get(meta["name"]), meta["annotations"][names.ROLLOUT_HASH])
         if kept is not None and not settings.live_reachable(kept, desired):
@@ -164,6 +167,7 @@ def build_pdb(sdep: dict) -> dict:
 
 
 INFERENCE_POOL_API = "inference.networking.k8s.io/v1"
+LEADER_WORKER_SET_API = "leaderworkerset.x-k8s.io/v1"
 ENDPOINT_PICKER_PORT = 9002  # the Gateway API Inference Extension's default
 
 
@@ -180,9 +184,10 @@ def build_inference_pool(sdep: dict, spec: dict, lay: Layout) -> dict:
     return {"apiVersion": INFERENCE_POOL_API, "kind": "InferencePool", "metadata": _metadata(sdep, name), "spec": pool}
 
 
-def build_workloads(sdep: dict, spec: dict, admin_digest: str) -> list[dict]:
+def build_workloads(sdep: dict, spec: dict, lay: Layout, admin_digest: str) -> list[dict]:
     """The workloads without the live settings, each with its rollout hash."""
-    lay = layout(spec["parallelism"])
+    if lay.gang:
+        return [build_leader_worker_set(sdep, spec, lay, admin_digest)]
     if lay.multi_pod:
         return [build_statefulset(sdep, spec, lay, admin_digest, replica) for replica in range(spec["replicas"])]
     return [build_deployment(sdep, spec, lay, admin_digest)]
@@ -194,12 +199,19 @@ def with_settings(workload: dict, live: dict, extra_args: int) -> dict:
     out = json.loads(json.dumps(workload))
     encoded = settings.encode(live)
     out["metadata"]["annotations"][names.SETTINGS] = encoded
-    template = out["spec"]["template"]
+    template = pod_template(out)
     template["metadata"]["annotations"][names.SETTINGS] = encoded
     container = template["spec"]["containers"][0]
     cut = len(container["args"]) - extra_args
     container["args"] = container["args"][:cut] + settings.flags(live) + container["args"][cut:]
     return out
+
+
+def pod_template(workload: dict) -> dict:
+    """The template a workload's pods are made from (one for all pods of a LeaderWorkerSet)."""
+    if workload["kind"] == "LeaderWorkerSet":
+        return workload["spec"]["leaderWorkerTemplate"]["workerTemplate"]
+    return workload["spec"]["template"]
 
 
 def _workload_metadata(sdep: dict, name: str, template: dict) -> dict:
@@ -243,6 +255,32 @@ def build_statefulset(sdep: dict, spec: dict, lay: Layout, admin_digest: str, re
             "updateStrategy": {"type": "OnDelete"},
             "selector": {"matchLabels": {**names.pod_selector(name), names.REPLICA_LABEL: str(replica)}},
             "template": template,
+        },
+    }
+
+
+def build_leader_worker_set(sdep: dict, spec: dict, lay: Layout, admin_digest: str) -> dict:
+    """One LeaderWorkerSet group per replica, every pod from one template: pod 0 (the leader)
+    runs rank 0 and serves the API. LeaderWorkerSet schedules and restarts a group as a whole and
+    rolls one group at a time, a new group ready before an old one goes (maxSurge 1)."""
+    name = sdep["metadata"]["name"]
+    template = build_pod_template(sdep, spec, lay, admin_digest)
+    return {
+        "apiVersion": LEADER_WORKER_SET_API,
+        "kind": "LeaderWorkerSet",
+        "metadata": _workload_metadata(sdep, leader_worker_set_name(name), template),
+        "spec": {
+            "replicas": spec["replicas"],
+            # Rank 0 waits for the others to join its process group: all pods start together.
+            "startupPolicy": "LeaderCreated",
+            "rolloutStrategy": {"type": "RollingUpdate",
+                                "rollingUpdateConfiguration": {"maxUnavailable": 0, "maxSurge": 1}},
+            "leaderWorkerTemplate": {
+                "size": lay.pods_per_replica,
+                # A rank cannot rejoin a running process group: one pod's restart restarts its group.
+                "restartPolicy": "RecreateGroupOnPodRestart",
+                "workerTemplate": template,
+            },
         },
     }
 
@@ -399,7 +437,8 @@ def _engine_env(name: str, lay: Layout, replica: int | None) -> list[dict]:
         "name": "SARATHI_ADMIN_TOKEN",
         "valueFrom": {"secretKeyRef": {"name": names.admin_secret(name), "key": names.ADMIN_TOKEN_KEY}},
     }]
-    if lay.multi_pod:
+    # A LeaderWorkerSet's pods get LWS_WORKER_INDEX, LWS_GROUP_SIZE and LWS_LEADER_ADDRESS from it.
+    if lay.multi_pod and not lay.gang:
         rank0 = f"{statefulset_name(name, replica)}-0"
         env += [
             {"name": "RANK", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{names.POD_INDEX_LABEL}']"}}},

@@ -16,6 +16,8 @@ CHILDREN = (
     ("v1", "services"),
     ("policy/v1", "poddisruptionbudgets"),
     ("batch/v1", "jobs"),  # a model download finishing lets the workloads start
+    # Watched where the cluster serves it when the operator starts (kopf looks up resources once).
+    ("leaderworkerset.x-k8s.io/v1", "leaderworkersets"),
 )
 RETRY_SECONDS = 5
 

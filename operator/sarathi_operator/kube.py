@@ -27,6 +27,7 @@ _PLURALS = {
     "StatefulSet": "statefulsets",
     "PodDisruptionBudget": "poddisruptionbudgets",
     "InferencePool": "inferencepools",
+    "LeaderWorkerSet": "leaderworkersets",
     "Job": "jobs",
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "SarathiDeployment": PLURAL,

@@ -13,6 +13,8 @@ DEPLOYMENT_LABEL = f"{GROUP}/deployment"
 REPLICA_LABEL = f"{GROUP}/replica"
 # Set by the StatefulSet controller on each pod (GA since Kubernetes 1.32).
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+# Set by LeaderWorkerSet on each pod of a group: 0 is the leader.
+WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 
 ROLLOUT_HASH = f"{GROUP}/rollout-hash"
 SETTINGS = f"{GROUP}/engine-settings"  # the live settings the pods start with (settings.py)
@@ -47,18 +49,24 @@ def pod_selector(name: str) -> dict:
 
 def operator_pod_labels() -> set[str]:
     """Every label key the operator or its workloads put on an engine pod: spec.podLabels may set none."""
-    return {*labels(""), *pod_selector(""), REPLICA_LABEL, POD_INDEX_LABEL}
+    return {*labels(""), *pod_selector(""), REPLICA_LABEL, POD_INDEX_LABEL, WORKER_INDEX_LABEL}
 
 
 def serving_selector(name: str, lay: Layout) -> dict:
-    """The pods that serve the OpenAI API: all of them, or rank 0 of each multi-pod replica."""
+    """The pods that serve the OpenAI API: all of them, or rank 0 of each multi-pod replica (pod 0
+    of its StatefulSet, or its LeaderWorkerSet group's leader)."""
     if lay.multi_pod:
-        return {**pod_selector(name), POD_INDEX_LABEL: "0"}
+        return {**pod_selector(name), (WORKER_INDEX_LABEL if lay.gang else POD_INDEX_LABEL): "0"}
     return pod_selector(name)
 
 
 def selector_string(selector: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in selector.items())
+
+
+def selector_from_string(text: str) -> dict:
+    """The inverse of selector_string."""
+    return dict(term.split("=", 1) for term in text.split(",") if term)
 
 
 def owner_reference(sdep: dict) -> dict:

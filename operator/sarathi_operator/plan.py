@@ -6,12 +6,14 @@ children to prune, which pods to delete to restart one multi-pod replica, which 
 the live settings on, and the status to write once that is done. Its rules:
 
   children  build.children: every child of the spec; an InferencePool only where the cluster
-            serves the API.
+            serves the API; multi-pod replicas as one LeaderWorkerSet where the cluster serves
+            that, else one StatefulSet each.
   prune     owned children (controlled by this incarnation of the resource) the plan no longer
             holds; children of others, even with our labels, are left alone.
-  restart   rollout.replica_to_restart over the multi-pod replicas, and never in a pass that
-            changes a workload (its controller must see the new template before pods restart,
-            or they come back with the old one) nor while the model downloads.
+  restart   rollout.replica_to_restart over multi-pod replicas run as StatefulSets, and never in
+            a pass that changes a workload (its controller must see the new template before pods
+            restart, or they come back with the old one) nor while the model downloads.
+            LeaderWorkerSet restarts and rolls its groups itself.
   push      settings.pods_needing: ready serving pods whose engine runs other live settings and
             can take them live.
   cache     an hf:// source with a cache: a Job downloads it into the claim; until that Job has
@@ -30,16 +32,17 @@ from .autotune import record as autotune_record
 from .spec import layout, model_source, validate, with_defaults
 
 INFERENCE_POOL_KIND = (build.INFERENCE_POOL_API, "InferencePool")
+LEADER_WORKER_SET_KIND = (build.LEADER_WORKER_SET_API, "LeaderWorkerSet")
 # Children that can fall out of the plan (scale-down of multi-pod replicas, a layout change,
 # another model source, a cache dropped), besides an InferencePool where the cluster serves them.
 PRUNABLE = (("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"), ("v1", "Service"), ("batch/v1", "Job"),
             ("v1", "PersistentVolumeClaim"))
-WORKLOADS = ("Deployment", "StatefulSet")
+WORKLOADS = ("Deployment", "StatefulSet", "LeaderWorkerSet")
 
 
-def prunable(pools_served: bool) -> tuple[tuple[str, str], ...]:
+def prunable(pools_served: bool, lws_served: bool) -> tuple[tuple[str, str], ...]:
     """The (apiVersion, kind) of every child kind a pass lists and may prune."""
-    return PRUNABLE + ((INFERENCE_POOL_KIND,) if pools_served else ())
+    return PRUNABLE + ((INFERENCE_POOL_KIND,) if pools_served else ()) + ((LEADER_WORKER_SET_KIND,) if lws_served else ())
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class World:
     sdep: dict
     admin_token: str | None  # the token in the admin Secret, when there is one
     pools_served: bool  # the cluster serves InferencePools
+    lws_served: bool  # the cluster serves LeaderWorkerSets
     labelled: dict[str, list[dict]]  # children carrying the resource's label, by kind
     engine_pods: list[dict]
 
@@ -92,17 +96,17 @@ def plan(world: World, *, engine_image: str | None, fresh_token: str, now: str) 
     meta = sdep["metadata"]
     previous = sdep.get("status", {})
     spec = with_defaults(sdep["spec"], engine_image)
-    problems = validate(meta["name"], spec)
+    problems = validate(meta["name"], spec, world.lws_served)
     if problems:
         return failed(world, spec, "InvalidSpec", "; ".join(problems), now)
 
     token = world.admin_token or fresh_token
     owned = {kind: [c for c in world.labelled.get(kind, []) if names.is_controlled_by(c, sdep)]
-             for _, kind in prunable(world.pools_served)}
+             for _, kind in prunable(world.pools_served, world.lws_served)}
     existing = {w["metadata"]["name"]: w for kind in WORKLOADS for w in owned.get(kind, [])}
     target = settings.desired(spec, previous)
     children = build.children(sdep, spec, token=token, desired=target, existing=existing,
-                              inference_pools=world.pools_served)
+                              inference_pools=world.pools_served, leader_worker_sets=world.lws_served)
     cache = model_cache(meta["name"], spec, children, owned)
     held = cache is not None and cache["state"] != "Ready"  # workloads wait for the model
     keep = {(c["kind"], c["metadata"]["name"]) for c in children}
@@ -115,9 +119,11 @@ def plan(world: World, *, engine_image: str | None, fresh_token: str, now: str) 
     current = list(existing.values()) if held else [
         existing[w["metadata"]["name"]] for w in workloads if w["metadata"]["name"] in existing]
 
-    lay = layout(spec["parallelism"])
+    lay = layout(spec["parallelism"], world.lws_served)
     restart, restart_pods = None, []
-    if lay.multi_pod:
+    if lay.gang:
+        replicas, ready, rolling = status.observe_leader_worker_set(current[0]) if current else (0, 0, True)
+    elif lay.multi_pod:
         groups = [rollout.replica_group(s, world.engine_pods) for s in current]
         if not changing and not held:
             restart = rollout.replica_to_restart(groups)

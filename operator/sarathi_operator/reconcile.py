@@ -111,12 +111,14 @@ class Reconciler:
         secret = self._pool.submit(self.kube.get, "v1", "Secret", namespace, names.admin_secret(name))
         engine_pods = self._pool.submit(self.kube.select, "v1", "Pod", namespace, names.pod_selector(name))
         pools_served = self.kube.serves(*plan.INFERENCE_POOL_KIND)
-        kinds = plan.prunable(pools_served)
+        lws_served = self.kube.serves(*plan.LEADER_WORKER_SET_KIND)
+        kinds = plan.prunable(pools_served, lws_served)
         listed = self._pool.map(lambda kind: self.kube.select(*kind, namespace, {names.DEPLOYMENT_LABEL: name}), kinds)
         return plan.World(
             sdep=sdep,
             admin_token=_token(secret.result()),
             pools_served=pools_served,
+            lws_served=lws_served,
             labelled={kind: children for (_, kind), children in zip(kinds, listed)},
             engine_pods=engine_pods.result(),
         )

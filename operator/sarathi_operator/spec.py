@@ -73,24 +73,26 @@ def with_defaults(spec: dict, engine_image: str | None = None) -> dict:
 
 @dataclass(frozen=True)
 class Layout:
-    """How one replica's GPUs are spread over pods."""
+    """How one replica's GPUs are spread over pods, and what runs a replica that spans pods."""
 
     gpus_per_replica: int
     pods_per_replica: int
     gpus_per_pod: int
+    gang: bool = False  # a multi-pod replica is one LeaderWorkerSet group, not a StatefulSet
 
     @property
     def multi_pod(self) -> bool:
         return self.pods_per_replica > 1
 
 
-def layout(parallelism: dict) -> Layout:
-    """A replica that fits one node is one pod; otherwise it fills whole nodes, one pod each."""
+def layout(parallelism: dict, leader_worker_sets: bool = False) -> Layout:
+    """A replica that fits one node is one pod; otherwise it fills whole nodes, one pod each, as
+    one LeaderWorkerSet group where the cluster serves them (leader_worker_sets)."""
     gpus = parallelism["tensor"] * parallelism["pipeline"]
     per_node = parallelism["gpusPerNode"]
     if gpus <= per_node:
         return Layout(gpus, 1, gpus)
-    return Layout(gpus, gpus // per_node, per_node)
+    return Layout(gpus, gpus // per_node, per_node, gang=leader_worker_sets)
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,20 @@ def statefulset_name(name: str, replica: int) -> str:
     return f"{name}-{replica}"
 
 
-def validate(name: str, spec: dict) -> list[str]:
-    """Problems with a (defaulted) spec that the schema cannot see; empty when it can run."""
+def leader_worker_set_name(name: str) -> str:
+    """Not the resource's own name: LeaderWorkerSet makes a headless Service of its name, and
+    `<name>` is the API's Service."""
+    return f"{name}-lws"
+
+
+def gang_statefulset_name(name: str, replica: int) -> str:
+    """The StatefulSet LeaderWorkerSet makes for the workers of one group (replica)."""
+    return f"{leader_worker_set_name(name)}-{replica}"
+
+
+def validate(name: str, spec: dict, leader_worker_sets: bool = False) -> list[str]:
+    """Problems with a (defaulted) spec that the schema cannot see; empty when it can run.
+    leader_worker_sets: multi-pod replicas are LeaderWorkerSet groups (longer names)."""
     problems = []
     if not _DNS1035.match(name) or len(name) > MAX_NAME:
         problems.append(
@@ -156,8 +170,10 @@ def validate(name: str, spec: dict) -> list[str]:
             f"'-', starting with a letter) of at most {MAX_NAME} characters, because it names "
             f"the Services the operator creates"
         )
-    if layout(spec["parallelism"]).multi_pod:
-        longest = statefulset_name(name, max(spec["replicas"] - 1, 0))
+    lay = layout(spec["parallelism"], leader_worker_sets)
+    if lay.multi_pod:
+        last = max(spec["replicas"] - 1, 0)
+        longest = gang_statefulset_name(name, last) if lay.gang else statefulset_name(name, last)
         if len(longest) > MAX_STATEFULSET_NAME:
             problems.append(
                 f"metadata.name {name!r} is too long for a multi-pod replica: StatefulSet name "

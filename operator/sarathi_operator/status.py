@@ -78,6 +78,19 @@ def observe_deployment(deployment: dict) -> tuple[int, int, bool]:
     return status.get("replicas", 0), status.get("readyReplicas", 0), rolling
 
 
+def observe_leader_worker_set(lws: dict) -> tuple[int, int, bool]:
+    """(replicas, ready, rolling) of multi-pod replicas as the groups of one LeaderWorkerSet. A
+    group is ready when all its pods are; during a rollout its surge group counts in `replicas`."""
+    status = lws.get("status", {})
+    desired = lws["spec"]["replicas"]
+    rolling = (
+        status.get("observedGeneration", 0) < lws["metadata"].get("generation", 1)
+        or status.get("updatedReplicas", 0) < desired
+        or status.get("replicas", 0) != desired
+    )
+    return status.get("replicas", 0), status.get("readyReplicas", 0), rolling
+
+
 def observe_statefulsets(statefulsets: list[dict], groups: list[ReplicaGroup], desired: int) -> tuple[int, int, bool]:
     """(replicas, ready, rolling) of multi-pod replicas, one StatefulSet each."""
     unobserved = any(

@@ -9,17 +9,17 @@ from sarathi_operator.spec import layout
 TOKEN = "s3cret"
 
 
-def built(obj, existing=None):
+def built(obj, existing=None, **served):
     return build.children(obj, obj["spec"], token=TOKEN, desired=settings.desired(obj["spec"], obj.get("status", {})),
-                          existing=existing or {})
+                          existing=existing or {}, **served)
 
 
-def children(obj, existing=None):
-    return {(c["kind"], c["metadata"]["name"]): c for c in built(obj, existing)}
+def children(obj, existing=None, **served):
+    return {(c["kind"], c["metadata"]["name"]): c for c in built(obj, existing, **served)}
 
 
 def engine(workload):
-    [container] = workload["spec"]["template"]["spec"]["containers"]
+    [container] = build.pod_template(workload)["spec"]["containers"]
     return container
 
 
@@ -135,7 +135,9 @@ def test_pod_fields_reach_every_pod_beside_the_operators_own():
         {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}}
     spread = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway",
                "labelSelector": {"matchLabels": {names.DEPLOYMENT_LABEL: "chat"}}}]
-    for parallelism, kind, name in (({}, "Deployment", "chat"), ({"tensor": 8, "pipeline": 2}, "StatefulSet", "chat-0")):
+    multi = {"tensor": 8, "pipeline": 2}
+    for parallelism, kind, name, lws in (({}, "Deployment", "chat", False), (multi, "StatefulSet", "chat-0", False),
+                                         (multi, "LeaderWorkerSet", "chat-lws", True)):
         obj = make_sdep(
             parallelism=parallelism, affinity=affinity, topologySpreadConstraints=spread,
             priorityClassName="inference", runtimeClassName="nvidia", serviceAccountName="engine",
@@ -145,7 +147,8 @@ def test_pod_fields_reach_every_pod_beside_the_operators_own():
             volumes=[{"name": "cache", "emptyDir": {}}], volumeMounts=[{"name": "cache", "mountPath": "/cache"}],
         )
         obj["spec"]["model"] |= {"source": "hf://org/model", "diskSize": "1Gi"}
-        template = children(obj)[(kind, name)]["spec"]["template"]
+        workload = children(obj, leader_worker_sets=lws)[(kind, name)]
+        template = build.pod_template(workload)
         pod = template["spec"]
         assert pod["affinity"] == affinity and pod["topologySpreadConstraints"] == spread
         assert pod["priorityClassName"] == "inference" and pod["runtimeClassName"] == "nvidia"
@@ -157,7 +160,7 @@ def test_pod_fields_reach_every_pod_beside_the_operators_own():
         assert template["metadata"]["annotations"]["owner"] == "ml"
         assert names.ADMIN_TOKEN_DIGEST in template["metadata"]["annotations"]
         assert [v["name"] for v in pod["volumes"]] == ["dshm", "model", "cache"]
-        assert {"name": "cache", "mountPath": "/cache"} in engine({"spec": {"template": template}})["volumeMounts"]
+        assert {"name": "cache", "mountPath": "/cache"} in engine(workload)["volumeMounts"]
         for container in pod["containers"] + pod["initContainers"]:
             assert container["securityContext"] == {"allowPrivilegeEscalation": False}
 
@@ -238,6 +241,34 @@ def test_multi_pod_service_selects_only_rank_zero():
     ranks = plan[("Service", "chat-ranks")]["spec"]
     assert ranks["clusterIP"] == "None" and ranks["publishNotReadyAddresses"] is True
     assert names.POD_INDEX_LABEL not in ranks["selector"]
+
+
+def test_tp4_pp4_where_leader_worker_sets_are_served_is_one_group_per_replica_from_one_template():
+    obj = make_sdep(parallelism={"tensor": 4, "pipeline": 4, "gpusPerNode": 8}, replicas=3, engine={"tokenBudget": 256})
+    plan = children(obj, leader_worker_sets=True)
+    assert [key for key in plan if key[0] in ("StatefulSet", "Deployment", "LeaderWorkerSet")] == [
+        ("LeaderWorkerSet", "chat-lws")]
+    assert ("Service", "chat-ranks") not in plan, "LeaderWorkerSet's own headless Service names the leader"
+    lws = plan[("LeaderWorkerSet", "chat-lws")]
+    assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1" and lws["spec"]["replicas"] == 3
+    assert lws["spec"]["startupPolicy"] == "LeaderCreated"
+    assert lws["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"] == {"maxUnavailable": 0, "maxSurge": 1}
+    group = lws["spec"]["leaderWorkerTemplate"]
+    assert group["size"] == 2 and "leaderTemplate" not in group, "the leader runs the same command"
+    container = engine(lws)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert flag(container["args"], "--token-budget") == "256", "the live settings are in the template"
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(env(container))
+    assert {"name": "dist", "containerPort": 29500} in container["ports"]
+    labels = group["workerTemplate"]["metadata"]["labels"]
+    assert names.REPLICA_LABEL not in labels and labels[names.DEPLOYMENT_LABEL] == "chat"
+    assert group["workerTemplate"]["metadata"]["annotations"][names.SETTINGS] == lws["metadata"]["annotations"][names.SETTINGS]
+    assert plan[("Service", "chat")]["spec"]["selector"][names.WORKER_INDEX_LABEL] == "0"
+
+
+def test_a_replica_on_one_node_stays_a_deployment_where_leader_worker_sets_are_served():
+    plan = children(make_sdep(parallelism={"tensor": 2, "pipeline": 1}), leader_worker_sets=True)
+    assert ("Deployment", "chat") in plan and ("LeaderWorkerSet", "chat-lws") not in plan
 
 
 def test_pvc_source_mounts_the_claim_read_only():

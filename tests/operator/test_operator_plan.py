@@ -6,22 +6,24 @@ controllers would, once they have caught up, so that a rollout can be followed p
 
 import copy
 import json
+from dataclasses import replace
 
 from sdeps import make_sdep
 
 from sarathi_operator import names, settings
-from sarathi_operator.plan import World, changes, plan, status_after
+from sarathi_operator.build import pod_template
+from sarathi_operator.plan import WORKLOADS, World, changes, plan, status_after
 from sarathi_operator.rollout import REVISION_LABEL
 
 NOW = "2026-01-01T00:00:00Z"
 FRESH = "fresh-token"
 
 
-def world(sdep, children=(), engine_pods=(), token=None, pools_served=False) -> World:
+def world(sdep, children=(), engine_pods=(), token=None, pools_served=False, lws_served=False) -> World:
     labelled = {}
     for child in children:
         labelled.setdefault(child["kind"], []).append(child)
-    return World(sdep=sdep, admin_token=token, pools_served=pools_served, labelled=labelled,
+    return World(sdep=sdep, admin_token=token, pools_served=pools_served, lws_served=lws_served, labelled=labelled,
                  engine_pods=list(engine_pods))
 
 
@@ -34,14 +36,21 @@ def kinds(manifests):
 
 
 def pod(workload, index, ready=True):
-    """A pod of a workload as its controller makes it from the current template."""
-    template = workload["spec"]["template"]
+    """A pod of a workload as its controller makes it from the current template; the index of a
+    LeaderWorkerSet's pod is (group, worker)."""
+    template = pod_template(workload)
     labels = dict(template["metadata"]["labels"])
     owner = "ReplicaSet"
+    name = f"{workload['metadata']['name']}-{index}"
     if workload["kind"] == "StatefulSet":
         labels |= {REVISION_LABEL: workload["status"]["updateRevision"], names.POD_INDEX_LABEL: str(index)}
         owner = "StatefulSet"
-    name = f"{workload['metadata']['name']}-{index}"
+    elif workload["kind"] == "LeaderWorkerSet":
+        group, worker = index
+        labels |= {names.WORKER_INDEX_LABEL: str(worker), REVISION_LABEL: workload["status"]["revision"]}
+        owner = "StatefulSet"
+        name = f"{workload['metadata']['name']}-{group}" + (f"-{worker}" if worker else "")
+        index = 10 * group + worker
     return {
         "metadata": {"name": name, "namespace": "ml", "uid": f"uid-{name}-{labels.get(REVISION_LABEL, '')}",
                      "labels": labels, "annotations": dict(template["metadata"].get("annotations", {})),
@@ -65,7 +74,7 @@ def carried_out(w: World, decided, sdep=None) -> World:
     for manifest in [m for stage in decided.apply for m in stage]:
         key = (manifest["kind"], manifest["metadata"]["name"])
         before = old.get(key)
-        if before is not None and not (manifest["kind"] in ("Deployment", "StatefulSet") and changes(manifest, before)):
+        if before is not None and not (manifest["kind"] in WORKLOADS and changes(manifest, before)):
             children.append(before)
             continue
         generation = before["metadata"]["generation"] + 1 if before else 1
@@ -74,11 +83,16 @@ def carried_out(w: World, decided, sdep=None) -> World:
         if child["kind"] == "StatefulSet":
             revision = json.dumps(child["spec"]["template"], sort_keys=True)
             child["status"] = {"observedGeneration": generation, "updateRevision": str(hash(revision))}
-        elif child["kind"] == "Deployment":
+        elif child["kind"] in ("Deployment", "LeaderWorkerSet"):
             n = child["spec"]["replicas"]
             child["status"] = {"observedGeneration": generation, "replicas": n, "readyReplicas": n,
                                "updatedReplicas": n}
+            if child["kind"] == "LeaderWorkerSet":  # it recreates every group with the new template
+                child["status"]["revision"] = str(hash(json.dumps(pod_template(child), sort_keys=True)))
         children.append(child)
+    for lws in [c for c in children if c["kind"] == "LeaderWorkerSet"]:
+        size = lws["spec"]["leaderWorkerTemplate"]["size"]
+        pods += [pod(lws, (group, worker)) for group in range(lws["spec"]["replicas"]) for worker in range(size)]
     for workload in [c for c in children if c["kind"] in ("Deployment", "StatefulSet")]:
         mine = [p for p in w.engine_pods if p["metadata"]["ownerReferences"][0]["name"] == workload["metadata"]["name"]]
         fresh = workload is not old.get(("Deployment", workload["metadata"]["name"]), workload) or not mine
@@ -92,12 +106,12 @@ def carried_out(w: World, decided, sdep=None) -> World:
                 pods.append(existing)
             else:
                 pods.append(existing)
-    return world(sdep, children, pods, token=decided.token, pools_served=w.pools_served)
+    return world(sdep, children, pods, token=decided.token, pools_served=w.pools_served, lws_served=w.lws_served)
 
 
-def settle(sdep, pools_served=False) -> World:
+def settle(sdep, pools_served=False, lws_served=False) -> World:
     """A resource whose first pass has been carried out and has converged."""
-    w = world(sdep, pools_served=pools_served)
+    w = world(sdep, pools_served=pools_served, lws_served=lws_served)
     for _ in range(3):
         w = carried_out(w, decide(w))
     return w
@@ -107,7 +121,7 @@ def edited(w: World, **spec) -> World:
     sdep = make_sdep(**spec)
     sdep["metadata"]["generation"] = w.sdep["metadata"]["generation"] + 1
     sdep["status"] = w.sdep["status"]
-    return World(sdep, w.admin_token, w.pools_served, w.labelled, w.engine_pods)
+    return replace(w, sdep=sdep)
 
 
 def test_a_new_resource_applies_what_pods_reference_before_its_workload_and_is_pending():
@@ -163,8 +177,7 @@ def test_a_token_budget_above_the_one_pods_started_with_rolls_them_instead():
 
 def test_pods_not_ready_yet_get_the_settings_from_their_flags_not_a_push():
     w = settle(make_sdep(replicas=2))
-    w = World(w.sdep, w.admin_token, w.pools_served, w.labelled,
-              [pod(w.labelled["Deployment"][0], 0, ready=False), w.engine_pods[1]])
+    w = replace(w, engine_pods=[pod(w.labelled["Deployment"][0], 0, ready=False), w.engine_pods[1]])
     decided = decide(edited(w, replicas=2, engine={"tokenBudget": 256}))
     assert [p["metadata"]["name"] for p in decided.push] == ["chat-1"]
 
@@ -195,7 +208,7 @@ def test_a_stale_replica_waits_while_another_is_not_ready():
     down = [p if p["metadata"]["name"] != "chat-1-1" else pod(w.labelled["StatefulSet"][1], 1, ready=False)
             for p in w.engine_pods]
     down[-1]["metadata"]["labels"][REVISION_LABEL] = "old"
-    decided = decide(World(w.sdep, w.admin_token, w.pools_served, w.labelled, down))
+    decided = decide(replace(w, engine_pods=down))
     assert decided.restart == "chat-1", "a stale replica that is already down goes first"
 
 
@@ -213,13 +226,69 @@ def test_a_layout_change_prunes_the_old_workloads_and_services():
     assert kinds(decided.apply[1]) == [("Deployment", "chat")]
 
 
+def env_names(workload):
+    return [e["name"] for e in pod_template(workload)["spec"]["containers"][0]["env"]]
+
+
+def test_where_the_cluster_serves_leader_worker_sets_a_multi_pod_replica_is_one_group():
+    w = settle(make_sdep(replicas=2, **MULTI), lws_served=True)
+    decided = decide(w)
+    assert kinds(decided.apply[0]) == [("Secret", "chat-admin"), ("Service", "chat"), ("PodDisruptionBudget", "chat")]
+    [lws] = decided.apply[1]
+    assert (lws["kind"], lws["metadata"]["name"], lws["spec"]["replicas"]) == ("LeaderWorkerSet", "chat-lws", 2)
+    group = lws["spec"]["leaderWorkerTemplate"]
+    assert group["size"] == 2 and group["restartPolicy"] == "RecreateGroupOnPodRestart"
+    assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR"} & set(env_names(lws)), "LeaderWorkerSet sets LWS_* itself"
+    service = decided.apply[0][1]
+    assert service["spec"]["selector"][names.WORKER_INDEX_LABEL] == "0", "the groups' leaders serve"
+    assert w.sdep["status"]["phase"] == "Ready" and w.sdep["status"]["readyReplicas"] == 2
+    assert not decided.push and decided.restart is None
+    assert w.sdep["status"]["selector"].endswith(f"{names.WORKER_INDEX_LABEL}=0")
+
+
+def test_a_leader_worker_set_rolls_its_groups_itself_and_the_operator_restarts_nothing():
+    w = edited(settle(make_sdep(replicas=2, **MULTI), lws_served=True), replicas=2, engine={"maxNumSeqs": 64}, **MULTI)
+    decided = decide(w)
+    assert changes(decided.apply[1][0], w.labelled["LeaderWorkerSet"][0])
+    assert decided.restart is None and decided.restart_pods == []
+    assert decided.status["phase"] == "Progressing"
+    w = carried_out(w, decided)
+    decided = decide(w)
+    assert decided.restart is None and decided.status["phase"] == "Ready"
+
+
+def test_a_lower_token_budget_reaches_the_group_leaders_live():
+    w = edited(settle(make_sdep(replicas=2, **MULTI), lws_served=True), replicas=2, engine={"tokenBudget": 256}, **MULTI)
+    decided = decide(w)
+    assert sorted(p["metadata"]["name"] for p in decided.push) == ["chat-lws-0", "chat-lws-1"]
+    assert not changes(decided.apply[1][0], w.labelled["LeaderWorkerSet"][0])
+
+
+def test_statefulset_replicas_become_a_leader_worker_set_once_the_cluster_serves_them():
+    w = replace(settle(make_sdep(replicas=2, **MULTI)), lws_served=True)
+    decided = decide(w)
+    assert kinds(decided.apply[1]) == [("LeaderWorkerSet", "chat-lws")]
+    assert sorted(kinds(decided.prune)) == [("Service", "chat-ranks"), ("StatefulSet", "chat-0"), ("StatefulSet", "chat-1")]
+    assert decided.restart is None and decided.status["phase"] == "Progressing"
+    back = replace(carried_out(w, decided), lws_served=False)
+    assert kinds(decide(back).apply[1]) == [("StatefulSet", "chat-0"), ("StatefulSet", "chat-1")]
+
+
+def test_a_name_too_long_for_leader_worker_set_groups_fails_only_where_they_are_used():
+    name = "a" * 48
+    sdep = make_sdep(replicas=2, **MULTI)
+    sdep["metadata"]["name"] = name
+    assert decide(world(sdep)).status["phase"] == "Pending"
+    failed = decide(world(sdep, lws_served=True)).status
+    assert failed["phase"] == "Failed" and f"{name}-lws-1" in failed["conditions"][0]["message"]
+
+
 def test_children_with_our_labels_that_another_resource_controls_are_never_pruned():
     w = settle(make_sdep())
     stranger = copy.deepcopy(w.labelled["Deployment"][0])
     stranger["metadata"] |= {"name": "chat-old", "ownerReferences": [
         {**names.owner_reference(w.sdep), "uid": "uid-of-a-deleted-chat"}]}
-    w = World(w.sdep, w.admin_token, w.pools_served, {**w.labelled, "Deployment": w.labelled["Deployment"] + [stranger]},
-              w.engine_pods)
+    w = replace(w, labelled={**w.labelled, "Deployment": w.labelled["Deployment"] + [stranger]})
     assert decide(w).prune == []
 
 
@@ -264,7 +333,7 @@ def with_job(w: World, condition: str | None, **detail) -> World:
     jobs = copy.deepcopy(w.labelled.get("Job", []))
     for job in jobs:
         job["status"] = {"conditions": [{"type": condition, "status": "True", **detail}]} if condition else {"active": 1}
-    return World(w.sdep, w.admin_token, w.pools_served, {**w.labelled, "Job": jobs}, w.engine_pods)
+    return replace(w, labelled={**w.labelled, "Job": jobs})
 
 
 def cache_condition(st):

@@ -72,6 +72,10 @@ test keeps them equal), granted cluster-wide or in each watched namespace.
 - apiGroups: [inference.networking.k8s.io]
   resources: [inferencepools]
   verbs: [get, list, create, update, patch, delete]
+# Multi-pod replicas as LeaderWorkerSet groups, where its CRD is installed; watched for readiness.
+- apiGroups: [leaderworkerset.x-k8s.io]
+  resources: [leaderworkersets]
+  verbs: [get, list, watch, create, update, patch, delete]
 # The admin token Secret is read by name, never listed or watched.
 - apiGroups: [""]
   resources: [secrets]

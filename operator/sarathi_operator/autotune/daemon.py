@@ -22,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from .. import names, pods
 from ..kube import Kube
-from ..spec import API_VERSION, KIND, layout, with_defaults
+from ..spec import API_VERSION, KIND, with_defaults
 from . import record
 from .loop import LoopConfig
 from .tuner import Tuner
@@ -107,8 +107,9 @@ class DeploymentTuner:
         if self.tuner is None:
             self.tuner = Tuner(record.resume(status), spec["autotune"]["intervalSeconds"])
         was = self.tuner.state
-        selector = names.serving_selector(self.name, layout(spec["parallelism"]))
-        serving = await asyncio.to_thread(self.kube.select, "v1", "Pod", self.namespace, selector)
+        # The reconciler publishes which pods serve (it knows how the cluster runs the replicas).
+        selector = names.selector_from_string(status.get("selector", ""))
+        serving = await asyncio.to_thread(self.kube.select, "v1", "Pod", self.namespace, selector) if selector else []
         result = await self.tuner.step(session, engine_urls(serving), config, now)
         patch = record.status_patch(result, status, sdep["metadata"]["generation"])
         await asyncio.to_thread(self.kube.patch_status, sdep, patch)

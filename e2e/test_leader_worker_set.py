@@ -1,0 +1,106 @@
+"""Gang-scheduled multi-pod replicas end to end (issue 19): where the cluster serves
+LeaderWorkerSet, a replica spanning pods is one LeaderWorkerSet group. Here LeaderWorkerSet is
+built from source (e2e/cluster/lws.py) and installed on the local cluster for this module only,
+so every other test sees the StatefulSet path; the operator starts after it, under its RBAC.
+
+A tensor-parallel 2 x pipeline-parallel 2 replica on nodes of 2 GPUs spans two pods, which the
+local pod runner runs: rank 0 (the leader) finds its workers through LWS_LEADER_ADDRESS, a
+cluster DNS name the runner answers for its pods.
+"""
+
+import pytest
+from openai import OpenAI
+
+from e2e.cluster import lws
+from e2e.cluster.layout import Layout
+from e2e.test_operator import (  # noqa: F401  (fixtures)
+    Cluster, crd, engine_pods, fresh_namespace, k, operator_kubeconfig, operator_running, sdep_on_runner, wait_phase,
+    wait_until,
+)
+from sarathi_operator.names import WORKER_INDEX_LABEL
+
+pytestmark = pytest.mark.serving
+
+NAME = "gang"
+GROUP = f"{NAME}-lws"
+TP2_PP2_ON_TWO_PODS = {"tensor": 2, "pipeline": 2, "gpusPerNode": 2}
+LOAD_TIMEOUT = 420
+
+
+@pytest.fixture(scope="module")
+def leader_worker_sets(kube_cluster, k):
+    if not kube_cluster.local:
+        if not k.run("api-resources", "--api-group=leaderworkerset.x-k8s.io", "-o", "name").stdout.strip():
+            pytest.skip("the cluster in $KUBECONFIG does not serve LeaderWorkerSet: install it there")
+        yield
+        return
+    layout = Layout.default()
+    lws.install(layout)
+    try:
+        yield
+    finally:
+        lws.uninstall(layout)
+
+
+@pytest.fixture(scope="module")
+def namespace(k, crd, pod_runner, leader_worker_sets):
+    with fresh_namespace(k) as name:
+        yield name
+
+
+@pytest.fixture(scope="module")
+def operator(operator_kubeconfig, namespace, leader_worker_sets, tmp_path_factory):
+    with operator_running(operator_kubeconfig, namespace, tmp_path_factory.mktemp("operator") / "operator.log",
+                          shown=8000) as op:
+        yield op
+
+
+def env(pod: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+
+
+def completion(pod: dict) -> str:
+    client = OpenAI(base_url=f"http://{pod['status']['podIP']}:8000/v1", api_key="unused", max_retries=0, timeout=120)
+    return client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=4).choices[0].text
+
+
+def ready_group(k: Cluster, namespace: str) -> list[dict]:
+    """The group's pods, leader first, once both are Ready."""
+    pods = sorted(engine_pods(k, namespace, NAME), key=lambda p: p["metadata"]["labels"].get(WORKER_INDEX_LABEL, ""))
+    ok = len(pods) == 2 and all(any(c["type"] == "Ready" and c["status"] == "True"
+                                    for c in p["status"].get("conditions", [])) for p in pods)
+    return pods if ok else []
+
+
+def test_a_replica_spanning_two_pods_is_one_group_that_serves_and_restarts_as_a_whole(k, pod_runner, operator,
+                                                                                      namespace):
+    k.apply(sdep_on_runner(pod_runner, NAME, namespace, {"tokenBudget": 128}, "64Mi", replicas=1,
+                           parallelism=TP2_PP2_ON_TWO_PODS))
+    status = wait_phase(k, namespace, NAME, "Ready", timeout=LOAD_TIMEOUT)["status"]
+    assert status["readyReplicas"] == 1 and status["selector"].endswith(f"{WORKER_INDEX_LABEL}=0")
+
+    group = k.get("leaderworkerset", namespace, GROUP)
+    assert group["spec"]["leaderWorkerTemplate"]["size"] == 2
+    assert group["spec"]["leaderWorkerTemplate"]["restartPolicy"] == "RecreateGroupOnPodRestart"
+    assert group["status"]["readyReplicas"] == 1
+    assert k.get("service", namespace, f"{NAME}-ranks") is None, "LeaderWorkerSet's own headless Service finds rank 0"
+    assert not [s for s in k.items("statefulsets", namespace) if s["metadata"]["name"].startswith(f"{NAME}-0")]
+    assert k.get("service", namespace, NAME)["spec"]["selector"][WORKER_INDEX_LABEL] == "0"
+
+    leader, worker = ready_group(k, namespace)
+    assert (leader["metadata"]["name"], worker["metadata"]["name"]) == (f"{GROUP}-0", f"{GROUP}-0-1")
+    assert env(worker)["LWS_LEADER_ADDRESS"] == f"{GROUP}-0.{GROUP}.{namespace}"
+    assert (env(worker)["LWS_GROUP_SIZE"], env(worker)["LWS_WORKER_INDEX"]) == ("2", "1")
+    assert completion(leader)
+
+    # One pod goes: LeaderWorkerSet recreates the whole group (a rank cannot rejoin), which serves again.
+    k.run("delete", "pod", worker["metadata"]["name"], "-n", namespace, "--wait=false")
+    before = {leader["metadata"]["uid"], worker["metadata"]["uid"]}
+
+    def recreated() -> list[dict]:
+        pods = ready_group(k, namespace)
+        return pods if pods and not before & {p["metadata"]["uid"] for p in pods} else []
+
+    leader, _ = wait_until("the whole group recreated and ready", recreated, timeout=LOAD_TIMEOUT, every=2)
+    assert completion(leader)
+    wait_phase(k, namespace, NAME, "Ready", timeout=60)
