@@ -82,13 +82,16 @@ def _int(text: str, name: str) -> int:
         raise ValueError(f"{name} must be an integer, got {text!r}") from None
 
 
-def resolved_master(master: str, timeout: float, resolve: Callable[[str], str] | None = None,
+def _address_of(host: str) -> str:
+    return socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)[0][4][0]
+
+
+def resolved_master(master: str, timeout: float, resolve: Callable[[str], str] = _address_of,
                     clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> str:
     """master (host:port) with its host resolved to an address, retried until `timeout`: a pod's
     DNS name (a headless Service's record, LeaderWorkerSet's LWS_LEADER_ADDRESS) appears only once
     the pod exists, which may be after this pod starts; torch gets the address."""
     host, _, port = master.rpartition(":")
-    resolve = resolve or _address_of
     deadline = clock() + timeout
     while True:
         try:
@@ -99,10 +102,6 @@ def resolved_master(master: str, timeout: float, resolve: Callable[[str], str] |
                 raise RuntimeError(f"rank 0's address {host!r} did not resolve within {timeout:.0f}s: {e}") from None
             sleep(RESOLVE_RETRY_SECONDS)
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
-def _address_of(host: str) -> str:
-    return socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)[0][4][0]
 
 
 def dist_timeout(env: Mapping[str, str] = os.environ) -> float:

@@ -34,7 +34,8 @@ from .spec import layout, model_source, validate, with_defaults
 INFERENCE_POOL_KIND = (build.INFERENCE_POOL_API, "InferencePool")
 LEADER_WORKER_SET_KIND = (build.LEADER_WORKER_SET_API, "LeaderWorkerSet")
 # Children that can fall out of the plan (scale-down of multi-pod replicas, a layout change,
-# another model source, a cache dropped), besides an InferencePool where the cluster serves them.
+# another model source, a cache dropped), besides InferencePools and LeaderWorkerSets where the
+# cluster serves them.
 PRUNABLE = (("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"), ("v1", "Service"), ("batch/v1", "Job"),
             ("v1", "PersistentVolumeClaim"))
 WORKLOADS = ("Deployment", "StatefulSet", "LeaderWorkerSet")
@@ -42,7 +43,8 @@ WORKLOADS = ("Deployment", "StatefulSet", "LeaderWorkerSet")
 
 def prunable(pools_served: bool, lws_served: bool) -> tuple[tuple[str, str], ...]:
     """The (apiVersion, kind) of every child kind a pass lists and may prune."""
-    return PRUNABLE + ((INFERENCE_POOL_KIND,) if pools_served else ()) + ((LEADER_WORKER_SET_KIND,) if lws_served else ())
+    served = ((INFERENCE_POOL_KIND, pools_served), (LEADER_WORKER_SET_KIND, lws_served))
+    return PRUNABLE + tuple(kind for kind, is_served in served if is_served)
 
 
 @dataclass(frozen=True)

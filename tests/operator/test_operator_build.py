@@ -437,3 +437,10 @@ def test_the_engine_cli_accepts_the_rendered_arguments():
     assert (parsed.policy, parsed.token_budget, parsed.max_num_seqs, parsed.max_model_len, parsed.dtype) == (
         "vllm", 2048, 128, 8192, "bfloat16")
     assert (parsed.tensor_parallel_size, parsed.pipeline_parallel_size) == (4, 4)
+
+
+def test_the_serving_selector_published_in_the_status_reads_back_as_the_selector():
+    for lws in (False, True):
+        selector = names.serving_selector("chat", layout({"tensor": 8, "pipeline": 2, "gpusPerNode": 8}, lws))
+        assert names.selector_from_string(names.selector_string(selector)) == selector
+    assert names.selector_from_string("") == {}
