@@ -14,8 +14,8 @@ from openai import OpenAI
 from e2e.cluster import lws
 from e2e.cluster.layout import Layout
 from e2e.test_operator import (  # noqa: F401  (fixtures)
-    Cluster, crd, engine_pods, fresh_namespace, k, operator_kubeconfig, operator_running, sdep_on_runner, wait_phase,
-    wait_until,
+    Cluster, crd, engine_pods, fresh_namespace, k, operator_kubeconfig, operator_running, sdep, sdep_on_runner,
+    wait_phase, wait_until,
 )
 from sarathi_operator.names import WORKER_INDEX_LABEL
 
@@ -104,3 +104,28 @@ def test_a_replica_spanning_two_pods_is_one_group_that_serves_and_restarts_as_a_
     leader, _ = wait_until("the whole group recreated and ready", recreated, timeout=LOAD_TIMEOUT, every=2)
     assert completion(leader)
     wait_phase(k, namespace, NAME, "Ready", timeout=60)
+
+
+def test_a_template_change_rolls_every_group_through_leader_worker_set(k, operator, namespace):
+    """On kwok's nodes, whose pods run nothing and turn ready at once: two groups of two pods, and
+    a template change that LeaderWorkerSet rolls group by group. (Not through the pod runner: a
+    surge group's leader would listen on rank 0's port beside the old leader's, and pods there
+    share one network.)"""
+    name = "rolled"
+    k.apply(sdep(name, namespace, replicas=2, parallelism=TP2_PP2_ON_TWO_PODS))
+    generation = wait_phase(k, namespace, name, "Ready", timeout=120)["metadata"]["generation"]
+    old = engine_pods(k, namespace, name)
+    assert sorted(p["metadata"]["name"] for p in old) == [f"{name}-lws-0", f"{name}-lws-0-1", f"{name}-lws-1",
+                                                          f"{name}-lws-1-1"]
+
+    k.patch("sdep", namespace, name, {"spec": {"engine": {"maxNumSeqs": 32}}})
+    status = wait_phase(k, namespace, name, "Ready", timeout=180, generation=generation + 1)["status"]
+    assert status["readyReplicas"] == 2
+    new = wait_until("the old pods gone", lambda: (lambda pods: pods if len(pods) == 4 else None)(
+        engine_pods(k, namespace, name)), timeout=60)
+    assert not {p["metadata"]["uid"] for p in old} & {p["metadata"]["uid"] for p in new}, "every group was replaced"
+    for pod in new:
+        args = pod["spec"]["containers"][0]["args"]
+        assert args[args.index("--max-num-seqs") + 1] == "32", pod["metadata"]["name"]
+    group = k.get("leaderworkerset", namespace, f"{name}-lws")["status"]
+    assert (group["replicas"], group["updatedReplicas"], group["readyReplicas"]) == (2, 2, 2)
