@@ -17,10 +17,10 @@ import pytest
 from openai import OpenAI
 
 from e2e.test_operator import (  # noqa: F401  (fixtures)
-    Cluster, crd, fresh_namespace, k, operator_kubeconfig, operator_running, sdep_on_runner, wait_until,
+    crd, engine_pods, fresh_namespace, k, operator_kubeconfig, operator_running, sdep_on_runner, wait_until,
 )
 from sarathi_engine.model_store import DEFAULT_MODEL, DOWNLOADED_MARKER, resolve_model
-from sarathi_operator.names import COMPONENT_LABEL, DEPLOYMENT_LABEL
+from sarathi_operator.names import DEPLOYMENT_LABEL
 
 pytestmark = pytest.mark.serving
 
@@ -85,11 +85,6 @@ def cached_sdep(runner, name: str, namespace: str, fake_bin: Path, replicas: int
     return manifest
 
 
-def serving_pods(k: Cluster, namespace: str, name: str) -> list[dict]:
-    return [p for p in k.items("pods", namespace, f"{DEPLOYMENT_LABEL}={name},{COMPONENT_LABEL}=engine")
-            if "deletionTimestamp" not in p["metadata"]]
-
-
 def ready(pod: dict) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions", []))
 
@@ -113,7 +108,7 @@ def test_the_model_downloads_once_and_pods_start_from_the_cache(k, pod_runner, o
     assert calls(fake_hf) == [f"download {REPO} --local-dir {cache_claim}/{REPO}"], "through the claim's path"
     assert (cache_claim / REPO / DOWNLOADED_MARKER).is_file() and (cache_claim / REPO / "config.json").is_file()
 
-    [first] = wait_until("the engine ready", lambda: [p for p in serving_pods(k, namespace, NAME) if ready(p)],
+    [first] = wait_until("the engine ready", lambda: [p for p in engine_pods(k, namespace, NAME) if ready(p)],
                          timeout=LOAD_TIMEOUT)
     assert answers(first)
     engine_args = first["spec"]["containers"][0]["args"]
@@ -124,7 +119,7 @@ def test_the_model_downloads_once_and_pods_start_from_the_cache(k, pod_runner, o
     # A re-created pod mounts the same claim and starts without a download.
     k.run("delete", "pod", first["metadata"]["name"], "-n", namespace, "--wait=false")
     [second] = wait_until("a re-created engine ready", lambda: [
-        p for p in serving_pods(k, namespace, NAME) if ready(p) and p["metadata"]["uid"] != first["metadata"]["uid"]],
+        p for p in engine_pods(k, namespace, NAME) if ready(p) and p["metadata"]["uid"] != first["metadata"]["uid"]],
         timeout=LOAD_TIMEOUT)
     assert answers(second)
     assert len(calls(fake_hf)) == 1

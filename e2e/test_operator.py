@@ -103,7 +103,9 @@ def running(pods: list[dict]) -> bool:
 
 
 def engine_pods(k: Cluster, namespace: str, name: str) -> list[dict]:
-    return [p for p in k.items("pods", namespace, f"{OWNER_LABEL}={name}") if "deletionTimestamp" not in p["metadata"]]
+    """The resource's engine pods that are not going (never its model download Job's pods)."""
+    selector = f"{OWNER_LABEL}={name},app.kubernetes.io/component=engine"
+    return [p for p in k.items("pods", namespace, selector) if "deletionTimestamp" not in p["metadata"]]
 
 
 def wait_phase(k: Cluster, namespace: str, name: str, phase: str, timeout: float = 60, generation: int | None = None):
