@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 
 from benchmarks.autotune import prefill_rate
+from e2e.module_fixtures import namespace, operator  # noqa: F401  (fixtures)
 from e2e.test_operator import (  # noqa: F401  (fixtures)
-    Cluster, condition, crd, engine_pods, fresh_namespace, k, operator_kubeconfig, operator_running, sdep_on_runner,
-    wait_until,
+    Cluster, condition, crd, engine_pods, k, operator_kubeconfig, sdep_on_runner, wait_until,
 )
 from sarathi_engine.bench import loadgen
 from sarathi_engine.bench.experiment import WorkloadSpec
@@ -99,19 +99,6 @@ class Timeline:
     def append(self, step: str) -> None:
         with self.capsys.disabled():
             print(f"\nautotune e2e {time.monotonic() - self.began:6.0f} s  {step}", flush=True)
-
-
-@pytest.fixture(scope="module")
-def namespace(k, crd, pod_runner):
-    with fresh_namespace(k) as name:
-        yield name
-
-
-@pytest.fixture(scope="module")
-def operator(operator_kubeconfig, namespace, tmp_path_factory):
-    with operator_running(operator_kubeconfig, namespace, tmp_path_factory.mktemp("operator") / "operator.log",
-                          shown=8000) as op:
-        yield op
 
 
 def status(k: Cluster, namespace: str) -> dict:

@@ -13,9 +13,9 @@ from openai import OpenAI
 
 from e2e.cluster import lws
 from e2e.cluster.layout import Layout
+from e2e.module_fixtures import namespace, operator  # noqa: F401  (fixtures)
 from e2e.test_operator import (  # noqa: F401  (fixtures)
-    Cluster, crd, engine_pods, fresh_namespace, k, operator_kubeconfig, operator_running, sdep, sdep_on_runner,
-    wait_phase, wait_until,
+    Cluster, crd, engine_pods, k, operator_kubeconfig, sdep, sdep_on_runner, wait_phase, wait_until,
 )
 from sarathi_operator.names import WORKER_INDEX_LABEL
 
@@ -27,7 +27,9 @@ TP2_PP2_ON_TWO_PODS = {"tensor": 2, "pipeline": 2, "gpusPerNode": 2}
 LOAD_TIMEOUT = 420
 
 
-@pytest.fixture(scope="module")
+# autouse: set up before the module's other fixtures (the operator looks up the kinds it
+# watches once, at start) and torn down after them.
+@pytest.fixture(scope="module", autouse=True)
 def leader_worker_sets(kube_cluster, k):
     if not kube_cluster.local:
         if not k.run("api-resources", "--api-group=leaderworkerset.x-k8s.io", "-o", "name").stdout.strip():
@@ -40,19 +42,6 @@ def leader_worker_sets(kube_cluster, k):
         yield
     finally:
         lws.uninstall(layout)
-
-
-@pytest.fixture(scope="module")
-def namespace(k, crd, pod_runner, leader_worker_sets):
-    with fresh_namespace(k) as name:
-        yield name
-
-
-@pytest.fixture(scope="module")
-def operator(operator_kubeconfig, namespace, leader_worker_sets, tmp_path_factory):
-    with operator_running(operator_kubeconfig, namespace, tmp_path_factory.mktemp("operator") / "operator.log",
-                          shown=8000) as op:
-        yield op
 
 
 def env(pod: dict) -> dict[str, str]:

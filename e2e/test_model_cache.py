@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from e2e.module_fixtures import namespace, operator  # noqa: F401  (fixtures)
 from e2e.test_operator import (  # noqa: F401  (fixtures)
-    crd, engine_pods, fresh_namespace, k, operator_kubeconfig, operator_running, sdep_on_runner, wait_until,
+    crd, engine_pods, k, operator_kubeconfig, sdep_on_runner, wait_until,
 )
 from sarathi_engine.model_store import DEFAULT_MODEL, DOWNLOADED_MARKER, resolve_model
 from sarathi_operator.names import DEPLOYMENT_LABEL
@@ -28,19 +29,6 @@ NAME = "cached"
 REPO = "fake-org/smollm2"
 CLAIM = "models"
 LOAD_TIMEOUT = 300
-
-
-@pytest.fixture(scope="module")
-def namespace(k, crd, pod_runner):
-    with fresh_namespace(k) as name:
-        yield name
-
-
-@pytest.fixture(scope="module")
-def operator(operator_kubeconfig, namespace, tmp_path_factory):
-    with operator_running(operator_kubeconfig, namespace, tmp_path_factory.mktemp("operator") / "operator.log",
-                          shown=8000) as op:
-        yield op
 
 
 @pytest.fixture(scope="module")
