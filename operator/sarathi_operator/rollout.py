@@ -18,16 +18,20 @@ class ReplicaGroup:
     ready: bool  # every rank is ready
 
 
+def observed(workload: dict) -> bool:
+    """Its controller has seen the workload's latest spec."""
+    return workload.get("status", {}).get("observedGeneration", 0) >= workload["metadata"].get("generation", 1)
+
+
 def replica_group(statefulset: dict, all_pods: list[dict]) -> ReplicaGroup:
     name = statefulset["metadata"]["name"]
     status = statefulset.get("status", {})
     own = [p for p in all_pods if pods.owned_by(p, "StatefulSet", name)]
-    observed = status.get("observedGeneration", 0) >= statefulset["metadata"].get("generation", 1)
     revision = status.get("updateRevision")
     live = [p for p in own if not pods.is_terminating(p)]
     return ReplicaGroup(
         name=name,
-        settled=observed and len(live) == len(own),
+        settled=observed(statefulset) and len(live) == len(own),
         stale=any(p["metadata"].get("labels", {}).get(REVISION_LABEL) != revision for p in live),
         ready=len(live) == statefulset["spec"]["replicas"] and all(pods.is_ready(p) for p in live),
     )

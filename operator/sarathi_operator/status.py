@@ -13,7 +13,7 @@ Phases:
 
 from dataclasses import dataclass, field
 
-from .rollout import ReplicaGroup
+from .rollout import ReplicaGroup, observed
 
 MAX_POD_PROBLEMS = 3
 
@@ -71,10 +71,7 @@ def observe_deployment(deployment: dict) -> tuple[int, int, bool]:
     rollout never goes below the desired count: maxUnavailable is 0)."""
     status = deployment.get("status", {})
     updated = status.get("updatedReplicas", 0)
-    rolling = (
-        status.get("observedGeneration", 0) < deployment["metadata"].get("generation", 1)
-        or status.get("replicas", 0) > updated
-    )
+    rolling = not observed(deployment) or status.get("replicas", 0) > updated
     return status.get("replicas", 0), status.get("readyReplicas", 0), rolling
 
 
@@ -84,7 +81,7 @@ def observe_leader_worker_set(lws: dict) -> tuple[int, int, bool]:
     status = lws.get("status", {})
     desired = lws["spec"]["replicas"]
     rolling = (
-        status.get("observedGeneration", 0) < lws["metadata"].get("generation", 1)
+        not observed(lws)
         or status.get("updatedReplicas", 0) < desired
         or status.get("replicas", 0) != desired
     )
@@ -93,11 +90,8 @@ def observe_leader_worker_set(lws: dict) -> tuple[int, int, bool]:
 
 def observe_statefulsets(statefulsets: list[dict], groups: list[ReplicaGroup], desired: int) -> tuple[int, int, bool]:
     """(replicas, ready, rolling) of multi-pod replicas, one StatefulSet each."""
-    unobserved = any(
-        s.get("status", {}).get("observedGeneration", 0) < s["metadata"].get("generation", 1)
-        for s in statefulsets
-    )
-    rolling = unobserved or len(statefulsets) != desired or any(g.stale or not g.settled for g in groups)
+    rolling = (not all(map(observed, statefulsets)) or len(statefulsets) != desired
+               or any(g.stale or not g.settled for g in groups))
     return len(statefulsets), sum(g.ready for g in groups), rolling
 
 
