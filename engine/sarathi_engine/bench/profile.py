@@ -57,11 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     for request_id in ids:
         llm.engine.abort_request(request_id)
     llm.engine.step()
-    prompt_len = args.chunk * (args.steps + 1)
+    # One untimed chunk and `steps` timed ones, within the context the engine allows.
+    chunks = min(args.steps + 1, (llm.engine.config.scheduler.max_model_len - 1) // args.chunk)
+    prompt_len = args.chunk * chunks
     llm.engine.add_request("prefill", random_prompts(1, prompt_len, llm.engine.model_config.vocab_size, 1)[0],
                            SamplingParams(max_tokens=1))
     llm.engine.step()  # its first chunk attends to nothing cached; the profiled ones do
-    table, wall = profile_steps(llm, args.steps, args.rows)
+    table, wall = profile_steps(llm, chunks - 1, args.rows)
     print(f"prefill-only: chunks of {args.chunk} tokens of a {prompt_len}-token prompt: {wall:.1f} ms per step, "
           f"{args.chunk / wall * 1e3:.0f} tokens/s")
     print(table)
