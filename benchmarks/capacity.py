@@ -150,8 +150,8 @@ async def run_target(args, target: Target, workload: WorkloadSpec, results: dict
             point = await run_point(endpoint, workload, qps, count=probe_requests(qps))
             entry["probes"].append({"qps": qps, "requests": probe_requests(qps), "summary": point.summary})
             s = point.summary
-            print(f"{target.label} @ {qps:g} req/s: P99 TBT {s['tbt_p99'] * 1000:.0f} ms, median TTFT "
-                  f"{s['ttft_p50']:.2f} s, {s['num_failed']} failed; "
+            print(f"{target.label} @ {qps:g} req/s: P99 TBT {ms(s['tbt_p99'])} ms, median TTFT "
+                  f"{seconds(s['ttft_p50'])} s, {s['num_failed']} failed; "
                   + ", ".join(f"{n} {'pass' if passes(s, v / 1000, args.ttft_p50) else 'fail'}"
                               for n, v in results["slos_ms"].items()), flush=True)
             (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -171,13 +171,23 @@ def table(results: dict) -> str:
     rows = []
     for t in results["targets"]:
         caps = {n: capacity(t["probes"], v / 1000, results["ttft_p50_s"]) for n, v in slos.items()}
-        ratios = [f"{caps[n] / base[n]:.2f}x" if base[n] else "–" for n in slos]
+        lowest = t["probes"][0]["qps"] if t["probes"] else 0.0
+        ratios = [("–" if not base[n] else f"{caps[n] / base[n]:.2f}x" if caps[n] else f"< {lowest / base[n]:.2f}x")
+                  for n in slos]
         marks = ", ".join(f"{p['qps']:g} " + "".join("✓" if passes(p["summary"], v / 1000, results["ttft_p50_s"])
                                                      else "✗" for v in slos.values()) for p in t["probes"])
-        rows.append([t["label"], *[f"{caps[n]:g}" if caps[n] else f"< {t['probes'][0]['qps']:g}" for n in slos],
+        rows.append([t["label"], *[f"{caps[n]:g}" if caps[n] else f"< {lowest:g}" for n in slos],
                      *ratios, marks])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def ms(value: float | None) -> str:
+    return "–" if value is None else f"{value * 1000:.0f}"
+
+
+def seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def probes_table(results: dict) -> str:
@@ -186,8 +196,8 @@ def probes_table(results: dict) -> str:
     for t in results["targets"]:
         for p in t["probes"]:
             s = p["summary"]
-            lines.append(f"| {t['label']} | {p['qps']:g} | {p['requests']} | {s['tbt_p99'] * 1000:.0f} | "
-                         f"{s['tbt_p50'] * 1000:.0f} | {s['ttft_p50']:.2f} | {s['ttft_p99']:.2f} | "
+            lines.append(f"| {t['label']} | {p['qps']:g} | {p['requests']} | {ms(s['tbt_p99'])} | "
+                         f"{ms(s['tbt_p50'])} | {seconds(s['ttft_p50'])} | {seconds(s['ttft_p99'])} | "
                          f"{s['output_token_throughput'] or 0:.1f} | {s['num_failed']} |")
     return "\n".join(lines) + "\n"
 
@@ -201,8 +211,10 @@ def figure(results: dict, path: Path) -> None:
     fig, (tbt, ttft, bars) = plt.subplots(1, 3, figsize=(16, 4.4))
     for i, t in enumerate(results["targets"]):
         qps = [p["qps"] for p in t["probes"]]
-        tbt.plot(qps, [p["summary"]["tbt_p99"] * 1000 for p in t["probes"]], "o-", color=f"C{i}", label=t["label"])
-        ttft.plot(qps, [p["summary"]["ttft_p50"] for p in t["probes"]], "o-", color=f"C{i}", label=t["label"])
+        tbt.plot(qps, [(p["summary"]["tbt_p99"] or float("nan")) * 1000 for p in t["probes"]], "o-", color=f"C{i}",
+                 label=t["label"])
+        ttft.plot(qps, [p["summary"]["ttft_p50"] or float("nan") for p in t["probes"]], "o-", color=f"C{i}",
+                  label=t["label"])
     for (name, v), style in zip(results["slos_ms"].items(), ("--", ":")):
         tbt.axhline(v, color="grey", linestyle=style, label=f"{name} SLO {v:.0f} ms")
     ttft.axhline(results["ttft_p50_s"], color="grey", linestyle="--", label="median TTFT bound")
@@ -217,7 +229,9 @@ def figure(results: dict, path: Path) -> None:
         bars.bar_label(bars.bar(xs, caps, width, color=f"C{i}", label=t["label"]), fmt="%.3g", fontsize=7)
     bars.set_xticks([j + width * (len(results["targets"]) - 1) / 2 for j in range(len(results["slos_ms"]))],
                     [f"{n} ({v:.0f} ms)" for n, v in results["slos_ms"].items()])
-    bars.set(ylabel="req/s", title="Capacity at one SLO")
+    tallest = max((capacity(t["probes"], v / 1000, results["ttft_p50_s"]) for t in results["targets"]
+                   for v in results["slos_ms"].values()), default=0.0)
+    bars.set(ylabel="req/s", title="Capacity at one SLO", ylim=(0, 1.9 * tallest or 1))  # room for the legend
     for a in (tbt, ttft, bars):
         a.grid(True, which="both", alpha=0.3)
         a.legend(fontsize=7)

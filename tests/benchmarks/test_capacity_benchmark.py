@@ -51,5 +51,10 @@ def test_the_section_names_the_slos_every_system_and_its_probes(tmp_path):
     assert "strict SLO is 500 ms (5x)" in text and "relaxed one 2500 ms (25x)" in text
     assert "| peer | 0.1 | 0.1 | 1.00x | 1.00x | 0.1 ✓✓, 0.2 ✗✗ |" in text
     assert "| ours | 0.2 | 0.2 | 2.00x | 2.00x | 0.1 ✓✓, 0.2 ✓✓, 0.4 ✗✗ |" in text
+    results["targets"].append({"label": "down", "probes": [{"qps": 0.1, "requests": 12,
+                                                            "summary": summary(None, None, failed=12)}]})
+    text = benchmark.doc_section(results, "capacity.png")
+    assert "| down | < 0.1 | < 0.1 | < 1.00x | < 1.00x | 0.1 ✗✗ |" in text  # every request failed: still a row
+    assert "| down | 0.1 | 12 | – | – | – | – |" in text
     benchmark.figure(results, tmp_path / "figure.png")
     assert (tmp_path / "figure.png").stat().st_size > 10_000
