@@ -28,6 +28,12 @@ class AttentionMetadata:
         return sum(self.query_lens[: self.num_prefills])
 
     @cached_property
+    def chunk_masks(self) -> dict:
+        """Attention masks of this batch's prefill chunks, by shape, built by the backend that
+        needs them: every layer attends with the same ones, and they go with the batch."""
+        return {}
+
+    @cached_property
     def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Block tables and context lengths of the decodes (the rows after the prefills): sliced
         once per batch, not in every layer."""

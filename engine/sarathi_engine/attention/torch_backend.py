@@ -8,8 +8,6 @@ so keys and values are never repeated.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +33,8 @@ class TorchAttentionBackend:
             else:
                 blocks = meta.block_tables[i, : -(-length // k_cache.shape[2])]
                 keys, values = (gather(cache, blocks)[:, :length].to(q.dtype) for cache in (k_cache, v_cache))
-            out[start : start + n] = attend_chunk(q[start : start + n], keys, values, scale, sliding_window)
+            out[start : start + n] = attend_chunk(q[start : start + n], keys, values, scale, sliding_window,
+                                                  meta.chunk_masks)
             start += n
         if start < q.shape[0]:
             out[start:] = self.attend_decodes(q[start:], k_cache, v_cache, *meta.decode_tables, scale, sliding_window)
@@ -74,8 +73,10 @@ def gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return cache.index_select(1, blocks).flatten(1, 2)
 
 
-def attend_chunk(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
-    """q: [n, heads, dim], the last n positions of a context of keys/values [kv_heads, length, dim]."""
+def attend_chunk(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, window: int | None,
+                 masks: dict) -> torch.Tensor:
+    """q: [n, heads, dim], the last n positions of a context of keys/values [kv_heads, length, dim];
+    masks: the batch's chunk masks by shape (AttentionMetadata.chunk_masks)."""
     n, heads, dim = q.shape
     kv_heads, length, _ = keys.shape
     group = heads // kv_heads
@@ -86,17 +87,18 @@ def attend_chunk(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scal
             qg.view(kv_heads, group, n, dim), keys.unsqueeze(1), values.unsqueeze(1), is_causal=True, scale=scale
         )
     else:
-        bias = chunk_bias(n, length, window, group, q.dtype, q.device)
+        shape = (n, length, window, group, q.dtype)
+        if shape not in masks:
+            masks[shape] = chunk_bias(n, length, window, group, q.dtype, q.device)
+        bias = masks[shape]
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=bias, scale=scale)
     return out.reshape(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads, dim)
 
 
-@functools.lru_cache(maxsize=8)
 def chunk_bias(n: int, length: int, window: int | None, group: int, dtype: torch.dtype, device) -> torch.Tensor:
     """chunk_mask for `group` query heads stacked, as the additive mask SDPA applies (0 where a key
-    is seen, -inf elsewhere). Every layer of a batch attends with the same one, so it is built
-    once per shape rather than (with a bool mask's conversion) in every layer: about a tenth of a
-    128-token chunk's iteration on a CPU. Callers must not modify it."""
+    is seen, -inf elsewhere). attend_chunk keeps it for the batch's other layers: built and
+    converted from bool in every layer, masks were about a tenth of a 128-token chunk's iteration."""
     seen = chunk_mask(n, length, window, device).repeat(group, 1)
     return torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
 
