@@ -34,6 +34,7 @@ from benchmarks.autotune import VllmServer
 from sarathi_engine.bench.calibrate import measure_decode_time
 from sarathi_engine.bench.compare import machine
 from sarathi_engine.bench.experiment import WorkloadSpec, connect, run_point
+from sarathi_engine.bench.report import markdown_table, ms, seconds, write_json
 from sarathi_engine.bench.speed import VLLM_VERSION, cpu_list, vllm_installed
 from sarathi_engine.server.launcher import ServerProcess
 
@@ -154,7 +155,7 @@ async def run_target(args, target: Target, workload: WorkloadSpec, results: dict
                   f"{seconds(s['ttft_p50'])} s, {s['num_failed']} failed; "
                   + ", ".join(f"{n} {'pass' if passes(s, v / 1000, args.ttft_p50) else 'fail'}"
                               for n, v in results["slos_ms"].items()), flush=True)
-            (out / "results.json").write_text(json.dumps(results, indent=1))
+            write_json(out / "results.json", results)
             if ladder_done(entry["probes"], slos, args.ttft_p50):
                 break
     finally:
@@ -178,28 +179,20 @@ def table(results: dict) -> str:
                                                      else "✗" for v in slos.values()) for p in t["probes"])
         rows.append([t["label"], *[f"{caps[n]:g}" if caps[n] else f"< {lowest:g}" for n in slos],
                      *ratios, marks])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-
-
-def ms(value: float | None) -> str:
-    return "–" if value is None else f"{value * 1000:.0f}"
-
-
-def seconds(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}"
+    return markdown_table(header, rows)
 
 
 def probes_table(results: dict) -> str:
-    lines = ["| system | req/s | requests | P99 TBT (ms) | P50 TBT (ms) | median TTFT (s) | P99 TTFT (s) | "
-             "output tok/s | failed |", "|---|---|---|---|---|---|---|---|---|"]
-    for t in results["targets"]:
-        for p in t["probes"]:
-            s = p["summary"]
-            lines.append(f"| {t['label']} | {p['qps']:g} | {p['requests']} | {ms(s['tbt_p99'])} | "
-                         f"{ms(s['tbt_p50'])} | {seconds(s['ttft_p50'])} | {seconds(s['ttft_p99'])} | "
-                         f"{s['output_token_throughput'] or 0:.1f} | {s['num_failed']} |")
-    return "\n".join(lines) + "\n"
+    header = ["system", "req/s", "requests", "P99 TBT (ms)", "P50 TBT (ms)", "median TTFT (s)", "P99 TTFT (s)",
+              "output tok/s", "failed"]
+    return markdown_table(header, [probe_row(t["label"], p) for t in results["targets"] for p in t["probes"]])
+
+
+def probe_row(label: str, probe: dict) -> list[str]:
+    s = probe["summary"]
+    return [label, f"{probe['qps']:g}", str(probe["requests"]), ms(s["tbt_p99"]), ms(s["tbt_p50"]),
+            seconds(s["ttft_p50"]), seconds(s["ttft_p99"]), f"{s['output_token_throughput'] or 0:.1f}",
+            str(s["num_failed"])]
 
 
 def figure(results: dict, path: Path) -> None:
@@ -284,7 +277,7 @@ async def main_async(args: argparse.Namespace, command: str) -> dict:
     order = [t.label for t in targets]  # a resumed run lists its systems as a fresh one would
     results["targets"].sort(key=lambda t: order.index(t["label"]) if t["label"] in order else len(order))
     results["load_after"] = list(os.getloadavg())
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "results.json", results)
     figure(results, out / "figure.png")
     print(table(results))
     if args.doc:

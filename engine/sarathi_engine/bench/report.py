@@ -14,11 +14,11 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def _ms(value: float | None) -> str:
+def ms(value: float | None) -> str:
     return "–" if value is None else f"{value * 1000:.0f}"
 
 
-def _s(value: float | None) -> str:
+def seconds(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
@@ -29,8 +29,8 @@ COLUMNS = ["target", "req/s", "TTFT P50 (s)", "TTFT P99 (s)", "TBT P50 (ms)", "T
 def point_row(label: str, point: dict) -> list[str]:
     s = point["summary"]
     attainment = s.get("slo_attainment")
-    return [label, f"{point['qps']:g}", _s(s["ttft_p50"]), _s(s["ttft_p99"]), _ms(s["tbt_p50"]), _ms(s["tbt_p99"]),
-            _ms(s["tbt_max"]), _s(s["scheduling_delay_p50"]), f"{s['output_token_throughput'] or 0:.1f}",
+    return [label, f"{point['qps']:g}", seconds(s["ttft_p50"]), seconds(s["ttft_p99"]), ms(s["tbt_p50"]), ms(s["tbt_p99"]),
+            ms(s["tbt_max"]), seconds(s["scheduling_delay_p50"]), f"{s['output_token_throughput'] or 0:.1f}",
             "–" if attainment is None else f"{attainment:.0%}", str(s["num_failed"])]
 
 
@@ -63,7 +63,7 @@ def capacity_table(results: dict) -> str:
         cap = t["capacity"]
         ratio = f"{cap['capacity'] / base:.2f}x" if base else "–"
         probes = ", ".join(f"{p['qps']:.3g}{'✓' if p['passed'] else '✗'}" for p in cap["probes"])
-        rows.append([t["label"], f"{cap['capacity']:.3g}", ratio, _ms(cap["tbt_slo"]), probes])
+        rows.append([t["label"], f"{cap['capacity']:.3g}", ratio, ms(cap["tbt_slo"]), probes])
     return markdown_table(["target", "capacity (req/s)", "vs vllm policy", "P99 TBT SLO (ms)", "probes (req/s)"],
                           rows)
 
@@ -112,7 +112,7 @@ def plot(results: dict, path: Path) -> None:
         bars = ax["capacity"].bar([t["label"] for t in with_cap], [t["capacity"]["capacity"] for t in with_cap],
                                   color=[f"C{targets.index(t)}" for t in with_cap])
         ax["capacity"].bar_label(bars, fmt="%.3g")
-        ax["capacity"].set(ylabel="req/s", title=f"Capacity (P99 TBT <= {_ms(slo)} ms)")
+        ax["capacity"].set(ylabel="req/s", title=f"Capacity (P99 TBT <= {ms(slo)} ms)")
         ax["capacity"].tick_params(axis="x", rotation=20)
     for a in (cdf, p99, ttft):
         if a:
