@@ -1,6 +1,7 @@
 """The C++ CPU kernels against plain torch on the same inputs, shapes chosen to hit every tile
 and tail (rows that do not fill a tile, outputs that do not fill a panel, contexts that end
-mid-block, partitions merged across a long context, sliding windows)."""
+mid-block, partitions merged across a long context, chunks whose queries do not fill a block or
+whose keys do not fill a tile, sliding windows)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sarathi_engine import kernels
-from sarathi_engine.attention.torch_backend import attend_decodes, write
+from sarathi_engine.attention.torch_backend import attend_chunk, attend_decodes, gather, write
 from sarathi_engine.model.ops import TorchOps
 
 pytestmark = pytest.mark.skipif(kernels.unusable_reason() is not None,
@@ -110,3 +111,33 @@ def test_decode_attention_reads_the_paged_cache_as_torch_does(ops, dtype, lens, 
     context = torch.tensor(lens, dtype=torch.int32)
     expected = attend_decodes(q, k_cache.float(), v_cache.float(), blocks, context, 0.25, window)
     close(ops.paged_decode_attention(q, k_cache, v_cache, blocks, context, 0.25, window or 0), expected, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length,n,window", [(5, 5, None), (1, 1, None), (300, 300, None), (301, 37, None),
+                                             (1000, 129, None), (700, 1, None), (1000, 50, 100), (300, 120, 37)])
+def test_prefill_attention_reads_the_paged_cache_as_torch_does(ops, dtype, length, n, window):
+    """A chunk of n queries ending a context of `length` tokens, against SDPA over the gathered keys."""
+    heads, kv_heads, dim = 6, 2, 32
+    k, v, k_cache, v_cache, slots, blocks = paged_case(dtype, [length], kv_heads, dim)
+    ops.write_kv(k, v, k_cache, v_cache, slots)
+    q = torch.randn(n, heads, dim)
+    keys, values = (gather(cache, blocks[0])[:, :length].float() for cache in (k_cache, v_cache))
+    expected = attend_chunk(q, keys, values, 0.25, window, {})
+    close(ops.paged_prefill_attention(q, k_cache, v_cache, blocks[0], length, 0.25, window or 0), expected, 1e-5)
+
+
+def test_prefill_attention_takes_strided_queries(ops):
+    """q as the engine hands it over: a view of the fused qkv projection's output."""
+    k, v, k_cache, v_cache, slots, blocks = paged_case(torch.float32, [40], 2, 16)
+    ops.write_kv(k, v, k_cache, v_cache, slots)
+    qkv = torch.randn(24, (4 + 2 + 2) * 16)
+    q = qkv[:, : 4 * 16].view(24, 4, 16)
+    expected = ops.paged_prefill_attention(q.contiguous(), k_cache, v_cache, blocks[0], 40, 0.25, 0)
+    close(ops.paged_prefill_attention(q, k_cache, v_cache, blocks[0], 40, 0.25, 0), expected, 0)
+
+
+def test_prefill_attention_rejects_a_table_short_of_its_context(ops):
+    k, v, k_cache, v_cache, slots, blocks = paged_case(torch.float32, [8], 2, 16)
+    with pytest.raises(RuntimeError, match="block table must cover"):
+        ops.paged_prefill_attention(torch.randn(4, 4, 16), k_cache, v_cache, blocks[0][:1], 8, 0.25, 0)

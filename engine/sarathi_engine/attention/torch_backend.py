@@ -3,8 +3,9 @@
 The cache is laid out [kv_heads, blocks, block_size, head_dim], so gathering a sequence's blocks
 is one index_select per tensor whose result is already [kv_heads, tokens, head_dim]: far cheaper
 on a CPU than advanced indexing over a token-major layout. Prefill chunks attend one sequence at a
-time; all decodes attend in one padded call (or, with the CPU kernels, read the cache in place). Grouped query heads are folded into the query length
-so keys and values are never repeated.
+time; all decodes attend in one padded call. Grouped query heads are folded into the query
+length so keys and values are never repeated. With the C++ kernels, chunks and decodes read the
+paged cache in place instead (CpuKernelAttentionBackend).
 """
 from __future__ import annotations
 
@@ -27,18 +28,25 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         start = 0
         for i in range(meta.num_prefills):
-            n, length = meta.query_lens[i], meta.context_lens[i]
-            if n == length:  # nothing cached yet: the chunk's own keys are the whole context
-                keys, values = k[start : start + n].transpose(0, 1), v[start : start + n].transpose(0, 1)
-            else:
-                blocks = meta.block_tables[i, : -(-length // k_cache.shape[2])]
-                keys, values = (gather(cache, blocks)[:, :length].to(q.dtype) for cache in (k_cache, v_cache))
-            out[start : start + n] = attend_chunk(q[start : start + n], keys, values, scale, sliding_window,
-                                                  meta.chunk_masks)
+            n = meta.query_lens[i]
+            chunk = slice(start, start + n)
+            out[chunk] = self.attend_prefill(q[chunk], k[chunk], v[chunk], k_cache, v_cache, meta, i, scale,
+                                             sliding_window)
             start += n
         if start < q.shape[0]:
             out[start:] = self.attend_decodes(q[start:], k_cache, v_cache, *meta.decode_tables, scale, sliding_window)
         return out
+
+    def attend_prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, i: int, scale: float,
+                       window: int | None) -> torch.Tensor:
+        """Sequence i's chunk: its new queries, keys and values (already written to the cache)."""
+        n, length = meta.query_lens[i], meta.context_lens[i]
+        if n == length:  # nothing cached yet: the chunk's own keys are the whole context
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)
+        else:
+            blocks = meta.block_tables[i, : -(-length // k_cache.shape[2])]
+            keys, values = (gather(cache, blocks)[:, :length].to(q.dtype) for cache in (k_cache, v_cache))
+        return attend_chunk(q, keys, values, scale, window, meta.chunk_masks)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               slots: torch.Tensor) -> None:
@@ -51,12 +59,18 @@ class TorchAttentionBackend:
 
 class CpuKernelAttentionBackend(TorchAttentionBackend):
     """The C++ kernels' attention (sarathi_engine.kernels): queries in float32 over a cache in the
-    model's dtype; decodes read the paged cache in place, prefill chunks go through SDPA."""
+    model's dtype, read in place by prefill chunks and decodes alike (no gathered copy, no mask)."""
 
     name = "cpu-kernels"
 
     def write(self, k, v, k_cache, v_cache, slots) -> None:
         torch.ops.sarathi.write_kv(k, v, k_cache, v_cache, slots)
+
+    def attend_prefill(self, q, k, v, k_cache, v_cache, meta, i, scale, window):
+        if q.shape[-1] % 16:  # the kernel's key panels are 16 lanes of head_dim wide
+            return super().attend_prefill(q, k, v, k_cache, v_cache, meta, i, scale, window)
+        return torch.ops.sarathi.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables[i],
+                                                         meta.context_lens[i], scale, window or 0)
 
     def attend_decodes(self, q, k_cache, v_cache, block_tables, context_lens, scale, window):
         return torch.ops.sarathi.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,

@@ -108,7 +108,8 @@ void pack_panels(const W* w, W* packed, int64_t N, int64_t K) {
 
 // U independent sets of accumulators over interleaved k: with few rows, one set would make every
 // FMA wait for the previous one (4 cycles of latency), far below the load rate.
-template <int MR, typename W>
+// Accumulate adds the tile to what out holds instead of overwriting it.
+template <int MR, bool Accumulate = false, typename W>
 inline void linear_tile(const float* x, int64_t ldx, const W* panel, int64_t K, float* out, int64_t ldo,
                         int64_t cols, const float* bias) {
   constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
@@ -145,6 +146,25 @@ inline void linear_tile(const float* x, int64_t ldx, const W* panel, int64_t K, 
     }
   }
   // Fully unrolled, so that the accumulators never leave registers inside the k loop.
+  if (cols == kPanel && !bias) {  // a whole panel: straight from registers
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      __m256 lo = acc[0][r][0], hi = acc[0][r][1];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) {
+        lo = _mm256_add_ps(lo, acc[u][r][0]);
+        hi = _mm256_add_ps(hi, acc[u][r][1]);
+      }
+      float* o = out + r * ldo;
+      if constexpr (Accumulate) {
+        lo = _mm256_add_ps(lo, _mm256_loadu_ps(o));
+        hi = _mm256_add_ps(hi, _mm256_loadu_ps(o + 8));
+      }
+      _mm256_storeu_ps(o, lo);
+      _mm256_storeu_ps(o + 8, hi);
+    }
+    return;
+  }
   alignas(32) float rows[MR][kPanel];
   const __m256 bias0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
   const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
@@ -159,7 +179,31 @@ inline void linear_tile(const float* x, int64_t ldx, const W* panel, int64_t K, 
     _mm256_store_ps(rows[r], _mm256_add_ps(lo, bias0));
     _mm256_store_ps(rows[r] + 8, _mm256_add_ps(hi, bias1));
   }
-  for (int r = 0; r < MR; ++r) std::copy(rows[r], rows[r] + cols, out + r * ldo);
+  if constexpr (Accumulate) {
+    for (int r = 0; r < MR; ++r)
+      for (int64_t j = 0; j < cols; ++j) out[r * ldo + j] += rows[r][j];
+  } else {
+    for (int r = 0; r < MR; ++r) std::copy(rows[r], rows[r] + cols, out + r * ldo);
+  }
+}
+
+// out[r, :cols] (+)= sum_k x[r, k] * panel[k, :cols] for r < M: tiles of 6 rows, then the rest.
+template <bool Accumulate = false, typename W>
+void panel_rows(const float* x, int64_t ldx, const W* panel, int64_t K, float* out, int64_t ldo, int64_t M,
+                int64_t cols, const float* bias) {
+  int64_t m = 0;
+  for (; m + kTileRows <= M; m += kTileRows)
+    linear_tile<kTileRows, Accumulate>(x + m * ldx, ldx, panel, K, out + m * ldo, ldo, cols, bias);
+  x += m * ldx;
+  out += m * ldo;
+  switch (M - m) {
+    case 5: linear_tile<5, Accumulate>(x, ldx, panel, K, out, ldo, cols, bias); break;
+    case 4: linear_tile<4, Accumulate>(x, ldx, panel, K, out, ldo, cols, bias); break;
+    case 3: linear_tile<3, Accumulate>(x, ldx, panel, K, out, ldo, cols, bias); break;
+    case 2: linear_tile<2, Accumulate>(x, ldx, panel, K, out, ldo, cols, bias); break;
+    case 1: linear_tile<1, Accumulate>(x, ldx, panel, K, out, ldo, cols, bias); break;
+    default: break;
+  }
 }
 
 template <typename W>
@@ -186,17 +230,7 @@ void linear_kernel(const float* x, const W* packed, const float* bias, float* ou
       const W* panel = packed + p * K * kPanel;
       const int64_t n = p * kPanel, cols = std::min(kPanel, N - n);
       const float* b = bias ? padded_bias.data() + n : nullptr;
-      int64_t m = m0;
-      for (; m + kTileRows <= m1; m += kTileRows)
-        linear_tile<kTileRows>(x + m * K, K, panel, K, out + m * N + n, N, cols, b);
-      switch (m1 - m) {
-        case 5: linear_tile<5>(x + m * K, K, panel, K, out + m * N + n, N, cols, b); break;
-        case 4: linear_tile<4>(x + m * K, K, panel, K, out + m * N + n, N, cols, b); break;
-        case 3: linear_tile<3>(x + m * K, K, panel, K, out + m * N + n, N, cols, b); break;
-        case 2: linear_tile<2>(x + m * K, K, panel, K, out + m * N + n, N, cols, b); break;
-        case 1: linear_tile<1>(x + m * K, K, panel, K, out + m * N + n, N, cols, b); break;
-        default: break;
-      }
+      panel_rows(x + m0 * K, K, panel, K, out + m0 * N + n, N, m1 - m0, cols, b);
     }
   });
 }
@@ -686,6 +720,179 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   return out;
 }
 
+
+// ---- prefill attention over the paged cache, read in place -----------------------------------
+//
+// A chunk of n query tokens ending a context of L tokens whose keys and values, the chunk's own
+// included, are already in the cache. Flash attention's tiling on the linear kernel's register
+// tiles: the keys a chunk needs are packed once per call into panels of 16 tokens ([D][16]) and
+// the values into panels of 16 lanes ([tokens][16]), float32; a work item is one KV head and a
+// block of query tokens, whose group x block query rows share every tile of 64 keys; a tile's
+// scores are one product, an online softmax rescales the running output, and probabilities times
+// values are another product. Causal and window masks are ranges of each row, so tiles that no row
+// sees are never computed and keys a row cannot see cost only their zeros.
+
+constexpr int64_t kKeyTile = 128;    // keys per tile: scores and probabilities stay in L1
+constexpr int64_t kQueryBlock = 16;  // query tokens per work item: a 128-token chunk gives 8 per head
+
+struct Chunk {
+  int64_t n, L, D, first;  // queries, context, head_dim, first packed key (a multiple of 16)
+  int64_t padded;          // packed keys, a multiple of 16
+  int64_t window;          // 0: none
+
+  int64_t position(int64_t query) const { return L - n + query; }
+  int64_t lowest_key(int64_t query) const { return window > 0 ? std::max<int64_t>(0, position(query) - window + 1) : 0; }
+};
+
+template <typename C>
+void pack_keys_values(const C* k_head, const C* v_head, const int64_t* table, int64_t block_size,
+                      const Chunk& c, int64_t panel, float* kp, float* vp) {
+  for (int64_t j = 0; j < kPanel; ++j) {
+    const int64_t u = panel * kPanel + j, t = c.first + u;
+    float* kdst = kp + panel * c.D * kPanel + j;
+    if (t >= c.L) {
+      for (int64_t d = 0; d < c.D; ++d) kdst[d * kPanel] = 0.f;
+      for (int64_t d0 = 0; d0 < c.D; d0 += kPanel) std::fill_n(vp + d0 * c.padded + u * kPanel, kPanel, 0.f);
+      continue;
+    }
+    const int64_t row = (table[t / block_size] * block_size + t % block_size) * c.D;
+    for (int64_t d = 0; d < c.D; ++d) kdst[d * kPanel] = to_float(k_head[row + d]);
+    for (int64_t d0 = 0; d0 < c.D; d0 += kPanel)
+      for (int64_t d = 0; d < kPanel; ++d) vp[d0 * c.padded + u * kPanel + d] = to_float(v_head[row + d0 + d]);
+  }
+}
+
+inline float max_range(const float* s, int64_t a, int64_t b) {
+  __m256 m8 = _mm256_set1_ps(-INFINITY);
+  int64_t j = a;
+  for (; j + 8 <= b; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m8);
+  float m = *std::max_element(lanes, lanes + 8);
+  for (; j < b; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// s[j] = exp(s[j] - shift) for j in [a, b); returns their sum.
+inline float exp_range(float* s, int64_t a, int64_t b, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 sum8 = _mm256_setzero_ps();
+  int64_t j = a;
+  for (; j + 8 <= b; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), sh));
+    _mm256_storeu_ps(s + j, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  float sum = hsum(sum8);
+  for (; j < b; ++j) sum += (s[j] = std::exp(s[j] - shift));
+  return sum;
+}
+
+// One KV head's query rows [(query - i0) * group + g] for queries [i0, i1): out = softmax(q k^T) v.
+void prefill_block(const float* q, int64_t q_stride, int64_t group, int64_t head, const float* kp, const float* vp,
+                   const Chunk& c, int64_t i0, int64_t i1, float scale, float* out, int64_t out_stride) {
+  const int64_t R = (i1 - i0) * group, D = c.D;
+  thread_local std::vector<float> qs, scores, acc, row_max, row_sum;
+  qs.resize(R * D);
+  scores.resize(R * kKeyTile);
+  acc.assign(R * D, 0.f);
+  row_max.assign(R, -INFINITY);
+  row_sum.assign(R, 0.f);
+  for (int64_t r = 0; r < R; ++r) {  // scaled once here rather than every score
+    const float* src = q + (i0 + r / group) * q_stride + (head * group + r % group) * D;
+    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = src[d] * scale;
+  }
+  const int64_t hi = c.position(i1 - 1) + 1;
+  const int64_t start = c.first + (c.lowest_key(i0) - c.first) / kPanel * kPanel;
+  for (int64_t t0 = start; t0 < hi; t0 += kKeyTile) {
+    const int64_t width = std::min(kKeyTile, (hi - c.first + kPanel - 1) / kPanel * kPanel + c.first - t0);
+    for (int64_t p = 0; p < width / kPanel; ++p)
+      panel_rows(qs.data(), D, kp + ((t0 - c.first) / kPanel + p) * D * kPanel, D, scores.data() + p * kPanel,
+                 kKeyTile, R, kPanel, nullptr);
+    for (int64_t r = 0; r < R; ++r) {
+      float* s = scores.data() + r * kKeyTile;
+      const int64_t query = i0 + r / group;
+      const int64_t a = std::max<int64_t>(0, c.lowest_key(query) - t0);
+      const int64_t b = std::min(width, c.position(query) - t0 + 1);
+      if (b <= a) {
+        std::fill_n(s, width, 0.f);
+        continue;
+      }
+      const float m = std::max(row_max[r], max_range(s, a, b));
+      const float alpha = std::exp(row_max[r] - m);
+      row_sum[r] = row_sum[r] * alpha + exp_range(s, a, b, m);
+      std::fill_n(s, a, 0.f);
+      std::fill(s + b, s + width, 0.f);
+      if (alpha != 1.f)
+        for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= alpha;
+      row_max[r] = m;
+    }
+    for (int64_t d0 = 0; d0 < D; d0 += kPanel)
+      panel_rows<true>(scores.data(), kKeyTile, vp + d0 * c.padded + (t0 - c.first) * kPanel, width,
+                       acc.data() + d0, D, R, kPanel, nullptr);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    float* dst = out + (i0 + r / group) * out_stride + (head * group + r % group) * D;
+    const float inv = 1.f / row_sum[r];
+    for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv;
+  }
+}
+
+template <typename C>
+void prefill_attention_kernel(const float* q, int64_t q_stride, const C* k_cache, const C* v_cache,
+                              const int64_t* table, int64_t block_size, int64_t head_stride, int64_t Hq, int64_t Hk,
+                              const Chunk& c, float scale, float* out) {
+  const int64_t group = Hq / Hk, panels = c.padded / kPanel, per_head = c.padded * c.D;
+  thread_local std::vector<float> packed;  // the caller's thread: reused by every layer
+  packed.resize(2 * Hk * per_head);
+  float* kp = packed.data();
+  float* vp = kp + Hk * per_head;
+  for_each_item(Hk * panels, [&](int64_t item) {
+    const int64_t h = item / panels;
+    pack_keys_values(k_cache + h * head_stride, v_cache + h * head_stride, table, block_size, c, item % panels,
+                     kp + h * per_head, vp + h * per_head);
+  });
+  const int64_t blocks = (c.n + kQueryBlock - 1) / kQueryBlock;
+  // The last query blocks see the most keys: handed out first, they do not finish alone.
+  for_each_item(Hk * blocks, [&](int64_t item) {
+    const int64_t h = item % Hk, b = blocks - 1 - item / Hk;
+    prefill_block(q, q_stride, group, h, kp + h * per_head, vp + h * per_head, c, b * kQueryBlock,
+                  std::min(c.n, (b + 1) * kQueryBlock), scale, out, Hq * c.D);
+  });
+}
+
+at::Tensor paged_prefill_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& block_table_in, int64_t context_len, double scale,
+                                   int64_t window) {
+  TORCH_CHECK(q_in.dim() == 3, "prefill attention: q must be [tokens, heads, head_dim]");
+  at::Tensor q = q_in.to(at::kFloat);
+  const int64_t n = q.size(0), Hq = q.size(1), D = q.size(2), Hk = k_cache.size(0);
+  if (q.stride(2) != 1 || q.stride(1) != D) q = q.contiguous();
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4,
+              "prefill attention: caches must be contiguous [kv_heads, blocks, block_size, head_dim]");
+  TORCH_CHECK(k_cache.size(3) == D && D % kPanel == 0, "prefill attention: head_dim must match the cache and be a multiple of ",
+              kPanel, ", got ", D);
+  TORCH_CHECK(Hq % Hk == 0, "prefill attention: ", Hq, " query heads over ", Hk, " KV heads");
+  TORCH_CHECK(n >= 1 && context_len >= n, "prefill attention: ", n, " queries in a context of ", context_len);
+  at::Tensor table = block_table_in.to(at::kLong).contiguous();
+  const int64_t block_size = k_cache.size(2);
+  TORCH_CHECK(table.dim() == 1 && table.numel() * block_size >= context_len,
+              "prefill attention: the block table must cover the context");
+  const int64_t first = window > 0 ? std::max<int64_t>(0, context_len - n - window + 1) / kPanel * kPanel : 0;
+  const Chunk c{n, context_len, D, first, (context_len - first + kPanel - 1) / kPanel * kPanel, window};
+  at::Tensor out = at::empty({n, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (k_cache.scalar_type() == at::kBFloat16) {
+    prefill_attention_kernel(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<BFloat16>(),
+                             v_cache.data_ptr<BFloat16>(), table.data_ptr<int64_t>(), block_size, k_cache.stride(0),
+                             Hq, Hk, c, float(scale), out.data_ptr<float>());
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "prefill attention: cache must be bfloat16 or float32");
+    prefill_attention_kernel(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                             table.data_ptr<int64_t>(), block_size, k_cache.stride(0), Hq, Hk, c, float(scale),
+                             out.data_ptr<float>());
+  }
+  return out;
+}
 }  // namespace
 
 TORCH_LIBRARY(sarathi, m) {
@@ -703,6 +910,8 @@ TORCH_LIBRARY(sarathi, m) {
         "Tensor gate_up_packed, int gate_up_n, Tensor down_packed, int down_n) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, int window) -> Tensor");
+  m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+        "int context_len, float scale, int window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sarathi, CPU, m) {
@@ -716,4 +925,5 @@ TORCH_LIBRARY_IMPL(sarathi, CPU, m) {
   m.impl("attention_input", &attention_input);
   m.impl("attention_output", &attention_output);
   m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_prefill_attention", &paged_prefill_attention);
 }
