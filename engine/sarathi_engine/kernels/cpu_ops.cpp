@@ -744,21 +744,51 @@ struct Chunk {
   int64_t lowest_key(int64_t query) const { return window > 0 ? std::max<int64_t>(0, position(query) - window + 1) : 0; }
 };
 
+// Eight rows of eight lanes, transposed in registers.
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Key panel `panel` ([D][16] tokens) and those tokens' rows of every value panel ([tokens][16]),
+// widened to float32; tokens past the context are zero.
 template <typename C>
 void pack_keys_values(const C* k_head, const C* v_head, const int64_t* table, int64_t block_size,
                       const Chunk& c, int64_t panel, float* kp, float* vp) {
+  const C* keys[kPanel];
+  const C* values[kPanel];
   for (int64_t j = 0; j < kPanel; ++j) {
-    const int64_t u = panel * kPanel + j, t = c.first + u;
-    float* kdst = kp + panel * c.D * kPanel + j;
-    if (t >= c.L) {
-      for (int64_t d = 0; d < c.D; ++d) kdst[d * kPanel] = 0.f;
-      for (int64_t d0 = 0; d0 < c.D; d0 += kPanel) std::fill_n(vp + d0 * c.padded + u * kPanel, kPanel, 0.f);
-      continue;
+    const int64_t t = c.first + panel * kPanel + j;
+    const int64_t row = t < c.L ? (table[t / block_size] * block_size + t % block_size) * c.D : -1;
+    keys[j] = row < 0 ? nullptr : k_head + row;
+    values[j] = row < 0 ? nullptr : v_head + row;
+  }
+  float* kdst = kp + panel * c.D * kPanel;
+  for (int64_t j0 = 0; j0 < kPanel; j0 += 8)
+    for (int64_t d0 = 0; d0 < c.D; d0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = keys[j0 + i] ? load8(keys[j0 + i] + d0) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kdst + (d0 + i) * kPanel + j0, r[i]);
     }
-    const int64_t row = (table[t / block_size] * block_size + t % block_size) * c.D;
-    for (int64_t d = 0; d < c.D; ++d) kdst[d * kPanel] = to_float(k_head[row + d]);
-    for (int64_t d0 = 0; d0 < c.D; d0 += kPanel)
-      for (int64_t d = 0; d < kPanel; ++d) vp[d0 * c.padded + u * kPanel + d] = to_float(v_head[row + d0 + d]);
+  for (int64_t j = 0; j < kPanel; ++j) {
+    float* vdst = vp + (panel * kPanel + j) * kPanel;
+    for (int64_t d0 = 0; d0 < c.D; d0 += 8)
+      _mm256_storeu_ps(vdst + (d0 / kPanel) * c.padded * kPanel + d0 % kPanel,
+                       values[j] ? load8(values[j] + d0) : _mm256_setzero_ps());
   }
 }
 
