@@ -113,6 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a results.json of this benchmark: its SLOs and finished systems are kept, the rest run")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--doc", type=Path, help="rewrite the generated section of this markdown file")
+    p.add_argument("--doc-section", default=SECTION, help="which generated section (and figure name)")
     return p.parse_args(argv)
 
 
@@ -283,9 +284,9 @@ async def main_async(args: argparse.Namespace, command: str) -> dict:
     if args.doc:
         from sarathi_engine.bench.docs import write_section
 
-        fig = args.doc.parent / args.doc.stem / f"{SECTION}.png"
+        fig = args.doc.parent / args.doc.stem / f"{args.doc_section}.png"
         fig.write_bytes((out / "figure.png").read_bytes())
-        write_section(args.doc, SECTION, doc_section(results, os.path.relpath(fig, args.doc.parent)))
+        write_section(args.doc, args.doc_section, doc_section(results, os.path.relpath(fig, args.doc.parent)))
     return results
 
 

@@ -720,14 +720,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   return out;
 }
 
-
 // ---- prefill attention over the paged cache, read in place -----------------------------------
 //
 // A chunk of n query tokens ending a context of L tokens whose keys and values, the chunk's own
 // included, are already in the cache. Flash attention's tiling on the linear kernel's register
 // tiles: the keys a chunk needs are packed once per call into panels of 16 tokens ([D][16]) and
 // the values into panels of 16 lanes ([tokens][16]), float32; a work item is one KV head and a
-// block of query tokens, whose group x block query rows share every tile of 64 keys; a tile's
+// block of query tokens, whose group x block query rows share every tile of keys; a tile's
 // scores are one product, an online softmax rescales the running output, and probabilities times
 // values are another product. Causal and window masks are ranges of each row, so tiles that no row
 // sees are never computed and keys a row cannot see cost only their zeros.
