@@ -6,7 +6,7 @@ import pytest
 from bench_fake_server import ThreadedServer, make_app
 
 from sarathi_engine.bench.compare import Target, parse_peer, parse_policy_target, server_args
-from sarathi_engine.bench.docs import markers, update_doc
+from sarathi_engine.bench.docs import markers, update_doc, write_section
 from sarathi_engine.bench.experiment import WorkloadSpec, probe_size
 from sarathi_engine.cli import build_parser, main
 
@@ -109,6 +109,13 @@ def test_doc_sections_are_replaced_in_place_and_new_ones_appended(tmp_path):
     text = doc.read_text()
     assert text.count("sarathi bench y") == 1 and text.count("sarathi bench x") == 1
     assert text.index("BEGIN a") < text.index("BEGIN b") and "1.00 / 1.00 / 1.00" in text
+
+
+def test_a_new_section_takes_the_place_of_its_placeholder(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Runs\n\n### Run 2\n\n<!-- BEGIN run-2 -->\n<!-- END run-2 -->\n\n### Run 1\n\nOld.\n")
+    write_section(doc, "run-2", "Figures.")
+    assert doc.read_text() == f"# Runs\n\n### Run 2\n\n{markers('run-2')[0]}\nFigures.\n<!-- END run-2 -->\n\n### Run 1\n\nOld.\n"
 
 
 def test_a_failing_target_is_recorded_and_the_others_still_run(tmp_path):

@@ -56,10 +56,12 @@ def update_doc(doc: Path, section: str, results: dict, figure: Path) -> None:
 
 
 def write_section(doc: Path, section: str, body: str) -> None:
-    """Write body between the named section's markers in doc (appended if new), keeping
-    everything around it."""
+    """Write body between the named section's markers in doc, keeping everything around it. A new
+    section goes where doc holds the placeholder `<!-- BEGIN name -->` ... `<!-- END name -->`,
+    else at the end."""
     begin, end = markers(section)
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    text = text.replace(f"<!-- BEGIN {section} -->", begin, 1)
     if begin not in text or end not in text:
         text = text.rstrip("\n") + f"\n\n{begin}\n{end}\n"
     head, rest = text.split(begin, 1)
