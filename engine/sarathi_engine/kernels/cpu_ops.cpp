@@ -872,7 +872,9 @@ void prefill_attention_kernel(const float* q, int64_t q_stride, const C* k_cache
                               const int64_t* table, int64_t block_size, int64_t head_stride, int64_t Hq, int64_t Hk,
                               const Chunk& c, float scale, float* out) {
   const int64_t group = Hq / Hk, panels = c.padded / kPanel, per_head = c.padded * c.D;
-  thread_local std::vector<float> packed;  // the caller's thread: reused by every layer
+  // On the calling thread, kept for every later call: it grows to one layer's keys and values
+  // (float32) for the longest context seen, instead of a fresh allocation per layer.
+  thread_local std::vector<float> packed;
   packed.resize(2 * Hk * per_head);
   float* kp = packed.data();
   float* vp = kp + Hk * per_head;
