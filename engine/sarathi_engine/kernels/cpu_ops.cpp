@@ -146,22 +146,27 @@ inline void linear_tile(const float* x, int64_t ldx, const W* panel, int64_t K, 
     }
   }
   // Fully unrolled, so that the accumulators never leave registers inside the k loop.
+  __m256 lo[MR], hi[MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    lo[r] = acc[0][r][0];
+    hi[r] = acc[0][r][1];
+#pragma GCC unroll 4
+    for (int u = 1; u < U; ++u) {
+      lo[r] = _mm256_add_ps(lo[r], acc[u][r][0]);
+      hi[r] = _mm256_add_ps(hi[r], acc[u][r][1]);
+    }
+  }
   if (cols == kPanel && !bias) {  // a whole panel: straight from registers
 #pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
-      __m256 lo = acc[0][r][0], hi = acc[0][r][1];
-#pragma GCC unroll 4
-      for (int u = 1; u < U; ++u) {
-        lo = _mm256_add_ps(lo, acc[u][r][0]);
-        hi = _mm256_add_ps(hi, acc[u][r][1]);
-      }
       float* o = out + r * ldo;
       if constexpr (Accumulate) {
-        lo = _mm256_add_ps(lo, _mm256_loadu_ps(o));
-        hi = _mm256_add_ps(hi, _mm256_loadu_ps(o + 8));
+        lo[r] = _mm256_add_ps(lo[r], _mm256_loadu_ps(o));
+        hi[r] = _mm256_add_ps(hi[r], _mm256_loadu_ps(o + 8));
       }
-      _mm256_storeu_ps(o, lo);
-      _mm256_storeu_ps(o + 8, hi);
+      _mm256_storeu_ps(o, lo[r]);
+      _mm256_storeu_ps(o + 8, hi[r]);
     }
     return;
   }
@@ -170,14 +175,8 @@ inline void linear_tile(const float* x, int64_t ldx, const W* panel, int64_t K, 
   const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) {
-    __m256 lo = acc[0][r][0], hi = acc[0][r][1];
-#pragma GCC unroll 4
-    for (int u = 1; u < U; ++u) {
-      lo = _mm256_add_ps(lo, acc[u][r][0]);
-      hi = _mm256_add_ps(hi, acc[u][r][1]);
-    }
-    _mm256_store_ps(rows[r], _mm256_add_ps(lo, bias0));
-    _mm256_store_ps(rows[r] + 8, _mm256_add_ps(hi, bias1));
+    _mm256_store_ps(rows[r], _mm256_add_ps(lo[r], bias0));
+    _mm256_store_ps(rows[r] + 8, _mm256_add_ps(hi[r], bias1));
   }
   if constexpr (Accumulate) {
     for (int r = 0; r < MR; ++r)
