@@ -590,29 +590,37 @@ void weigh_values(const float* probs, int64_t stride, const C* v_head, const Con
   }
 }
 
-// Turns scores into exp(score * scale - max) in place; returns {max, sum}.
-inline Partial softmax_row(float* s, int64_t len, float scale) {
-  __m256 mx8 = _mm256_set1_ps(-INFINITY);
-  int64_t j = 0;
-  for (; j + 8 <= len; j += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + j));
+// The largest of s[a, b).
+inline float max_range(const float* s, int64_t a, int64_t b) {
+  __m256 m8 = _mm256_set1_ps(-INFINITY);
+  int64_t j = a;
+  for (; j + 8 <= b; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
   alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, mx8);
-  float mx = *std::max_element(lanes, lanes + 8);
-  for (; j < len; ++j) mx = std::max(mx, s[j]);
-  mx *= scale;
-  const __m256 sc = _mm256_set1_ps(scale), shift = _mm256_set1_ps(mx);
+  _mm256_store_ps(lanes, m8);
+  float m = *std::max_element(lanes, lanes + 8);
+  for (; j < b; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// s[j] = exp(s[j] * scale - shift) for j in [a, b), in place; returns their sum.
+inline float exp_range(float* s, int64_t a, int64_t b, float scale, float shift) {
+  const __m256 sc = _mm256_set1_ps(scale), sh = _mm256_set1_ps(shift);
   __m256 sum8 = _mm256_setzero_ps();
-  for (j = 0; j + 8 <= len; j += 8) {
-    const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), sc, shift));
+  int64_t j = a;
+  for (; j + 8 <= b; j += 8) {
+    const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), sc, sh));
     _mm256_storeu_ps(s + j, e);
     sum8 = _mm256_add_ps(sum8, e);
   }
   float sum = hsum(sum8);
-  for (; j < len; ++j) {
-    s[j] = std::exp(s[j] * scale - mx);
-    sum += s[j];
-  }
-  return {mx, sum};
+  for (; j < b; ++j) sum += (s[j] = std::exp(s[j] * scale - shift));
+  return sum;
+}
+
+// Turns scores into exp(score * scale - max) in place; returns {max, sum}.
+inline Partial softmax_row(float* s, int64_t len, float scale) {
+  const float mx = max_range(s, 0, len) * scale;
+  return {mx, exp_range(s, 0, len, scale, mx)};
 }
 
 template <typename C>
@@ -790,32 +798,6 @@ void pack_keys_values(const C* k_head, const C* v_head, const int64_t* table, in
   }
 }
 
-inline float max_range(const float* s, int64_t a, int64_t b) {
-  __m256 m8 = _mm256_set1_ps(-INFINITY);
-  int64_t j = a;
-  for (; j + 8 <= b; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(s + j));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m8);
-  float m = *std::max_element(lanes, lanes + 8);
-  for (; j < b; ++j) m = std::max(m, s[j]);
-  return m;
-}
-
-// s[j] = exp(s[j] - shift) for j in [a, b); returns their sum.
-inline float exp_range(float* s, int64_t a, int64_t b, float shift) {
-  const __m256 sh = _mm256_set1_ps(shift);
-  __m256 sum8 = _mm256_setzero_ps();
-  int64_t j = a;
-  for (; j + 8 <= b; j += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), sh));
-    _mm256_storeu_ps(s + j, e);
-    sum8 = _mm256_add_ps(sum8, e);
-  }
-  float sum = hsum(sum8);
-  for (; j < b; ++j) sum += (s[j] = std::exp(s[j] - shift));
-  return sum;
-}
-
 // One KV head's query rows [(query - i0) * group + g] for queries [i0, i1): out = softmax(q k^T) v.
 void prefill_block(const float* q, int64_t q_stride, int64_t group, int64_t head, const float* kp, const float* vp,
                    const Chunk& c, int64_t i0, int64_t i1, float scale, float* out, int64_t out_stride) {
@@ -848,7 +830,7 @@ void prefill_block(const float* q, int64_t q_stride, int64_t group, int64_t head
       }
       const float m = std::max(row_max[r], max_range(s, a, b));
       const float alpha = std::exp(row_max[r] - m);
-      row_sum[r] = row_sum[r] * alpha + exp_range(s, a, b, m);
+      row_sum[r] = row_sum[r] * alpha + exp_range(s, a, b, 1.f, m);
       std::fill_n(s, a, 0.f);
       std::fill(s + b, s + width, 0.f);
       if (alpha != 1.f)
