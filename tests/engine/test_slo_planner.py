@@ -9,7 +9,7 @@ import pytest
 from sarathi_engine.config import SchedulerConfig
 from sarathi_engine.kv_cache import BlockManager
 from sarathi_engine.scheduler import make_scheduler
-from sarathi_engine.slo_planner import FEATURES, BatchShape, CostModel, SloPlanner, shape_of
+from sarathi_engine.slo_planner import FEATURES, BatchShape, CostModel, SloPlanner, gap_quantile, shape_of
 from tests.engine.test_scheduler import decoding, plan_of, run, seq
 
 # A CPU-like machine, in seconds per raw unit of each feature: 20 ms an iteration, 8 ms more when
@@ -52,6 +52,21 @@ def test_the_fit_converges_on_noisy_timings(noise):
     assert all(v >= 0 for v in model.coefficients().values())
     # The error quantile covers the noise: about the 99th percentile of 1 + noise * N(0, 1).
     assert model.error == pytest.approx(1 + 2.33 * noise, abs=0.05 + noise / 3)
+
+
+def test_the_error_quantile_is_over_the_token_gaps_of_planned_iterations():
+    # An iteration makes one token gap per decode: 1% of the gaps may run past the quantile.
+    assert gap_quantile([(1.0, 99), (2.0, 1)], 0.99) == 1.0
+    assert gap_quantile([(1.0, 98), (2.0, 2)], 0.99) == 2.0
+    # Pure-decode iterations vary ten times more than those carrying prefill, and are not what
+    # the planner sizes: the error quantile is the prefill-carrying ones' (1 + 2.33 x 5%).
+    rng = np.random.default_rng(0)
+    model = CostModel()
+    for _ in range(1500):
+        shape = random_shape(rng)
+        noise = 0.05 if shape.prefill_tokens else 0.5
+        model.observe(shape, true_time(shape) * max(0.1, 1 + noise * rng.standard_normal()))
+    assert model.error == pytest.approx(1 + 2.33 * 0.05, abs=0.05)
 
 
 def test_an_outlier_stays_out_of_the_fit():
