@@ -106,19 +106,3 @@ def test_where_no_static_budget_holds_the_slo_holding_it_is_enough():
     v = verdict(target("static 128", "static", 128, (1.0, 90, 2.0), (0.987, 80, 9.0)),
                 target("loop", "loop", 128, (0.995, 92, 1.0), (0.991, 70, 9.5)))
     assert v["phases"]["summarisation"]["best_static"] is None and v["planned"]["loop"]["goal"]
-
-
-def test_the_doc_section_is_replaced_and_the_text_around_it_kept(tmp_path):
-    doc = tmp_path / "autotune.md"
-    begin = f"<!-- BEGIN {benchmark.SECTION}: generated -->"
-    end = f"<!-- END {benchmark.SECTION} -->"
-    doc.write_text(f"# Title\n\nbefore\n\n{begin}\nold\n{end}\n\nafter\n")
-    benchmark.update_doc(doc, f"{begin}\nnew\n{end}\n")
-    assert doc.read_text() == f"# Title\n\nbefore\n\n{begin}\nnew\n{end}\n\nafter\n"
-    longer = f"<!-- BEGIN {benchmark.SECTION}-2: generated -->\nother\n<!-- END {benchmark.SECTION}-2 -->"
-    doc.write_text(f"{longer}\n\n{begin}\nold\n{end}\n")
-    benchmark.update_doc(doc, f"{begin}\nnew\n{end}\n")
-    assert doc.read_text() == f"{longer}\n\n{begin}\nnew\n{end}\n"  # a section whose name it prefixes stays
-    fresh = tmp_path / "fresh.md"
-    benchmark.update_doc(fresh, f"{begin}\nnew\n{end}\n")
-    assert fresh.read_text().strip() == f"{begin}\nnew\n{end}"
