@@ -100,6 +100,7 @@ class _Flight:
     token_budget: int
     sampled: list[Sampled] | None  # None until collected from the last stage
     shape: BatchShape | None  # for the planner's cost model
+    cut: bool  # the planner cut its prefill to fit the SLO
 
 
 def read_eos_token_ids(folder: Path, tokenizer) -> set[int]:
@@ -318,9 +319,10 @@ class LLMEngine:
         if self._depth > 1:  # otherwise every batch lands within the step that launched it
             self.scheduler.launch(plan)
         shape = shape_of(plan.chunks) if self.planner is not None else None
+        cut = self.planner is not None and self.planner.active and self.planner.cut
         batch = self.runner.prepare(plan.chunks, self.blocks)
         sampled = self.runner.execute(batch) if self.driver is None else self.driver.launch(batch)
-        self._in_flight.append(_Flight(plan, batch, start, scheduled - start, self.token_budget, sampled, shape))
+        self._in_flight.append(_Flight(plan, batch, start, scheduled - start, self.token_budget, sampled, shape, cut))
         return True
 
     def _land(self, flight: _Flight) -> list[RequestOutput]:
@@ -332,7 +334,7 @@ class LLMEngine:
         predicted = None
         if flight.shape is not None:
             predicted = self.planner.model.predict(flight.shape)
-            self.planner.model.observe(flight.shape, now - flight.start)
+            self.planner.model.observe(flight.shape, now - flight.start, flight.cut)
         prefill_tokens = sum(c.num_tokens for c in batch.chunks if not c.seq.is_decoding)
         outputs = []
         for chunk, result in zip(batch.chunks, sampled):

@@ -15,11 +15,12 @@ non-negative part; samples far off the fit (a page fault, another process on the
 out of it.
 
 The planner adds prefill tokens while the prediction, times the fit's recent error quantile (the
-P99 of actual/predicted over the token gaps of the iterations it sized), stays within
+P99 of actual/predicted over the token gaps of the iterations whose prefill it cut), stays within
 slo x margin (the config's slo_margin, which the operator's outer loop moves). It never plans
 past 1.25 x the largest prefill it has seen (no extrapolation); a minimum chunk keeps prefills
 moving when even the decodes alone are predicted over the target, and such iterations are counted
-as infeasible; iterations whose prefill the target cut short are counted as limited.
+as infeasible; iterations whose prefill the target cut short are counted as limited. An
+iteration without decodes makes no token gap, so the budget alone sizes its prefill.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ class CostModel:
     def __post_init__(self) -> None:
         self.covariance = self.covariance * self.prior_variance
         self.ratios: deque[float] = deque(maxlen=self.window)  # every iteration's, to judge outliers
-        # (ratio, decodes) of the iterations that carried prefill beside decodes: the error quantile's.
+        # (ratio, decodes) of the iterations whose prefill the planner cut: the error quantile's.
         self.planned: deque[tuple[float, int]] = deque(maxlen=self.window)
         self.ratio_median, self.ratio_mad, self.error = 1.0, 0.0, 1.0
 
@@ -88,14 +89,15 @@ class CostModel:
         # cheaper. The fit itself stays unconstrained; projecting it every step kept it far off.
         return float(np.maximum(self.theta, 0.0) @ shape.features())
 
-    def observe(self, shape: BatchShape, seconds: float) -> bool:
-        """Take one measured iteration; False when it was kept out of the fit as an outlier."""
+    def observe(self, shape: BatchShape, seconds: float, cut: bool = False) -> bool:
+        """Take one measured iteration; False when it was kept out of the fit as an outlier. cut:
+        the planner cut its prefill to fit the target."""
         predicted = self.predict(shape)
         warm = self.samples >= self.warmup
         outlier = warm and self.is_outlier(seconds, predicted)
         if warm and predicted > 0:
             self.ratios.append(seconds / predicted)
-            if shape.prefill_tokens and shape.decodes:
+            if cut and shape.decodes:
                 self.planned.append((seconds / predicted, shape.decodes))
             if len(self.ratios) < 50 or self.samples % self.refresh_every == 0:  # the quantiles move slowly
                 self.refresh_ratio_stats()
@@ -143,7 +145,7 @@ class SloPlanner:
     min_samples: int = 16  # before this many iterations, plan by the token budget alone
     infeasible: int = 0  # iterations whose decodes alone were predicted over the target
     limited: int = 0  # iterations whose prefill the target cut short of what the budget allowed
-    _cut: bool = False  # this iteration is counted in limited
+    cut: bool = False  # the target cut this iteration's prefill (it is counted in limited)
 
     @property
     def target(self) -> float | None:
@@ -163,7 +165,7 @@ class SloPlanner:
         """The largest chunk of up to `wanted` tokens, after `cached` tokens of its sequence, that
         the batch so far (`shape`) can take within the target. The first chunk of an iteration
         gets at least the minimum chunk, so prefills move even when the decodes alone miss it."""
-        if not self.active:
+        if not self.active or not shape.decodes:  # no decode, no token gap to keep within the SLO
             return wanted
         min_chunk, allowed = self.config.min_prefill_chunk, wanted
         # Never past 1.25 x the largest prefill the fit has seen: no extrapolation.
@@ -177,14 +179,14 @@ class SloPlanner:
                 high = mid - 1
         if shape.prefills == 0:
             low = max(low, min(min_chunk, wanted))
-        if low < allowed and not self._cut:
-            self.limited, self._cut = self.limited + 1, True
+        if low < allowed and not self.cut:
+            self.limited, self.cut = self.limited + 1, True
         return low
 
     def account(self, decodes: BatchShape) -> None:
         """While active, at the start of each iteration's planning: count the iteration infeasible
         when its decodes alone are predicted over the target."""
-        self._cut = False
+        self.cut = False
         if decodes.decodes and not self.fits(decodes):
             self.infeasible += 1
 
@@ -193,11 +195,12 @@ def gap_quantile(planned: Iterable[tuple[float, int]], q: float) -> float:
     """The q-quantile of actual/predicted time over the token gaps of the planned iterations.
 
     P99 TBT is a quantile over token gaps, and an iteration makes one gap for each of its decodes,
-    so each iteration's ratio counts as many times as it had decodes. Only iterations that carried
-    prefill count: those are the ones the planner sizes. Pure-decode iterations, tens of ms, vary
-    more relative to their prediction (P99 1.6-1.7 against 1.2-1.3 for mixed ones in the
-    two-phase benchmark's load) and nothing is planned in them, so their noise would shrink every
-    planned chunk without bringing the TBT tail closer to the target."""
+    so each iteration's ratio counts as many times as it had decodes. Only iterations whose
+    prefill the planner cut count: they run at the target, so their ratio is how far past it the
+    planning goes. The others ran short of it by construction, and the relative noise of short
+    iterations is larger (in the two-phase benchmark's load, P99 1.5-1.8 for pure decodes and chat's
+    small mixed iterations against 1.2-1.3 for those cut at the target): counting it shrank every
+    planned chunk by the same factor without bringing the TBT tail closer to the target."""
     ratios, weights = np.array(list(planned), dtype=float).T
     order = np.argsort(ratios)
     cumulative = np.cumsum(weights[order])

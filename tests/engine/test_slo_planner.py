@@ -39,7 +39,8 @@ def fitted(noise: float, samples: int = 600, seed: int = 0) -> CostModel:
     model = CostModel()
     for _ in range(samples):
         shape = random_shape(rng)
-        model.observe(shape, true_time(shape) * (1 + noise * rng.standard_normal()))
+        # As if the planner had cut every prefill to the target: the error quantile is theirs.
+        model.observe(shape, true_time(shape) * (1 + noise * rng.standard_normal()), cut=bool(shape.prefill_tokens))
     return model
 
 
@@ -58,14 +59,15 @@ def test_the_error_quantile_is_over_the_token_gaps_of_planned_iterations():
     # An iteration makes one token gap per decode: 1% of the gaps may run past the quantile.
     assert gap_quantile([(1.0, 99), (2.0, 1)], 0.99) == 1.0
     assert gap_quantile([(1.0, 98), (2.0, 2)], 0.99) == 2.0
-    # Pure-decode iterations vary ten times more than those carrying prefill, and are not what
-    # the planner sizes: the error quantile is the prefill-carrying ones' (1 + 2.33 x 5%).
+    # Iterations the planner did not cut to the target (pure decodes, prompts that ended short of
+    # it) vary ten times more than those it cut: the error quantile is the cut ones' (1 + 2.33 x 5%).
     rng = np.random.default_rng(0)
     model = CostModel()
-    for _ in range(1500):
+    for i in range(1500):
         shape = random_shape(rng)
-        noise = 0.05 if shape.prefill_tokens else 0.5
-        model.observe(shape, true_time(shape) * max(0.1, 1 + noise * rng.standard_normal()))
+        cut = bool(shape.prefill_tokens) and i % 2 == 0
+        noise = 0.05 if cut else 0.5
+        model.observe(shape, true_time(shape) * max(0.1, 1 + noise * rng.standard_normal()), cut)
     assert model.error == pytest.approx(1 + 2.33 * 0.05, abs=0.05)
 
 
@@ -110,8 +112,9 @@ def test_the_margin_scales_the_target():
 
 def test_the_planner_never_extrapolates_past_what_it_has_seen():
     planner = planner_for(10_000)  # so loose that only the cap binds
-    assert planner.chunk(BatchShape(), cached=0, wanted=4000) == int(1.25 * planner.model.largest_prefill)
-    assert planner.chunk(BatchShape(), cached=0, wanted=100) == 100
+    one_decode = BatchShape().with_decode(10)
+    assert planner.chunk(one_decode, cached=0, wanted=4000) == int(1.25 * planner.model.largest_prefill)
+    assert planner.chunk(one_decode, cached=0, wanted=100) == 100
 
 
 def test_when_the_decodes_alone_miss_the_slo_prefill_gets_the_minimum_chunk_and_it_is_counted():
@@ -126,6 +129,13 @@ def test_when_the_decodes_alone_miss_the_slo_prefill_gets_the_minimum_chunk_and_
     assert planner.chunk(decodes, cached=0, wanted=10) == 10  # never more than the prompt has
     second = decodes.with_chunk(24, 0)
     assert planner.chunk(second, cached=0, wanted=500) == 0  # only the iteration's first chunk is owed it
+
+
+def test_without_decodes_the_budget_sizes_the_prefill():
+    planner = planner_for(30)  # far less than a 500-token chunk takes
+    assert planner.chunk(BatchShape(), cached=0, wanted=500) == 500  # no decode, no token gap to protect
+    assert planner.chunk(BatchShape().with_decode(100), cached=0, wanted=500) < 500
+    assert planner.limited == 1
 
 
 def test_without_an_slo_or_enough_samples_the_budget_decides():
