@@ -42,7 +42,7 @@ def test_only_ready_live_pods_with_an_ip_are_tuned():
      {"token_budget": 512, "tbt_slo_ms": None, "slo_margin": 1.0}),
     (True, {"autotune": {"state": {"margin": 0.7, "infeasible": False}}},
      {"token_budget": 512, "tbt_slo_ms": 250, "slo_margin": 0.7}),
-    (True, {}, {"token_budget": 512, "tbt_slo_ms": 250, "slo_margin": 1.0}),
+    (True, {}, {"token_budget": 512, "tbt_slo_ms": 250, "slo_margin": 0.9}),
 ])
 def test_the_engines_plan_for_the_slo_at_the_loops_margin_while_autotuning(enabled_, status, expected):
     s = spec()

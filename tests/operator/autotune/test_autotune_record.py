@@ -37,7 +37,7 @@ def test_a_tightening_writes_the_state_observed_a_history_entry_and_the_conditio
     assert patch["observed"]["limitedIterations"] == 40 and patch["observed"]["requestRate"] == 1.232
     assert 200 < patch["observed"]["tbtP99Ms"] <= 500
     (entry,) = patch["tuningHistory"]
-    assert entry["margin"] == p.decision.margin < entry["previousMargin"] == 1.0 and entry["action"] == "tighten"
+    assert entry["margin"] == p.decision.margin < entry["previousMargin"] == LoopState().margin and entry["action"] == "tighten"
     feasible = next(c for c in patch["conditions"] if c["type"] == record.CONDITION)
     assert feasible["status"] == "True" and feasible["observedGeneration"] == 3
     assert any(c["type"] == "Ready" for c in patch["conditions"])  # the reconciler's are kept
@@ -56,7 +56,7 @@ def test_the_history_keeps_the_latest_changes():
 
 def test_infeasible_load_is_a_false_condition_a_warning_once_and_a_normal_event_when_it_clears():
     bad = a_pass(window(gaps_over=40, infeasible=100))
-    assert bad.decision.infeasible and bad.decision.margin == 1.0  # held: a smaller margin cannot help
+    assert bad.decision.infeasible and bad.decision.margin == LoopState().margin  # held: a smaller margin cannot help
     condition = next(c for c in record.status_patch(bad, {}, 1)["conditions"] if c["type"] == record.CONDITION)
     assert condition["status"] == "False" and condition["reason"] == "DecodesExceedSLO"
     assert "more replicas" in condition["message"]
@@ -70,7 +70,7 @@ def test_infeasible_load_is_a_false_condition_a_warning_once_and_a_normal_event_
 def test_events_one_per_change_of_the_margin():
     p = a_pass(window(gaps_over=40))
     kind, reason, message = record.event(p, LoopState())
-    assert (kind, reason) == ("Normal", "SLOMarginTuned") and message.startswith(f"SLO margin 1 -> {p.decision.margin:g}")
+    assert (kind, reason) == ("Normal", "SLOMarginTuned") and message.startswith(f"SLO margin {LoopState().margin:g} -> {p.decision.margin:g}")
     assert record.event(a_pass(window()), LoopState()) is None  # within the dead band
 
 
