@@ -4,8 +4,7 @@ benchmark's generator, the operator under its own ServiceAccount.
 
 One story, in order, because the engine loads its model once:
 1. With an SLO nothing breaks, the engine plans for it but the token budget (the cap) binds: the
-   P99 that the cap gives, over three windows (the P99 the loop acts on: of the token gaps, or
-   with too few of those, of the iterations, each a gap any decode in it had).
+   P99 TBT that the cap gives, over three windows.
 2. The SLO is tightened to half a cap-sized chunk's time and a prompt of twice the cap is sent:
    within TIGHT_WINDOWS of the outer loop's windows, a window that began after the change holds
    its P99 within it, the planner having cut prefill chunks to fit. The engine's gauges (SLO,
@@ -34,13 +33,13 @@ from e2e.test_operator import (  # noqa: F401  (fixtures)
 from sarathi_engine.bench import loadgen
 from sarathi_engine.bench.experiment import WorkloadSpec
 from sarathi_operator.autotune.aggregate import Snapshot, parse
-from sarathi_operator.autotune.loop import LoopConfig, LoopState
+from sarathi_operator.autotune.loop import LoopState
 from sarathi_operator.autotune.record import CONDITION
 
 pytestmark = pytest.mark.serving
 
 NAME = "tuned"
-INTERVAL = 10  # a window needs 200 gaps or iterations: 2-3 intervals of this load
+INTERVAL = 10  # a window needs 200 token gaps: 2-3 intervals of this load
 CAP = 512  # the token budget
 TIGHT_WINDOWS = 4  # of the outer loop's, to meet a tightened SLO
 LOAD_TIMEOUT = 300
@@ -160,11 +159,6 @@ def window_after(st: dict, t: float) -> bool:
     return "time" in observed and parse_time(observed["time"]) - observed["windowSeconds"] >= int(t)
 
 
-def acted_p99(observed: dict) -> float:
-    """The P99 the loop acted on: of the token gaps, or with too few of them, of the iterations."""
-    return observed["tbtP99Ms"] if observed.get("tbtSamples", 0) >= LoopConfig.min_samples else observed["iterationP99Ms"]
-
-
 def parse_time(text: str) -> float:
     return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc).timestamp()
 
@@ -199,7 +193,7 @@ def test_the_engines_plan_for_the_slo_and_the_outer_loop_corrects_the_margin(k, 
 
         def three_windows(s: dict) -> bool:
             if window_after(s, loaded):
-                windows[s["observed"]["time"]] = acted_p99(s["observed"])
+                windows[s["observed"]["time"]] = s["observed"]["tbtP99Ms"]
             return len(windows) >= 3
 
         st = wait_status(k, namespace, "three windows under load", three_windows, timeout=20 * INTERVAL)
@@ -227,7 +221,7 @@ def test_the_engines_plan_for_the_slo_and_the_outer_loop_corrects_the_margin(k, 
             if window_after(s, tightened):
                 acted.add(s["observed"]["time"])
                 assert len(acted) <= TIGHT_WINDOWS, f"not met within {TIGHT_WINDOWS} windows: {s['observed']}"
-                return acted_p99(s["observed"]) <= tight
+                return s["observed"]["tbtP99Ms"] <= tight
             return False
 
         st = wait_status(k, namespace, f"P99 within {tight} ms", met, timeout=(TIGHT_WINDOWS + 1) * 5 * INTERVAL)

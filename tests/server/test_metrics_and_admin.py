@@ -118,6 +118,9 @@ def test_a_live_tbt_slo_plans_the_iterations_and_shows_its_model(smol_server):
     ratios = (count(after, "sarathi_iteration_predicted_ratio_count")
               - count(before, "sarathi_iteration_predicted_ratio_count"))
     assert iterations >= 16 and ratios == iterations  # the model predicted every one of them
+    decodes = (count(after, "sarathi_decode_iteration_seconds_count")
+               - count(before, "sarathi_decode_iteration_seconds_count"))
+    assert 0 < decodes < iterations  # the prompt's first chunks carried no decode
     assert any(k[0] == "sarathi_slo_infeasible_iterations_total" for k in after)
     planning = admin(smol_server)[1]["slo_planning"]
     assert planning["active"] and planning["samples"] > 0 and config["slo_margin"] == 1.0

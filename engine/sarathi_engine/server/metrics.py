@@ -46,6 +46,9 @@ class ServerMetrics:
         self.iteration_tokens = histogram("sarathi_iteration_tokens", "Tokens (prefill + decode) per engine iteration.",
                                           buckets=token_buckets())
         self.iteration_seconds = histogram("sarathi_iteration_seconds", "Wall time of one engine iteration.")
+        self.decode_iteration_seconds = histogram(
+            "sarathi_decode_iteration_seconds",
+            "Wall time of one engine iteration that carried decodes: the gap each of its decodes waited.")
         self.predicted_ratio = histogram(
             "sarathi_iteration_predicted_ratio", "Iteration time over the SLO planner's prediction for it.",
             buckets=latency_buckets(0.25, 8.0, 1.1))
@@ -79,6 +82,8 @@ class ServerMetrics:
         """One engine iteration's figures, and what the engine's running totals added since the last one."""
         self.iteration_tokens.observe(stats.num_tokens)
         self.iteration_seconds.observe(stats.duration)
+        if stats.num_decode_tokens:
+            self.decode_iteration_seconds.observe(stats.duration)
         if stats.predicted:
             self.predicted_ratio.observe(stats.duration / stats.predicted)
         for counter, total in self._engine_totals(engine).items():

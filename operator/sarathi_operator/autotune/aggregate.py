@@ -16,7 +16,9 @@ from .loop import Observed
 
 TBT = "sarathi_time_between_tokens_seconds"
 TTFT = "sarathi_time_to_first_token_seconds"
-ITERATION_SECONDS = "sarathi_iteration_seconds"
+# Only iterations that carried decodes: one without makes no token gap, and the budget alone sizes
+# it (a long prompt's chunks can take many times the SLO).
+DECODE_ITERATIONS = "sarathi_decode_iteration_seconds"
 REQUESTS = "sarathi_requests"
 LIMITED = "sarathi_slo_limited_iterations"
 INFEASIBLE = "sarathi_slo_infeasible_iterations"
@@ -76,19 +78,19 @@ class Snapshot:
 
     tbt: Histogram = Histogram()
     ttft: Histogram = Histogram()
-    iteration_seconds: Histogram = Histogram()
+    decode_iterations: Histogram = Histogram()
     requests: float = 0.0  # finished requests, any finish reason
     limited: float = 0.0  # iterations whose prefill the SLO planner cut short
     infeasible: float = 0.0  # iterations whose decodes alone were predicted over the SLO
     settings: dict | None = None  # the live settings in force at the scrape (engine admin API names)
 
     def __add__(self, other: "Snapshot") -> "Snapshot":
-        return Snapshot(self.tbt + other.tbt, self.ttft + other.ttft, self.iteration_seconds + other.iteration_seconds,
+        return Snapshot(self.tbt + other.tbt, self.ttft + other.ttft, self.decode_iterations + other.decode_iterations,
                         self.requests + other.requests, self.limited + other.limited,
                         self.infeasible + other.infeasible)
 
     def __sub__(self, other: "Snapshot") -> "Snapshot":
-        return Snapshot(self.tbt - other.tbt, self.ttft - other.ttft, self.iteration_seconds - other.iteration_seconds,
+        return Snapshot(self.tbt - other.tbt, self.ttft - other.ttft, self.decode_iterations - other.decode_iterations,
                         self.requests - other.requests, self.limited - other.limited,
                         self.infeasible - other.infeasible)
 
@@ -103,7 +105,7 @@ def _setting(gauge: str, value: float) -> float | int | None:
 
 def parse(text: str) -> Snapshot:
     """The counters the tuner reads from one engine's /metrics text, summed over label sets."""
-    buckets: dict[str, dict[float, float]] = {TBT: {}, TTFT: {}, ITERATION_SECONDS: {}}
+    buckets: dict[str, dict[float, float]] = {TBT: {}, TTFT: {}, DECODE_ITERATIONS: {}}
     counters, settings = dict.fromkeys(COUNTERS, 0.0), {}
     for family in text_string_to_metric_families(text):
         if family.name in buckets:
@@ -122,7 +124,7 @@ def parse(text: str) -> Snapshot:
 
 def _went_down(old: Snapshot, new: Snapshot) -> bool:
     return (new.requests < old.requests or new.tbt.count < old.tbt.count or new.ttft.count < old.ttft.count
-            or new.iteration_seconds.count < old.iteration_seconds.count or new.limited < old.limited
+            or new.decode_iterations.count < old.decode_iterations.count or new.limited < old.limited
             or new.infeasible < old.infeasible)
 
 
@@ -172,7 +174,7 @@ class Window:
     engines: int  # engines that contributed
     tbt: Histogram  # the token gaps
     ttft: Histogram
-    iterations: Histogram  # the engines' iteration times
+    iterations: Histogram  # the times of the engines' iterations that carried decodes
     requests: float  # finished
     limited: int
     infeasible: int
@@ -194,10 +196,9 @@ class Window:
         return self.requests / self.seconds if self.seconds > 0 else 0.0
 
     def observed(self) -> Observed:
-        return Observed(self.tbt_samples, self.tbt_p99, int(self.iterations.count), self.iterations.quantile(0.99),
-                        self.limited, self.infeasible)
+        return Observed(self.tbt_samples, self.tbt_p99, int(self.iterations.count), self.limited, self.infeasible)
 
 
 def summarize(total: Snapshot, seconds: float, engines: int) -> Window:
-    return Window(seconds, engines, total.tbt, total.ttft, total.iteration_seconds, total.requests,
+    return Window(seconds, engines, total.tbt, total.ttft, total.decode_iterations, total.requests,
                   int(total.limited), int(total.infeasible))

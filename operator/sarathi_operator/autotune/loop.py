@@ -4,8 +4,7 @@ The engines hold the SLO inside every iteration: their planner sizes each prefil
 the predicted iteration time stays within SLO x margin (--tbt-slo-ms, --slo-margin). What a
 prediction cannot know (the tail of real iteration times, the gaps a request sees across
 preemptions and stalls) is a bias: while the planner limits prefill, P99 TBT ~ bias x margin x
-SLO. So, per window with enough samples (token gaps; failing those, iterations, since a decode
-waits one iteration per token: light traffic of short outputs gives few gaps but many iterations):
+SLO. So, per window with at least min_samples token gaps:
 
   1. Outside [dead_band, 1] x SLO, the margin moves toward aim x SLO: margin x (aim x SLO / P99)^gain,
      within [min_margin, max_margin].
@@ -13,6 +12,11 @@ waits one iteration per token: light traffic of short outputs gives few gaps but
      otherwise the budget or the traffic set P99, and it says nothing about the planning.
   3. While the decodes alone are predicted over the SLO in infeasible_share of the iterations,
      the margin holds and the deployment is reported infeasible: more replicas are the remedy.
+
+Iteration times do not stand in for missing gaps: an iteration that carries decodes makes at least
+one gap, so where gaps are few so are such iterations, and one without decodes makes none and is
+sized by the budget alone (a long prompt's chunk may take many times the SLO). A window waits for
+its gaps instead (tuner.window_reach).
 
 The margin starts at the aim: before any window there is no evidence of a bias. gain < 1 damps a
 window's noise (one P99 of a few hundred gaps varies by 10-20%); the dead band keeps a margin that
@@ -32,7 +36,7 @@ TAIL = 0.01  # the P99's share of the samples
 @dataclass(frozen=True)
 class LoopConfig:
     slo: float  # target P99 TBT, seconds (spec.slo.tbtP99Ms)
-    min_samples: int = 200  # token gaps (or iterations) a window needs before its P99 is acted on
+    min_samples: int = 200  # token gaps a window needs before its P99 is acted on
     aim: float = 0.9  # where a correction aims P99, x SLO
     dead_band: float = 0.75  # no correction while P99 is within [dead_band, 1] x SLO
     gain: float = 0.5  # exponent of each correction (1: the whole step the window asks for)
@@ -63,8 +67,7 @@ class Observed:
 
     tbt_samples: int
     tbt_p99: float | None  # seconds
-    iterations: int
-    iteration_p99: float | None  # seconds
+    iterations: int  # iterations that carried decodes: the shares below are of them
     limited: int  # iterations whose prefill the planner cut short of the budget
     infeasible: int  # iterations whose decodes alone were predicted over the target
 
@@ -100,15 +103,11 @@ def step(state: LoopState, window: Observed, config: LoopConfig) -> tuple[Decisi
     def hold(reason: str, acted: bool, infeasible: bool = state.infeasible) -> tuple[Decision, LoopState]:
         return Decision("hold", reason, margin, margin, infeasible, acted), replace(state, infeasible=infeasible)
 
-    if window.tbt_p99 is not None and window.tbt_samples >= config.min_samples:
-        p99, what = window.tbt_p99, "TBT"
-    elif window.iteration_p99 is not None and window.iterations >= config.min_samples:
-        p99, what = window.iteration_p99, "iteration time"
-    else:
-        return hold(f"too few samples: {window.tbt_samples} token gaps and {window.iterations} iterations, "
-                    f"{config.min_samples} needed", acted=False)
+    p99 = window.tbt_p99
+    if p99 is None or window.tbt_samples < config.min_samples:
+        return hold(f"too few samples: {window.tbt_samples} token gaps, {config.min_samples} needed", acted=False)
     slo = config.slo
-    seen = f"P99 {what} {_ms(p99)} against the SLO {_ms(slo)} at margin {margin:g}"
+    seen = f"P99 TBT {_ms(p99)} against the SLO {_ms(slo)} at margin {margin:g}"
     infeasible = infeasible_now(window, state.infeasible, config)
     if infeasible:
         return hold(f"{seen}: the decodes alone exceed the SLO in {window.infeasible} of {window.iterations} "

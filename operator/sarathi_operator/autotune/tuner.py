@@ -20,9 +20,10 @@ KEEP_INTERVALS = 5  # a window may always reach back this many intervals
 
 def window_reach(interval: float, config: loop.LoopConfig) -> float:
     """How far back a window may reach, in seconds (older scrapes are dropped): KEEP_INTERVALS
-    intervals, or twice the time a busy engine takes to run min_samples iterations at the SLO's
-    pace, whichever is longer. An iteration may take up to the SLO, so at a one-second SLO the
-    200 samples a window needs take 200 s, which five 10 s intervals can never hold."""
+    intervals, or twice the time a busy engine takes to make min_samples token gaps at the SLO's
+    pace, whichever is longer. An iteration that carries decodes makes at least one gap and may
+    take up to the SLO, so at a one-second SLO and one decode at a time the 200 gaps a window needs
+    take 200 s, which five 10 s intervals can never hold."""
     return max(KEEP_INTERVALS * interval, 2 * config.min_samples * config.slo)
 
 

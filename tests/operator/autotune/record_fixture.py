@@ -4,7 +4,8 @@ Starts `sarathi serve` with the bundled SmolLM2, planning every iteration for a 
 benchmark's load generator, scraping /metrics before and after each; then restarts the server
 (its counters start again from zero) and serves a third batch. truth.json holds what the client
 saw per batch: requests, output tokens, and its own P99 of the gaps between tokens; and what the
-engine's admin API reports afterwards: its SLO planner's limited and infeasible iterations.
+engine's admin API reports its SLO planner counted over the batch: limited and infeasible
+iterations (the admin API's totals include the start-up calibration, which /metrics leaves out).
 
     .venv/bin/python tests/operator/autotune/record_fixture.py
 """
@@ -56,18 +57,20 @@ def main() -> None:
             "--tbt-slo-ms", "60", "--slo-margin", "0.9"]
     env = {"OMP_NUM_THREADS": "1", "SARATHI_ADMIN_TOKEN": TOKEN}
     truth = {}
+
+    def served(server: ServerProcess, name: str, seed: int) -> None:
+        before = planner_counts(server)
+        truth[name] = batch(server, seed)
+        after = planner_counts(server)
+        truth[name]["planner"] = {k: after[k] - before[k] for k in after}
+        (OUT / f"{'restarted-' if name == 'c' else ''}after-{name}.txt").write_text(scrape(server))
+
     with ServerProcess(args, env=env) as server:
         (OUT / "fresh.txt").write_text(scrape(server))
-        truth["a"] = batch(server, seed=1)
-        (OUT / "after-a.txt").write_text(scrape(server))
-        truth["a"]["planner_since_start"] = planner_counts(server)
-        truth["b"] = batch(server, seed=2)
-        (OUT / "after-b.txt").write_text(scrape(server))
-        truth["b"]["planner_since_start"] = planner_counts(server)
+        served(server, "a", seed=1)
+        served(server, "b", seed=2)
     with ServerProcess(args, env=env) as server:
-        truth["c"] = batch(server, seed=3)
-        (OUT / "restarted-after-c.txt").write_text(scrape(server))
-        truth["c"]["planner_since_start"] = planner_counts(server)
+        served(server, "c", seed=3)
     (OUT / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
     print(json.dumps(truth, indent=2))
 

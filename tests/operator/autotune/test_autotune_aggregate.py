@@ -24,7 +24,7 @@ def test_a_scrape_reads_the_counts_the_client_saw():
     assert s.tbt.count == TRUTH["a"]["tbt_samples"]
     assert s.ttft.count == s.requests == TRUTH["a"]["requests"]
     assert s.settings == {"token_budget": 64, "tbt_slo_ms": 60.0, "slo_margin": 0.9}
-    assert (s.limited, s.infeasible) == tuple(TRUTH["a"]["planner_since_start"].values())
+    assert (s.limited, s.infeasible) == tuple(TRUTH["a"]["planner"].values())
     assert s.tbt.bounds[-1] == math.inf and len(s.tbt.bounds) == len(s.tbt.counts) > 80
     assert list(s.tbt.counts) == sorted(s.tbt.counts)
 
@@ -33,10 +33,19 @@ def test_an_increase_between_scrapes_is_what_was_served_in_between():
     served = increase(scrape("after-a"), scrape("after-b"))
     assert served.tbt.count == TRUTH["b"]["tbt_samples"]
     assert served.requests == TRUTH["b"]["requests"]
-    since_a, since_b = TRUTH["a"]["planner_since_start"], TRUTH["b"]["planner_since_start"]
-    assert served.limited == since_b["limited"] - since_a["limited"] > 0
-    assert served.infeasible == since_b["infeasible"] - since_a["infeasible"]
-    assert served.limited < served.iteration_seconds.count
+    assert (served.limited, served.infeasible) == tuple(TRUTH["b"]["planner"].values())
+    assert served.limited > 0
+    assert served.limited < served.decode_iterations.count
+
+
+def test_the_iterations_are_those_that_carried_decodes():
+    """Only they make token gaps: a prefill-only iteration, sized by the budget alone, stays out."""
+    text = (FIXTURES / "after-a.txt").read_text()
+    every = next(float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith("sarathi_iteration_seconds_count"))
+    s = scrape("after-a")
+    assert 0 < s.decode_iterations.count < every
+    assert s.decode_iterations.count <= s.tbt.count  # each made at least one gap
 
 
 def test_a_restarted_engine_counts_everything_since_its_restart():
@@ -44,8 +53,8 @@ def test_a_restarted_engine_counts_everything_since_its_restart():
     served = increase(scrape("after-b"), scrape("restarted-after-c"))
     assert served.tbt.count == TRUTH["c"]["tbt_samples"]
     assert served.requests == TRUTH["c"]["requests"]
-    assert served.iteration_seconds == scrape("restarted-after-c").iteration_seconds
-    assert served.limited == TRUTH["c"]["planner_since_start"]["limited"]
+    assert served.decode_iterations == scrape("restarted-after-c").decode_iterations
+    assert (served.limited, served.infeasible) == tuple(TRUTH["c"]["planner"].values())
 
 
 @pytest.mark.parametrize("batch, before, after", [("a", "fresh", "after-a"), ("b", "after-a", "after-b")])
@@ -111,9 +120,7 @@ def test_the_window_summary():
     assert w.tbt_samples == TRUTH["b"]["tbt_samples"]
     assert w.request_rate == pytest.approx(TRUTH["b"]["requests"] / 30)
     assert w.tbt_p99 == served.tbt.quantile(0.99)
-    # A decode waits one iteration per token: iteration times bound its gaps from below.
-    assert w.iterations == served.iteration_seconds
-    assert w.iterations.quantile(0.99) <= w.tbt_p99
+    assert w.iterations == served.decode_iterations
     observed = w.observed()
     assert (observed.tbt_samples, observed.iterations, observed.limited) == (
         w.tbt_samples, int(w.iterations.count), served.limited)
@@ -121,14 +128,15 @@ def test_the_window_summary():
 
 
 def test_a_window_reaches_back_far_enough_to_gather_its_samples_at_the_slos_pace():
-    """At a 1 s SLO an engine may run one iteration a second: scraped every 10 s, five intervals
-    never hold the 200 samples a window needs; the reach the SLO implies does, and the loop acts."""
+    """At a 1 s SLO an engine may make one token gap a second: scraped every 10 s, five intervals
+    never hold the 200 gaps a window needs; the reach the SLO implies does, and the loop acts."""
     config = LoopConfig(slo=1.0)
     assert window_reach(10, config) == 400 and window_reach(30, LoopConfig(slo=0.05)) == 150
     bounds = (0.5, 1.0, 2.0, math.inf)
 
-    def engine_at(t: int) -> Snapshot:  # one 0.9 s iteration a second, no token gaps
-        return Snapshot(iteration_seconds=Histogram(bounds, (0.0, t, t, t)), limited=t // 2)
+    def engine_at(t: int) -> Snapshot:  # one 0.9 s iteration a second, one decode in it
+        one_a_second = Histogram(bounds, (0.0, t, t, t))
+        return Snapshot(tbt=one_a_second, decode_iterations=one_a_second, limited=t // 2)
 
     for keep, acts in ((5 * 10, False), (window_reach(10, config), True)):
         scrapes, state, acted = Scrapes(keep_seconds=keep), LoopState(), False

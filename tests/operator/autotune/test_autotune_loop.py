@@ -9,9 +9,8 @@ from sarathi_operator.autotune.loop import LoopConfig, LoopState, Observed, step
 CONFIG = LoopConfig(slo=0.1)
 
 
-def planned(p99: float, limited: int = 30, infeasible: int = 0, gaps: int = 500, iterations: int = 300,
-            iteration_p99: float | None = None) -> Observed:
-    return Observed(gaps, p99, iterations, iteration_p99, limited, infeasible)
+def planned(p99: float, limited: int = 30, infeasible: int = 0, gaps: int = 500, iterations: int = 300) -> Observed:
+    return Observed(gaps, p99, iterations, limited, infeasible)
 
 
 def run(bias: float, noise: float, windows: int, state: LoopState = LoopState(), seed: int = 0):
@@ -70,14 +69,15 @@ def test_the_margin_stays_within_its_bounds():
 def test_too_few_samples_hold_and_do_not_end_the_window():
     decision, state = step(LoopState(margin=0.7), planned(0.5, gaps=CONFIG.min_samples - 1), CONFIG)
     assert (decision.action, decision.acted, state) == ("hold", False, LoopState(margin=0.7))
-    assert step(LoopState(), Observed(0, None, 0, None, 0, 0), CONFIG)[0].acted is False
+    assert step(LoopState(), Observed(0, None, 0, 0, 0), CONFIG)[0].acted is False
 
 
-def test_with_few_gaps_the_iteration_times_stand_in_for_them():
-    # Long prompts, short outputs: 40 gaps, but 400 iterations, each a gap any decode would have had.
-    decision, state = step(LoopState(), planned(None, gaps=40, iterations=400, iteration_p99=0.2, limited=50), CONFIG)
-    assert decision.action == "tighten" and "P99 iteration time 200 ms" in decision.reason
-    assert state.margin == pytest.approx(LoopState().margin * (0.09 / 0.2) ** 0.5, rel=1e-3)
+def test_with_few_gaps_the_window_waits_however_many_iterations_ran():
+    # Long prompts, short outputs: 40 gaps over 400 iterations, most of them prefill alone, sized by
+    # the budget and not by the SLO: their times say nothing about the planning.
+    decision, state = step(LoopState(), planned(None, gaps=40, iterations=400, limited=50), CONFIG)
+    assert (decision.action, decision.acted, state) == ("hold", False, LoopState())
+    assert "40 token gaps" in decision.reason
 
 
 def test_decodes_alone_over_the_slo_hold_the_margin_and_report_it_until_it_clears():
