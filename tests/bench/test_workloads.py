@@ -29,9 +29,13 @@ def test_same_seed_same_requests_other_seed_others():
 
 
 def test_scale_then_clip_to_context():
-    specs = [RequestSpec(1000, 400), RequestSpec(100_000, 50), RequestSpec(3, 1), RequestSpec(900, 900)]
+    specs = [RequestSpec(1000, 400), RequestSpec(100_000, 50), RequestSpec(3, 1), RequestSpec(900, 900),
+             RequestSpec(100, 5000)]
+    # A long document keeps its output and loses the end of its prompt; an output longer than half
+    # the context keeps half of it, or what a short prompt leaves.
     assert scale_and_clip(specs, 0.5, max_model_len=1024) == [
-        RequestSpec(500, 200), RequestSpec(1023, 1), RequestSpec(2, 1), RequestSpec(450, 450)]
+        RequestSpec(500, 200), RequestSpec(999, 25), RequestSpec(2, 1), RequestSpec(450, 450), RequestSpec(50, 974)]
+    assert scale_and_clip([RequestSpec(900, 900)], 1.0, max_model_len=1024) == [RequestSpec(512, 512)]
     for spec in scale_and_clip(specs, 1.0, max_model_len=1024):
         assert spec.prompt_len >= 1 and spec.output_len >= 1 and spec.prompt_len + spec.output_len <= 1024
 

@@ -76,17 +76,20 @@ def read_trace(path: Path) -> list[RequestSpec]:
 
 
 def scale_and_clip(specs: list[RequestSpec], scale: float, max_model_len: int) -> list[RequestSpec]:
-    """Multiply lengths by scale, then fit each request into the context: the prompt leaves room
-    for at least one output token and the output stops at the context's end."""
+    """Multiply lengths by scale, then fit each request into the context as a client would, by
+    truncating its prompt: the output keeps its length up to half the context, the prompt takes
+    what is left, and an output longer than that gets whatever a shorter prompt leaves. (A prompt
+    cut to leave one output token would make a long-document workload all prefill: no token gaps
+    for its TBT to be measured on.)"""
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
     if max_model_len < 2:
         raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
     clipped = []
     for spec in specs:
-        prompt = min(max(1, round(spec.prompt_len * scale)), max_model_len - 1)
-        output = min(max(1, round(spec.output_len * scale)), max_model_len - prompt)
-        clipped.append(RequestSpec(prompt, output))
+        prompt, output = max(1, round(spec.prompt_len * scale)), max(1, round(spec.output_len * scale))
+        prompt = min(prompt, max_model_len - min(output, max_model_len // 2))
+        clipped.append(RequestSpec(prompt, min(output, max_model_len - prompt)))
     return clipped
 
 
