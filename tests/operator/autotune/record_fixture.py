@@ -58,19 +58,19 @@ def main() -> None:
     env = {"OMP_NUM_THREADS": "1", "SARATHI_ADMIN_TOKEN": TOKEN}
     truth = {}
 
-    def served(server: ServerProcess, name: str, seed: int) -> None:
+    def served(server: ServerProcess, name: str, seed: int, fixture: str) -> None:
         before = planner_counts(server)
         truth[name] = batch(server, seed)
         after = planner_counts(server)
         truth[name]["planner"] = {k: after[k] - before[k] for k in after}
-        (OUT / f"{'restarted-' if name == 'c' else ''}after-{name}.txt").write_text(scrape(server))
+        (OUT / fixture).write_text(scrape(server))
 
     with ServerProcess(args, env=env) as server:
         (OUT / "fresh.txt").write_text(scrape(server))
-        served(server, "a", seed=1)
-        served(server, "b", seed=2)
+        served(server, "a", 1, "after-a.txt")
+        served(server, "b", 2, "after-b.txt")
     with ServerProcess(args, env=env) as server:
-        served(server, "c", seed=3)
+        served(server, "c", 3, "restarted-after-c.txt")
     (OUT / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
     print(json.dumps(truth, indent=2))
 
