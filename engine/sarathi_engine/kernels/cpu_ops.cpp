@@ -2,13 +2,15 @@
 //
 // Weights stay in the checkpoint's dtype (bfloat16 halves the bytes a decode step reads) and every
 // activation is float32: a bfloat16 value becomes float32 by a 16-bit shift, so weights and the KV
-// cache are widened in registers as they are read and no bfloat16 arithmetic is done.
+// cache are widened in registers as they are read. The one exception is a CPU with AMX, where
+// bfloat16 linear layers run on its tiles through oneDNN's brgemm (below).
 //
 // Parallel loops hand out small work items from an atomic counter on torch's own thread pool
 // (at::parallel_for), so a thread that loses its core to another process takes fewer items
 // instead of holding every other thread at the end of the loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -64,17 +66,22 @@ inline T from_float(float x) { return static_cast<T>(x); }  // BFloat16: round t
 
 // ---- dynamic work sharing --------------------------------------------------------------------
 
-// Runs f(i) for i in [0, n) on torch's threads, each taking the next item when it is done.
-template <typename F>
-void for_each_item(int64_t n, const F& f) {
+// Runs f(i) for i in [0, n) on torch's threads, each taking the next item when it is done, then
+// done() once on every thread that ran.
+inline void nothing() {}
+
+template <typename F, typename Done = void (*)()>
+void for_each_item(int64_t n, const F& f, const Done& done = nothing) {
   int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
   if (threads <= 1 || at::in_parallel_region()) {
     for (int64_t i = 0; i < n; ++i) f(i);
+    done();
     return;
   }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(i);
+    done();
   });
 }
 
@@ -234,6 +241,76 @@ void linear_kernel(const float* x, const W* packed, const float* bias, float* ou
   });
 }
 
+// ---- bfloat16 weights on a CPU with AMX: oneDNN's brgemm micro-kernel ------------------------
+//
+// AMX multiplies bfloat16 tiles at some ten times the float32 FMA rate, so where the CPU has it a
+// bfloat16 weight is packed for oneDNN's brgemm (through torch's cpublas) instead of into panels:
+// blocks of 32 output rows, each [K / 2][32][2] (pairs of k side by side, the VNNI layout). The
+// activations are rounded to bfloat16 before the product, as a bfloat16 matmul does; the products
+// are exact in float32 and accumulate in float32.
+
+constexpr int64_t kVnniBlock = 32;
+constexpr int64_t kVnniRows = 64;  // rows of x per brgemm call (32-128 were within noise)
+
+bool amx_bf16() {
+  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+  return available;
+}
+
+int64_t num_vnni_blocks(int64_t N) { return (N + kVnniBlock - 1) / kVnniBlock; }
+
+void pack_vnni(const BFloat16* w, BFloat16* packed, int64_t N, int64_t K) {
+  for_each_item(num_vnni_blocks(N), [&](int64_t b) {
+    BFloat16* dst = packed + b * K * kVnniBlock;
+    for (int64_t k = 0; k < K; k += 2)
+      for (int64_t j = 0; j < kVnniBlock; ++j) {
+        const int64_t n = b * kVnniBlock + j;
+        dst[k * kVnniBlock + 2 * j] = n < N ? w[n * K + k] : BFloat16(0.f);
+        dst[k * kVnniBlock + 2 * j + 1] = n < N ? w[n * K + k + 1] : BFloat16(0.f);
+      }
+  });
+}
+
+// float32 -> bfloat16 for x[begin, end), round to nearest even. Only AMX CPUs call it, and they all
+// have AVX-512 BF16's conversion instruction.
+__attribute__((target("avx512f,avx512bf16"))) void round_range(const float* x, BFloat16* out, int64_t begin,
+                                                                 int64_t end) {
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+  for (; i < end; ++i) out[i] = BFloat16(x[i]);
+}
+
+void round_to_bf16(const float* x, BFloat16* out, int64_t n) {
+  constexpr int64_t kItem = 16384;
+  for_each_item((n + kItem - 1) / kItem,
+                [&](int64_t item) { round_range(x, out, item * kItem, std::min(n, (item + 1) * kItem)); });
+}
+
+void linear_amx(const BFloat16* x, const BFloat16* packed, const float* bias, float* out, int64_t M, int64_t N,
+                int64_t K) {
+  const int64_t m_blocks = (M + kVnniRows - 1) / kVnniRows, n_blocks = num_vnni_blocks(N);
+  for_each_item(
+      m_blocks * n_blocks,
+      [&](int64_t item) {
+        const int64_t m0 = (item / n_blocks) * kVnniRows, rows = std::min(kVnniRows, M - m0);
+        const int64_t n0 = (item % n_blocks) * kVnniBlock, cols = std::min(kVnniBlock, N - n0);
+        float* o = out + m0 * N + n0;
+        if (cols == kVnniBlock) {
+          at::native::cpublas::brgemm(rows, cols, K, K, kVnniBlock, N, false, x + m0 * K, packed + n0 * K, o);
+        } else {  // the last block's padding columns go to a scratch tile, not past the row
+          float tile[kVnniRows * kVnniBlock];
+          at::native::cpublas::brgemm(rows, kVnniBlock, K, K, kVnniBlock, kVnniBlock, false, x + m0 * K,
+                                      packed + n0 * K, tile);
+          for (int64_t r = 0; r < rows; ++r) std::copy(tile + r * kVnniBlock, tile + r * kVnniBlock + cols, o + r * N);
+        }
+        if (bias)
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < cols; ++j) o[r * N + j] += bias[n0 + j];
+      },
+      [] { at::native::cpublas::brgemm_release(); });
+}
+
 at::Tensor as_float_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2, "expected a 2-D tensor, got ", x.dim(), " dimensions");
   return x.to(at::kFloat).contiguous();
@@ -246,6 +323,11 @@ at::Tensor pack_linear_weight(const at::Tensor& w_in) {
               "pack: weight must be bfloat16 or float32");
   at::Tensor w = w_in.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
+  if (w.scalar_type() == at::kBFloat16 && K % 2 == 0 && amx_bf16()) {
+    at::Tensor packed = at::empty({num_vnni_blocks(N), K, kVnniBlock}, w.options());
+    pack_vnni(w.data_ptr<BFloat16>(), packed.data_ptr<BFloat16>(), N, K);
+    return packed;
+  }
   at::Tensor packed = at::empty({num_panels(N), K, kPanel}, w.options());
   if (w.scalar_type() == at::kBFloat16)
     pack_panels(w.data_ptr<BFloat16>(), packed.data_ptr<BFloat16>(), N, K);
@@ -257,10 +339,12 @@ at::Tensor pack_linear_weight(const at::Tensor& w_in) {
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N,
                   const std::optional<at::Tensor>& bias_in) {
   at::Tensor x = as_float_rows(x_in);
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous(),
+  const int64_t block = packed.dim() == 3 ? packed.size(2) : 0;  // which packing: panels or VNNI blocks
+  TORCH_CHECK((block == kPanel || (block == kVnniBlock && packed.scalar_type() == at::kBFloat16)) &&
+                  packed.is_contiguous(),
               "linear: weight must be packed by pack_linear_weight");
   TORCH_CHECK(packed.size(1) == x.size(1), "linear: input has ", x.size(1), " features, weight ", packed.size(1));
-  TORCH_CHECK(N > (packed.size(0) - 1) * kPanel && N <= packed.size(0) * kPanel,
+  TORCH_CHECK(N > (packed.size(0) - 1) * block && N <= packed.size(0) * block,
               "linear: ", N, " outputs do not match ", packed.size(0), " panels");
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor out = at::empty({M, N}, x.options());
@@ -271,7 +355,11 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N,
   }
   const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
   if (M == 0) return out;
-  if (packed.scalar_type() == at::kBFloat16) {
+  if (block == kVnniBlock) {
+    at::Tensor rounded = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+    round_to_bf16(x.data_ptr<float>(), rounded.data_ptr<BFloat16>(), x.numel());
+    linear_amx(rounded.data_ptr<BFloat16>(), packed.data_ptr<BFloat16>(), b, out.data_ptr<float>(), M, N, K);
+  } else if (packed.scalar_type() == at::kBFloat16) {
     linear_kernel(x.data_ptr<float>(), packed.data_ptr<BFloat16>(), b, out.data_ptr<float>(), M, N, K);
   } else {
     TORCH_CHECK(packed.scalar_type() == at::kFloat, "linear: weight must be bfloat16 or float32");
@@ -908,6 +996,7 @@ at::Tensor paged_prefill_attention(const at::Tensor& q_in, const at::Tensor& k_c
 }  // namespace
 
 TORCH_LIBRARY(sarathi, m) {
+  m.def("amx_bf16() -> bool");
   m.def("pack_linear_weight(Tensor w) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
@@ -925,6 +1014,8 @@ TORCH_LIBRARY(sarathi, m) {
   m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
         "int context_len, float scale, int window) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(sarathi, CatchAll, m) { m.impl("amx_bf16", &amx_bf16); }
 
 TORCH_LIBRARY_IMPL(sarathi, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);
