@@ -886,6 +886,41 @@ void pack_keys_values(const C* k_head, const C* v_head, const int64_t* table, in
   }
 }
 
+// One tile of scores ([R][stride], keys from t0) of the query rows [(query - i0) * group + g]
+// becomes probabilities against each row's running max, zero where the row cannot see the key; the
+// running sums and outputs are rescaled to the new max.
+void online_softmax(float* scores, int64_t stride, int64_t width, int64_t t0, const Chunk& c, int64_t i0,
+                    int64_t group, int64_t R, float* row_max, float* row_sum, float* acc) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* s = scores + r * stride;
+    const int64_t query = i0 + r / group;
+    const int64_t a = std::max<int64_t>(0, c.lowest_key(query) - t0);
+    const int64_t b = std::min(width, c.position(query) - t0 + 1);
+    if (b <= a) {
+      std::fill_n(s, width, 0.f);
+      continue;
+    }
+    const float m = std::max(row_max[r], max_range(s, a, b));
+    const float alpha = std::exp(row_max[r] - m);
+    row_sum[r] = row_sum[r] * alpha + exp_range(s, a, b, 1.f, m);
+    std::fill_n(s, a, 0.f);
+    std::fill(s + b, s + width, 0.f);
+    if (alpha != 1.f)
+      for (int64_t d = 0; d < c.D; ++d) acc[r * c.D + d] *= alpha;
+    row_max[r] = m;
+  }
+}
+
+// The finished rows, divided by their sums, into out [tokens, heads, D].
+void write_rows(const float* acc, const float* row_sum, int64_t R, int64_t D, int64_t group, int64_t head, int64_t i0,
+                float* out, int64_t out_stride) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* dst = out + (i0 + r / group) * out_stride + (head * group + r % group) * D;
+    const float inv = 1.f / row_sum[r];
+    for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv;
+  }
+}
+
 // One KV head's query rows [(query - i0) * group + g] for queries [i0, i1): out = softmax(q k^T) v.
 void prefill_block(const float* q, int64_t q_stride, int64_t group, int64_t head, const float* kp, const float* vp,
                    const Chunk& c, int64_t i0, int64_t i1, float scale, float* out, int64_t out_stride) {
@@ -907,33 +942,12 @@ void prefill_block(const float* q, int64_t q_stride, int64_t group, int64_t head
     for (int64_t p = 0; p < width / kPanel; ++p)
       panel_rows(qs.data(), D, kp + ((t0 - c.first) / kPanel + p) * D * kPanel, D, scores.data() + p * kPanel,
                  kKeyTile, R, kPanel, nullptr);
-    for (int64_t r = 0; r < R; ++r) {
-      float* s = scores.data() + r * kKeyTile;
-      const int64_t query = i0 + r / group;
-      const int64_t a = std::max<int64_t>(0, c.lowest_key(query) - t0);
-      const int64_t b = std::min(width, c.position(query) - t0 + 1);
-      if (b <= a) {
-        std::fill_n(s, width, 0.f);
-        continue;
-      }
-      const float m = std::max(row_max[r], max_range(s, a, b));
-      const float alpha = std::exp(row_max[r] - m);
-      row_sum[r] = row_sum[r] * alpha + exp_range(s, a, b, 1.f, m);
-      std::fill_n(s, a, 0.f);
-      std::fill(s + b, s + width, 0.f);
-      if (alpha != 1.f)
-        for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= alpha;
-      row_max[r] = m;
-    }
+    online_softmax(scores.data(), kKeyTile, width, t0, c, i0, group, R, row_max.data(), row_sum.data(), acc.data());
     for (int64_t d0 = 0; d0 < D; d0 += kPanel)
       panel_rows<true>(scores.data(), kKeyTile, vp + d0 * c.padded + (t0 - c.first) * kPanel, width,
                        acc.data() + d0, D, R, kPanel, nullptr);
   }
-  for (int64_t r = 0; r < R; ++r) {
-    float* dst = out + (i0 + r / group) * out_stride + (head * group + r % group) * D;
-    const float inv = 1.f / row_sum[r];
-    for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv;
-  }
+  write_rows(acc.data(), row_sum.data(), R, D, group, head, i0, out, out_stride);
 }
 
 template <typename C>
@@ -961,6 +975,85 @@ void prefill_attention_kernel(const float* q, int64_t q_stride, const C* k_cache
   });
 }
 
+// The same tiling on AMX tiles, for a bfloat16 cache on a CPU with AMX: keys are packed per head in
+// blocks of 32 tokens as [D / 2][32][2] (the scores' B in oneDNN's VNNI layout), values as
+// [tokens / 2][D][2] (the output's B); queries and probabilities are rounded to bfloat16 for the
+// two products, which accumulate in float32, as a bfloat16 flash attention does.
+
+constexpr int64_t kAmxKeys = 32;
+// Keys per tile: each tile switches the AMX tile configuration between the two products twice,
+// which at 128 keys cost more than the products (a 512-token chunk's attention took 1.7 ms a
+// layer); 512 keys of scores for 16 queries of a group of 3 heads is 96 KiB, in L2.
+constexpr int64_t kAmxKeyTile = 512;
+
+void pack_keys_values_vnni(const BFloat16* k_head, const BFloat16* v_head, const int64_t* table, int64_t block_size,
+                           const Chunk& c, int64_t block, BFloat16* kp, BFloat16* vp) {
+  const int64_t D = c.D;
+  uint32_t* kdst = reinterpret_cast<uint32_t*>(kp + block * D * kAmxKeys);  // a pair of bfloat16 per uint32
+  for (int64_t j = 0; j < kAmxKeys; ++j) {
+    const int64_t t = c.first + block * kAmxKeys + j;
+    const int64_t row = t < c.L ? (table[t / block_size] * block_size + t % block_size) * D : -1;
+    const uint32_t* key = row < 0 ? nullptr : reinterpret_cast<const uint32_t*>(k_head + row);
+    for (int64_t i = 0; i < D / 2; ++i) kdst[i * kAmxKeys + j] = key ? key[i] : 0u;
+    BFloat16* vdst = vp + (block * kAmxKeys + j - j % 2) * D + j % 2;
+    for (int64_t d = 0; d < D; ++d) vdst[2 * d] = row < 0 ? BFloat16(0.f) : v_head[row + d];
+  }
+}
+
+void prefill_block_amx(const float* q, int64_t q_stride, int64_t group, int64_t head, const BFloat16* kp,
+                       const BFloat16* vp, const Chunk& c, int64_t i0, int64_t i1, float scale, float* out,
+                       int64_t out_stride) {
+  const int64_t R = (i1 - i0) * group, D = c.D;
+  thread_local std::vector<BFloat16> qs, probs;
+  thread_local std::vector<float> scores, acc, row_max, row_sum;
+  qs.resize(R * D);
+  probs.resize(R * kAmxKeyTile);
+  scores.resize(R * kAmxKeyTile);
+  acc.assign(R * D, 0.f);
+  row_max.assign(R, -INFINITY);
+  row_sum.assign(R, 0.f);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* src = q + (i0 + r / group) * q_stride + (head * group + r % group) * D;
+    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = BFloat16(src[d] * scale);
+  }
+  const int64_t hi = c.position(i1 - 1) + 1;
+  const int64_t start = c.first + (c.lowest_key(i0) - c.first) / kAmxKeys * kAmxKeys;
+  for (int64_t t0 = start; t0 < hi; t0 += kAmxKeyTile) {
+    const int64_t width = std::min(kAmxKeyTile, (hi - c.first + kAmxKeys - 1) / kAmxKeys * kAmxKeys + c.first - t0);
+    for (int64_t b = 0; b < width / kAmxKeys; ++b)
+      at::native::cpublas::brgemm(R, kAmxKeys, D, D, kAmxKeys, kAmxKeyTile, false, qs.data(),
+                                  kp + ((t0 - c.first) / kAmxKeys + b) * D * kAmxKeys, scores.data() + b * kAmxKeys);
+    online_softmax(scores.data(), kAmxKeyTile, width, t0, c, i0, group, R, row_max.data(), row_sum.data(), acc.data());
+    for (int64_t r = 0; r < R; ++r) round_range(scores.data() + r * kAmxKeyTile, probs.data() + r * kAmxKeyTile, 0, width);
+    at::native::cpublas::brgemm(R, D, width, kAmxKeyTile, D, D, true, probs.data(), vp + (t0 - c.first) * D, acc.data());
+  }
+  write_rows(acc.data(), row_sum.data(), R, D, group, head, i0, out, out_stride);
+}
+
+void prefill_attention_amx(const float* q, int64_t q_stride, const BFloat16* k_cache, const BFloat16* v_cache,
+                           const int64_t* table, int64_t block_size, int64_t head_stride, int64_t Hq, int64_t Hk,
+                           const Chunk& c, float scale, float* out) {
+  const int64_t group = Hq / Hk, blocks = c.padded / kAmxKeys, per_head = c.padded * c.D;
+  thread_local std::vector<BFloat16> packed;  // as in prefill_attention_kernel
+  packed.resize(2 * Hk * per_head);
+  BFloat16* kp = packed.data();
+  BFloat16* vp = kp + Hk * per_head;
+  for_each_item(Hk * blocks, [&](int64_t item) {
+    const int64_t h = item / blocks;
+    pack_keys_values_vnni(k_cache + h * head_stride, v_cache + h * head_stride, table, block_size, c, item % blocks,
+                          kp + h * per_head, vp + h * per_head);
+  });
+  const int64_t query_blocks = (c.n + kQueryBlock - 1) / kQueryBlock;
+  for_each_item(
+      Hk * query_blocks,
+      [&](int64_t item) {
+        const int64_t h = item % Hk, b = query_blocks - 1 - item / Hk;
+        prefill_block_amx(q, q_stride, group, h, kp + h * per_head, vp + h * per_head, c, b * kQueryBlock,
+                          std::min(c.n, (b + 1) * kQueryBlock), scale, out, Hq * c.D);
+      },
+      [] { at::native::cpublas::brgemm_release(); });
+}
+
 at::Tensor paged_prefill_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                    const at::Tensor& block_table_in, int64_t context_len, double scale,
                                    int64_t window) {
@@ -979,8 +1072,15 @@ at::Tensor paged_prefill_attention(const at::Tensor& q_in, const at::Tensor& k_c
   TORCH_CHECK(table.dim() == 1 && table.numel() * block_size >= context_len,
               "prefill attention: the block table must cover the context");
   const int64_t first = window > 0 ? std::max<int64_t>(0, context_len - n - window + 1) / kPanel * kPanel : 0;
-  const Chunk c{n, context_len, D, first, (context_len - first + kPanel - 1) / kPanel * kPanel, window};
   at::Tensor out = at::empty({n, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (k_cache.scalar_type() == at::kBFloat16 && amx_bf16()) {
+    const Chunk c{n, context_len, D, first, (context_len - first + kAmxKeys - 1) / kAmxKeys * kAmxKeys, window};
+    prefill_attention_amx(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<BFloat16>(), v_cache.data_ptr<BFloat16>(),
+                          table.data_ptr<int64_t>(), block_size, k_cache.stride(0), Hq, Hk, c, float(scale),
+                          out.data_ptr<float>());
+    return out;
+  }
+  const Chunk c{n, context_len, D, first, (context_len - first + kPanel - 1) / kPanel * kPanel, window};
   if (k_cache.scalar_type() == at::kBFloat16) {
     prefill_attention_kernel(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<BFloat16>(),
                              v_cache.data_ptr<BFloat16>(), table.data_ptr<int64_t>(), block_size, k_cache.stride(0),
