@@ -118,7 +118,8 @@ def measure_bandwidth(repeats: int = 5) -> float:
 
 
 def measure_gemm(costs_cfg, dtype: str, repeats: int = 5) -> dict[str, float]:
-    """FLOP/s of the model's own GEMM shapes at 512 rows: torch's float32 matmul (MKL), and our
+    """FLOP/s of the model's own GEMM shapes at 512 rows: torch's float32 matmul (MKL), its
+    bfloat16 matmul (oneDNN, on AMX tiles where the CPU has them) when `dtype` is bfloat16, and our
     kernel on weights of `dtype` where it can run. The floor uses the best of them."""
     import torch
 
@@ -142,6 +143,9 @@ def measure_gemm(costs_cfg, dtype: str, repeats: int = 5) -> dict[str, float]:
     xs = [torch.randn(512, k) for k, _ in shapes]
     ws = [torch.randn(n, k) for k, n in shapes]
     rates["torch float32 matmul"] = rate([lambda x=x, w=w: x @ w.T for x, w in zip(xs, ws)])
+    if dtype == "bfloat16":
+        halves = [(x.bfloat16(), w.bfloat16()) for x, w in zip(xs, ws)]
+        rates["torch bfloat16 matmul"] = rate([lambda x=x, w=w: x @ w.T for x, w in halves])
     if kernels.load() is None:
         packed = [torch.ops.sarathi.pack_linear_weight(w.to(getattr(torch, dtype))) for w in ws]
         rates[f"sarathi kernel, {dtype} weights"] = rate(
