@@ -36,7 +36,7 @@ def test_linear_matches_torch(ops, dtype, m, n, k):
     # On a CPU with AMX a bfloat16 weight is packed for its tiles, and the activations are rounded
     # to bfloat16 before the product, as a bfloat16 matmul does; the rest accumulates in float32.
     amx = dtype == torch.bfloat16 and k % 2 == 0 and ops.amx_bf16()
-    assert packed.size(2) == (32 if amx else 16)
+    assert packed.size(2) == (64 if amx else 16)
     multiplied = x.bfloat16().float() if amx else x
     close(ops.linear(x, packed, n, bias), F.linear(multiplied, w.float(), bias))
     close(ops.linear(x, packed, n, None), F.linear(multiplied, w.float()))

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -245,12 +246,13 @@ void linear_kernel(const float* x, const W* packed, const float* bias, float* ou
 //
 // AMX multiplies bfloat16 tiles at some ten times the float32 FMA rate, so where the CPU has it a
 // bfloat16 weight is packed for oneDNN's brgemm (through torch's cpublas) instead of into panels:
-// blocks of 32 output rows, each [K / 2][32][2] (pairs of k side by side, the VNNI layout). The
+// blocks of 64 output rows, each [K / 2][64][2] (pairs of k side by side, the VNNI layout). The
 // activations are rounded to bfloat16 before the product, as a bfloat16 matmul does; the products
 // are exact in float32 and accumulate in float32.
 
-constexpr int64_t kVnniBlock = 32;
-constexpr int64_t kVnniRows = 64;  // rows of x per brgemm call (32-128 were within noise)
+// A call multiplies up to 64 rows of x by one block: 32 and 128 of either were within 10% here.
+constexpr int64_t kVnniBlock = 64;
+constexpr int64_t kVnniRows = 64;
 
 bool amx_bf16() {
   static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
@@ -271,10 +273,12 @@ void pack_vnni(const BFloat16* w, BFloat16* packed, int64_t N, int64_t K) {
   });
 }
 
-// float32 -> bfloat16 for x[begin, end), round to nearest even. Only AMX CPUs call it, and they all
-// have AVX-512 BF16's conversion instruction.
-__attribute__((target("avx512f,avx512bf16"))) void round_range(const float* x, BFloat16* out, int64_t begin,
-                                                                 int64_t end) {
+// The AMX paths' vector work is in AVX-512 (with its bfloat16 conversions), which every CPU with
+// AMX has; only those paths call these functions.
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+// float32 -> bfloat16 for x[begin, end), round to nearest even.
+AVX512 void round_range(const float* x, BFloat16* out, int64_t begin, int64_t end) {
   int64_t i = begin;
   for (; i + 16 <= end; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
@@ -711,6 +715,114 @@ inline Partial softmax_row(float* s, int64_t len, float scale) {
   return {mx, exp_range(s, 0, len, scale, mx)};
 }
 
+// The same two loops on AVX-512 lanes of 16, for a bfloat16 cache where the AMX paths run
+// (float32 arithmetic as above, twice the lanes per instruction).
+AVX512 inline __m512 load16(const BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <int G, int T>
+AVX512 inline void score_tile16(const float* q, const BFloat16* const* keys, int64_t D, float* scores,
+                                int64_t stride) {
+  __m512 acc[G][T];
+#pragma GCC unroll 3
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) acc[g][t] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) {
+    __m512 k[T];
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) k[t] = load16(keys[t] + i);
+#pragma GCC unroll 3
+    for (int g = 0; g < G; ++g) {
+      const __m512 qv = _mm512_loadu_ps(q + g * D + i);
+#pragma GCC unroll 4
+      for (int t = 0; t < T; ++t) acc[g][t] = _mm512_fmadd_ps(qv, k[t], acc[g][t]);
+    }
+  }
+#pragma GCC unroll 3
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) scores[g * stride + t] = _mm512_reduce_add_ps(acc[g][t]);
+}
+
+template <int G>
+AVX512 void score_rows16(const float* q, const BFloat16* k_head, const Context& ctx, int64_t start, int64_t end,
+                         float* scores, int64_t stride) {
+  for (int64_t blk = start / ctx.block_size; blk * ctx.block_size < end; ++blk) {
+    const BFloat16* base = k_head + ctx.table[blk] * ctx.block_size * ctx.D;
+    const int64_t t0 = std::max(start, blk * ctx.block_size), t1 = std::min(end, (blk + 1) * ctx.block_size);
+    const int64_t row_bytes = ctx.D * sizeof(BFloat16);
+    const BFloat16* next =
+        (blk + 1) * ctx.block_size < end ? k_head + ctx.table[blk + 1] * ctx.block_size * ctx.D : nullptr;
+    const BFloat16* keys[4];
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4) {
+      if (next) prefetch(next + (t - blk * ctx.block_size) * ctx.D, 4 * row_bytes);
+      for (int i = 0; i < 4; ++i) keys[i] = base + (t + i - blk * ctx.block_size) * ctx.D;
+      score_tile16<G, 4>(q, keys, ctx.D, scores + (t - start), stride);
+    }
+    for (; t < t1; ++t) {
+      keys[0] = base + (t - blk * ctx.block_size) * ctx.D;
+      score_tile16<G, 1>(q, keys, ctx.D, scores + (t - start), stride);
+    }
+  }
+}
+
+// acc[g][:] = sum_t p[g][t] v_t, head_dim in chunks of up to 64 lanes (G x 4 accumulators).
+template <int G>
+AVX512 void weigh_values16(const float* probs, int64_t stride, const BFloat16* v_head, const Context& ctx,
+                           int64_t start, int64_t end, float* acc) {
+  for (int64_t d0 = 0; d0 < ctx.D; d0 += 64) {
+    const int NV = int(std::min<int64_t>(4, (ctx.D - d0) / 16));
+    __m512 sum[G][4];
+#pragma GCC unroll 3
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) sum[g][c] = _mm512_setzero_ps();
+    for (int64_t blk = start / ctx.block_size; blk * ctx.block_size < end; ++blk) {
+      const BFloat16* base = v_head + ctx.table[blk] * ctx.block_size * ctx.D + d0;
+      const int64_t t0 = std::max(start, blk * ctx.block_size), t1 = std::min(end, (blk + 1) * ctx.block_size);
+      const BFloat16* next = d0 == 0 && (blk + 1) * ctx.block_size < end
+                                 ? v_head + ctx.table[blk + 1] * ctx.block_size * ctx.D : nullptr;
+      for (int64_t t = t0; t < t1; ++t) {
+        const BFloat16* row = base + (t - blk * ctx.block_size) * ctx.D;
+        if (next) prefetch(next + (t - blk * ctx.block_size) * ctx.D, ctx.D * sizeof(BFloat16));
+        __m512 v[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) v[c] = c < NV ? load16(row + 16 * c) : _mm512_setzero_ps();
+#pragma GCC unroll 3
+        for (int g = 0; g < G; ++g) {
+          const __m512 p = _mm512_set1_ps(probs[g * stride + (t - start)]);
+#pragma GCC unroll 4
+          for (int c = 0; c < 4; ++c) sum[g][c] = _mm512_fmadd_ps(p, v[c], sum[g][c]);
+        }
+      }
+    }
+#pragma GCC unroll 3
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + g * ctx.D + d0 + 16 * c, sum[g][c]);
+  }
+}
+
+template <int G, typename C>
+void score_and_weigh(const float* q, const C* k_head, const C* v_head, const Context& ctx, int64_t start, int64_t end,
+                     float scale, float* scores, float* out, Partial* partial) {
+  const int64_t len = end - start;
+  if constexpr (std::is_same_v<C, BFloat16>) {
+    if (ctx.D % 16 == 0 && amx_bf16()) {
+      score_rows16<G>(q, k_head, ctx, start, end, scores, len);
+      for (int64_t g = 0; g < G; ++g) partial[g] = softmax_row(scores + g * len, len, scale);
+      weigh_values16<G>(scores, len, v_head, ctx, start, end, out);
+      return;
+    }
+  }
+  score_rows<G>(q, k_head, ctx, start, end, scores, len);
+  for (int64_t g = 0; g < G; ++g) partial[g] = softmax_row(scores + g * len, len, scale);
+  weigh_values<G>(scores, len, v_head, ctx, start, end, out);
+}
+
 template <typename C>
 void decode_partition(const float* q, int64_t group, const C* k_head, const C* v_head, const Context& ctx,
                       int64_t start, int64_t end, float scale, float* acc, Partial* partial) {
@@ -722,15 +834,9 @@ void decode_partition(const float* q, int64_t group, const C* k_head, const C* v
     const float* qg = q + g0 * ctx.D;
     float* out = acc + g0 * ctx.D;
     switch (G) {
-      case 3: score_rows<3>(qg, k_head, ctx, start, end, scores.data(), len); break;
-      case 2: score_rows<2>(qg, k_head, ctx, start, end, scores.data(), len); break;
-      default: score_rows<1>(qg, k_head, ctx, start, end, scores.data(), len); break;
-    }
-    for (int64_t g = 0; g < G; ++g) partial[g0 + g] = softmax_row(scores.data() + g * len, len, scale);
-    switch (G) {
-      case 3: weigh_values<3>(scores.data(), len, v_head, ctx, start, end, out); break;
-      case 2: weigh_values<2>(scores.data(), len, v_head, ctx, start, end, out); break;
-      default: weigh_values<1>(scores.data(), len, v_head, ctx, start, end, out); break;
+      case 3: score_and_weigh<3>(qg, k_head, v_head, ctx, start, end, scale, scores.data(), out, partial + g0); break;
+      case 2: score_and_weigh<2>(qg, k_head, v_head, ctx, start, end, scale, scores.data(), out, partial + g0); break;
+      default: score_and_weigh<1>(qg, k_head, v_head, ctx, start, end, scale, scores.data(), out, partial + g0); break;
     }
   }
 }
@@ -985,18 +1091,89 @@ constexpr int64_t kAmxKeys = 32;
 // which at 128 keys cost more than the products (a 512-token chunk's attention took 1.7 ms a
 // layer); 512 keys of scores for 16 queries of a group of 3 heads is 96 KiB, in L2.
 constexpr int64_t kAmxKeyTile = 512;
+constexpr int64_t kAmxQueryBlock = 32;
 
 void pack_keys_values_vnni(const BFloat16* k_head, const BFloat16* v_head, const int64_t* table, int64_t block_size,
                            const Chunk& c, int64_t block, BFloat16* kp, BFloat16* vp) {
   const int64_t D = c.D;
-  uint32_t* kdst = reinterpret_cast<uint32_t*>(kp + block * D * kAmxKeys);  // a pair of bfloat16 per uint32
+  // A pair of bfloat16 per uint32; tiles of kAmxKeyTile keys, so that one product scores a tile.
+  const int64_t tile = block * kAmxKeys / kAmxKeyTile, column = block * kAmxKeys % kAmxKeyTile;
+  uint32_t* kdst = reinterpret_cast<uint32_t*>(kp + tile * D * kAmxKeyTile) + column;
   for (int64_t j = 0; j < kAmxKeys; ++j) {
     const int64_t t = c.first + block * kAmxKeys + j;
     const int64_t row = t < c.L ? (table[t / block_size] * block_size + t % block_size) * D : -1;
     const uint32_t* key = row < 0 ? nullptr : reinterpret_cast<const uint32_t*>(k_head + row);
-    for (int64_t i = 0; i < D / 2; ++i) kdst[i * kAmxKeys + j] = key ? key[i] : 0u;
+    for (int64_t i = 0; i < D / 2; ++i) kdst[i * kAmxKeyTile + j] = key ? key[i] : 0u;
     BFloat16* vdst = vp + (block * kAmxKeys + j - j % 2) * D + j % 2;
     for (int64_t d = 0; d < D; ++d) vdst[2 * d] = row < 0 ? BFloat16(0.f) : v_head[row + d];
+  }
+}
+
+// exp8's polynomial on 16 lanes.
+AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+  __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                   _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, z, x), _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(0x7f)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+// dst[0, n) = bfloat16(src * scale), n a multiple of 16.
+AVX512 void scale_to_bf16(const float* src, float scale, BFloat16* dst, int64_t n) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + i), sc)));
+}
+
+// online_softmax for the AMX path: the probabilities go straight to bfloat16 (zero where the row
+// cannot see the key), in one pass over each row's visible scores.
+AVX512 void softmax_to_bf16(const float* scores, BFloat16* probs, int64_t stride, int64_t width, int64_t t0,
+                            const Chunk& c, int64_t i0, int64_t group, int64_t R, float* row_max, float* row_sum,
+                            float* acc) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* s = scores + r * stride;
+    BFloat16* p = probs + r * stride;
+    const int64_t query = i0 + r / group;
+    const int64_t a = std::max<int64_t>(0, c.lowest_key(query) - t0);
+    const int64_t b = std::max(a, std::min(width, c.position(query) - t0 + 1));
+    std::fill_n(p, a, BFloat16(0.f));
+    std::fill(p + b, p + width, BFloat16(0.f));
+    if (b == a) continue;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int64_t j = a;
+    for (; j + 16 <= b; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+    const __mmask16 tail = __mmask16((1u << (b - j)) - 1);
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, s + j));
+    const float m = std::max(row_max[r], _mm512_reduce_max_ps(mx));
+    const float alpha = std::exp(row_max[r] - m);
+    const __m512 shift = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (j = a; j + 16 <= b; j += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + j), shift)));
+    sum = _mm512_add_ps(sum, e);
+    _mm256_mask_storeu_epi16(p + j, tail, (__m256i)_mm512_cvtneps_pbh(e));
+    row_sum[r] = row_sum[r] * alpha + _mm512_reduce_add_ps(sum);
+    if (alpha != 1.f) {
+      const __m512 al = _mm512_set1_ps(alpha);
+      for (int64_t d = 0; d < c.D; d += 16)
+        _mm512_storeu_ps(acc + r * c.D + d, _mm512_mul_ps(_mm512_loadu_ps(acc + r * c.D + d), al));
+    }
+    row_max[r] = m;
   }
 }
 
@@ -1012,19 +1189,18 @@ void prefill_block_amx(const float* q, int64_t q_stride, int64_t group, int64_t 
   acc.assign(R * D, 0.f);
   row_max.assign(R, -INFINITY);
   row_sum.assign(R, 0.f);
-  for (int64_t r = 0; r < R; ++r) {
-    const float* src = q + (i0 + r / group) * q_stride + (head * group + r % group) * D;
-    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = BFloat16(src[d] * scale);
-  }
+  for (int64_t r = 0; r < R; ++r)
+    scale_to_bf16(q + (i0 + r / group) * q_stride + (head * group + r % group) * D, scale, qs.data() + r * D, D);
   const int64_t hi = c.position(i1 - 1) + 1;
   const int64_t start = c.first + (c.lowest_key(i0) - c.first) / kAmxKeys * kAmxKeys;
-  for (int64_t t0 = start; t0 < hi; t0 += kAmxKeyTile) {
-    const int64_t width = std::min(kAmxKeyTile, (hi - c.first + kAmxKeys - 1) / kAmxKeys * kAmxKeys + c.first - t0);
-    for (int64_t b = 0; b < width / kAmxKeys; ++b)
-      at::native::cpublas::brgemm(R, kAmxKeys, D, D, kAmxKeys, kAmxKeyTile, false, qs.data(),
-                                  kp + ((t0 - c.first) / kAmxKeys + b) * D * kAmxKeys, scores.data() + b * kAmxKeys);
-    online_softmax(scores.data(), kAmxKeyTile, width, t0, c, i0, group, R, row_max.data(), row_sum.data(), acc.data());
-    for (int64_t r = 0; r < R; ++r) round_range(scores.data() + r * kAmxKeyTile, probs.data() + r * kAmxKeyTile, 0, width);
+  const int64_t end = c.first + (hi - c.first + kAmxKeys - 1) / kAmxKeys * kAmxKeys;
+  for (int64_t t0 = start, next; t0 < hi; t0 = next) {  // tiles end where the packed ones do
+    next = c.first + ((t0 - c.first) / kAmxKeyTile + 1) * kAmxKeyTile;
+    const int64_t width = std::min(next, end) - t0, tile = (t0 - c.first) / kAmxKeyTile;
+    at::native::cpublas::brgemm(R, width, D, D, kAmxKeyTile, kAmxKeyTile, false, qs.data(),
+                                kp + tile * D * kAmxKeyTile + (t0 - c.first) % kAmxKeyTile * 2, scores.data());
+    softmax_to_bf16(scores.data(), probs.data(), kAmxKeyTile, width, t0, c, i0, group, R, row_max.data(),
+                    row_sum.data(), acc.data());
     at::native::cpublas::brgemm(R, D, width, kAmxKeyTile, D, D, true, probs.data(), vp + (t0 - c.first) * D, acc.data());
   }
   write_rows(acc.data(), row_sum.data(), R, D, group, head, i0, out, out_stride);
@@ -1034,22 +1210,23 @@ void prefill_attention_amx(const float* q, int64_t q_stride, const BFloat16* k_c
                            const int64_t* table, int64_t block_size, int64_t head_stride, int64_t Hq, int64_t Hk,
                            const Chunk& c, float scale, float* out) {
   const int64_t group = Hq / Hk, blocks = c.padded / kAmxKeys, per_head = c.padded * c.D;
+  const int64_t keys_per_head = (c.padded + kAmxKeyTile - 1) / kAmxKeyTile * kAmxKeyTile * c.D;
   thread_local std::vector<BFloat16> packed;  // as in prefill_attention_kernel
-  packed.resize(2 * Hk * per_head);
+  packed.resize(Hk * (keys_per_head + per_head));
   BFloat16* kp = packed.data();
-  BFloat16* vp = kp + Hk * per_head;
+  BFloat16* vp = kp + Hk * keys_per_head;
   for_each_item(Hk * blocks, [&](int64_t item) {
     const int64_t h = item / blocks;
     pack_keys_values_vnni(k_cache + h * head_stride, v_cache + h * head_stride, table, block_size, c, item % blocks,
-                          kp + h * per_head, vp + h * per_head);
+                          kp + h * keys_per_head, vp + h * per_head);
   });
-  const int64_t query_blocks = (c.n + kQueryBlock - 1) / kQueryBlock;
+  const int64_t query_blocks = (c.n + kAmxQueryBlock - 1) / kAmxQueryBlock;
   for_each_item(
       Hk * query_blocks,
       [&](int64_t item) {
         const int64_t h = item % Hk, b = query_blocks - 1 - item / Hk;
-        prefill_block_amx(q, q_stride, group, h, kp + h * per_head, vp + h * per_head, c, b * kQueryBlock,
-                          std::min(c.n, (b + 1) * kQueryBlock), scale, out, Hq * c.D);
+        prefill_block_amx(q, q_stride, group, h, kp + h * keys_per_head, vp + h * per_head, c, b * kAmxQueryBlock,
+                          std::min(c.n, (b + 1) * kAmxQueryBlock), scale, out, Hq * c.D);
       },
       [] { at::native::cpublas::brgemm_release(); });
 }
