@@ -86,6 +86,12 @@ void for_each_item(int64_t n, const F& f, const Done& done = nothing) {
   });
 }
 
+// Rows per work item of an elementwise loop over rows of `width` values: enough that a decode
+// step's few rows run on the calling thread. Waking the pool's sleeping threads (OMP_WAIT_POLICY
+// is PASSIVE, see sarathi_engine/__init__.py) costs more than such a loop.
+constexpr int64_t kItemValues = 1 << 16;
+int64_t rows_per_item(int64_t width) { return std::max<int64_t>(8, kItemValues / std::max<int64_t>(1, width)); }
+
 // ---- linear: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) ---------------------------------
 //
 // The weight is packed once, at load, into panels of 16 output rows: panel p holds w[16p + j, k]
@@ -286,7 +292,7 @@ AVX512 void round_range(const float* x, BFloat16* out, int64_t begin, int64_t en
 }
 
 void round_to_bf16(const float* x, BFloat16* out, int64_t n) {
-  constexpr int64_t kItem = 16384;
+  constexpr int64_t kItem = kItemValues;
   for_each_item((n + kItem - 1) / kItem,
                 [&](int64_t item) { round_range(x, out, item * kItem, std::min(n, (item + 1) * kItem)); });
 }
@@ -376,8 +382,9 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N,
 
 template <typename W>
 void rms_norm_rows(float* residual, const float* x, const W* w, float eps, float* out, int64_t M, int64_t H) {
-  for_each_item((M + 7) / 8, [&](int64_t item) {
-    for (int64_t m = item * 8; m < std::min(M, item * 8 + 8); ++m) {
+  const int64_t rows = rows_per_item(H);
+  for_each_item((M + rows - 1) / rows, [&](int64_t item) {
+    for (int64_t m = item * rows; m < std::min(M, (item + 1) * rows); ++m) {
       const float* in = x + m * H;
       float* row = residual ? residual + m * H : nullptr;
       __m256 sq = _mm256_setzero_ps();
@@ -437,8 +444,9 @@ at::Tensor silu_mul(const at::Tensor& gu_in) {
   at::Tensor out = at::empty({M, I}, gu.options());
   const float* g = gu.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for_each_item((M + 7) / 8, [&](int64_t item) {
-    for (int64_t m = item * 8; m < std::min(M, item * 8 + 8); ++m) {
+  const int64_t rows = rows_per_item(2 * I);
+  for_each_item((M + rows - 1) / rows, [&](int64_t item) {
+    for (int64_t m = item * rows; m < std::min(M, (item + 1) * rows); ++m) {
       const float* gate = g + m * 2 * I;
       float* dst = o + m * I;
       int64_t i = 0;
@@ -459,8 +467,9 @@ at::Tensor silu_mul(const at::Tensor& gu_in) {
 void rotate_heads(float* base, int64_t row_stride, int64_t heads, int64_t D, const int64_t* positions,
                   const float* cos, const float* sin, int64_t T) {
   const int64_t half = D / 2;
-  for_each_item((T + 7) / 8, [&](int64_t item) {
-    for (int64_t t = item * 8; t < std::min(T, item * 8 + 8); ++t) {
+  const int64_t rows = rows_per_item(heads * D);
+  for_each_item((T + rows - 1) / rows, [&](int64_t item) {
+    for (int64_t t = item * rows; t < std::min(T, (item + 1) * rows); ++t) {
       const float* c = cos + positions[t] * D;  // each row holds the angles twice: [f, f]
       const float* s = sin + positions[t] * D;
       for (int64_t h = 0; h < heads; ++h) {
