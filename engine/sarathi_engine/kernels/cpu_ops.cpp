@@ -757,8 +757,8 @@ AVX512 inline void score_tile16(const float* q, const BFloat16* const* keys, int
 }
 
 template <int G>
-AVX512 void score_rows16(const float* q, const BFloat16* k_head, const Context& ctx, int64_t start, int64_t end,
-                         float* scores, int64_t stride) {
+AVX512 void score_rows16(const float* q, const BFloat16* k_head, const BFloat16* v_head, const Context& ctx,
+                         int64_t start, int64_t end, float* scores, int64_t stride) {
   for (int64_t blk = start / ctx.block_size; blk * ctx.block_size < end; ++blk) {
     const BFloat16* base = k_head + ctx.table[blk] * ctx.block_size * ctx.D;
     const int64_t t0 = std::max(start, blk * ctx.block_size), t1 = std::min(end, (blk + 1) * ctx.block_size);
@@ -769,6 +769,9 @@ AVX512 void score_rows16(const float* q, const BFloat16* k_head, const Context& 
     int64_t t = t0;
     for (; t + 4 <= t1; t += 4) {
       if (next) prefetch(next + (t - blk * ctx.block_size) * ctx.D, 4 * row_bytes);
+      // These keys' values too, so that two streams are in flight while the scores are computed
+      // (b32 at context 2048 on an AMX Xeon: the cache read at 17 -> 20 GB/s).
+      prefetch(v_head + (base - k_head) + (t - blk * ctx.block_size) * ctx.D, 4 * row_bytes);
       for (int i = 0; i < 4; ++i) keys[i] = base + (t + i - blk * ctx.block_size) * ctx.D;
       score_tile16<G, 4>(q, keys, ctx.D, scores + (t - start), stride);
     }
@@ -821,7 +824,7 @@ void score_and_weigh(const float* q, const C* k_head, const C* v_head, const Con
   const int64_t len = end - start;
   if constexpr (std::is_same_v<C, BFloat16>) {
     if (ctx.D % 16 == 0 && amx_bf16()) {
-      score_rows16<G>(q, k_head, ctx, start, end, scores, len);
+      score_rows16<G>(q, k_head, v_head, ctx, start, end, scores, len);
       for (int64_t g = 0; g < G; ++g) partial[g] = softmax_row(scores + g * len, len, scale);
       weigh_values16<G>(scores, len, v_head, ctx, start, end, out);
       return;
