@@ -2,8 +2,8 @@
 //
 // Weights stay in the checkpoint's dtype (bfloat16 halves the bytes a decode step reads) and every
 // activation is float32: a bfloat16 value becomes float32 by a 16-bit shift, so weights and the KV
-// cache are widened in registers as they are read. The one exception is a CPU with AMX, where
-// bfloat16 linear layers run on its tiles through oneDNN's brgemm (below).
+// cache are widened in registers as they are read. The exception is a CPU with AMX, where bfloat16
+// linear layers and prefill attention run on its tiles through oneDNN's brgemm (below).
 //
 // Parallel loops hand out small work items from an atomic counter on torch's own thread pool
 // (at::parallel_for), so a thread that loses its core to another process takes fewer items
@@ -1004,31 +1004,6 @@ void pack_keys_values(const C* k_head, const C* v_head, const int64_t* table, in
   }
 }
 
-// One tile of scores ([R][stride], keys from t0) of the query rows [(query - i0) * group + g]
-// becomes probabilities against each row's running max, zero where the row cannot see the key; the
-// running sums and outputs are rescaled to the new max.
-void online_softmax(float* scores, int64_t stride, int64_t width, int64_t t0, const Chunk& c, int64_t i0,
-                    int64_t group, int64_t R, float* row_max, float* row_sum, float* acc) {
-  for (int64_t r = 0; r < R; ++r) {
-    float* s = scores + r * stride;
-    const int64_t query = i0 + r / group;
-    const int64_t a = std::max<int64_t>(0, c.lowest_key(query) - t0);
-    const int64_t b = std::min(width, c.position(query) - t0 + 1);
-    if (b <= a) {
-      std::fill_n(s, width, 0.f);
-      continue;
-    }
-    const float m = std::max(row_max[r], max_range(s, a, b));
-    const float alpha = std::exp(row_max[r] - m);
-    row_sum[r] = row_sum[r] * alpha + exp_range(s, a, b, 1.f, m);
-    std::fill_n(s, a, 0.f);
-    std::fill(s + b, s + width, 0.f);
-    if (alpha != 1.f)
-      for (int64_t d = 0; d < c.D; ++d) acc[r * c.D + d] *= alpha;
-    row_max[r] = m;
-  }
-}
-
 // The finished rows, divided by their sums, into out [tokens, heads, D].
 void write_rows(const float* acc, const float* row_sum, int64_t R, int64_t D, int64_t group, int64_t head, int64_t i0,
                 float* out, int64_t out_stride) {
@@ -1060,7 +1035,24 @@ void prefill_block(const float* q, int64_t q_stride, int64_t group, int64_t head
     for (int64_t p = 0; p < width / kPanel; ++p)
       panel_rows(qs.data(), D, kp + ((t0 - c.first) / kPanel + p) * D * kPanel, D, scores.data() + p * kPanel,
                  kKeyTile, R, kPanel, nullptr);
-    online_softmax(scores.data(), kKeyTile, width, t0, c, i0, group, R, row_max.data(), row_sum.data(), acc.data());
+    for (int64_t r = 0; r < R; ++r) {
+      float* s = scores.data() + r * kKeyTile;
+      const int64_t query = i0 + r / group;
+      const int64_t a = std::max<int64_t>(0, c.lowest_key(query) - t0);
+      const int64_t b = std::min(width, c.position(query) - t0 + 1);
+      if (b <= a) {
+        std::fill_n(s, width, 0.f);
+        continue;
+      }
+      const float m = std::max(row_max[r], max_range(s, a, b));
+      const float alpha = std::exp(row_max[r] - m);
+      row_sum[r] = row_sum[r] * alpha + exp_range(s, a, b, 1.f, m);
+      std::fill_n(s, a, 0.f);
+      std::fill(s + b, s + width, 0.f);
+      if (alpha != 1.f)
+        for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= alpha;
+      row_max[r] = m;
+    }
     for (int64_t d0 = 0; d0 < D; d0 += kPanel)
       panel_rows<true>(scores.data(), kKeyTile, vp + d0 * c.padded + (t0 - c.first) * kPanel, width,
                        acc.data() + d0, D, R, kPanel, nullptr);
@@ -1094,14 +1086,16 @@ void prefill_attention_kernel(const float* q, int64_t q_stride, const C* k_cache
 }
 
 // The same tiling on AMX tiles, for a bfloat16 cache on a CPU with AMX: keys are packed per head in
-// blocks of 32 tokens as [D / 2][32][2] (the scores' B in oneDNN's VNNI layout), values as
-// [tokens / 2][D][2] (the output's B); queries and probabilities are rounded to bfloat16 for the
-// two products, which accumulate in float32, as a bfloat16 flash attention does.
+// tiles of 512 tokens as [D / 2][512][2] (the scores' B in oneDNN's VNNI layout), values as
+// [tokens / 2][D][2] (the output's B), 32 tokens per work item; queries and probabilities are
+// rounded to bfloat16 for the two products, which accumulate in float32, as a bfloat16 flash
+// attention does.
 
 constexpr int64_t kAmxKeys = 32;
-// Keys per tile: each tile switches the AMX tile configuration between the two products twice,
-// which at 128 keys cost more than the products (a 512-token chunk's attention took 1.7 ms a
-// layer); 512 keys of scores for 16 queries of a group of 3 heads is 96 KiB, in L2.
+// Keys per tile, one score product each: 512 rather than 128 took a 512-token chunk's attention
+// from 1.69 to 1.58 ms a layer here. Query tokens per work item: 32 rather than 16 took a 512-token
+// chunk at context 4096 from 13.3 to 10.2 ms (each key tile serves more rows); 64 was slower.
+// 32 queries of a group of 3 heads hold 192 KiB of scores and 96 KiB of probabilities, in L2.
 constexpr int64_t kAmxKeyTile = 512;
 constexpr int64_t kAmxQueryBlock = 32;
 
@@ -1148,8 +1142,8 @@ AVX512 void scale_to_bf16(const float* src, float scale, BFloat16* dst, int64_t 
                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + i), sc)));
 }
 
-// online_softmax for the AMX path: the probabilities go straight to bfloat16 (zero where the row
-// cannot see the key), in one pass over each row's visible scores.
+// prefill_block's online softmax for the AMX path: the probabilities go straight to bfloat16 (zero
+// where the row cannot see the key), in one pass over each row's visible scores.
 AVX512 void softmax_to_bf16(const float* scores, BFloat16* probs, int64_t stride, int64_t width, int64_t t0,
                             const Chunk& c, int64_t i0, int64_t group, int64_t R, float* row_max, float* row_sum,
                             float* acc) {
