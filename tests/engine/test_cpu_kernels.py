@@ -4,6 +4,9 @@ mid-block, partitions merged across a long context, chunks whose queries do not 
 whose keys do not fill a tile, sliding windows)."""
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,8 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> N
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k", [(1, 576, 576), (5, 33, 64), (7, 16, 8), (13, 1000, 96), (64, 47, 130), (150, 40, 32)])
+@pytest.mark.parametrize("m,n,k", [(1, 576, 576), (2, 70, 34), (3, 130, 576), (4, 1000, 96), (5, 33, 64), (7, 16, 8),
+                                   (13, 1000, 96), (64, 47, 130), (150, 40, 32)])
 def test_linear_matches_torch(ops, dtype, m, n, k):
     torch.manual_seed(m * n + k)
     x, w, bias = torch.randn(m, k), torch.randn(n, k).to(dtype), torch.randn(n)
@@ -40,6 +44,25 @@ def test_linear_matches_torch(ops, dtype, m, n, k):
     multiplied = x.bfloat16().float() if amx else x
     close(ops.linear(x, packed, n, bias), F.linear(multiplied, w.float(), bias))
     close(ops.linear(x, packed, n, None), F.linear(multiplied, w.float()))
+
+
+def linear_in_a_child(x: torch.Tensor, packed: torch.Tensor, n: int) -> list:
+    return torch.ops.sarathi.linear(x, packed, n, None).tolist()  # a tensor would go back through shared memory
+
+
+def test_parallel_loops_serve_a_forked_child_and_concurrent_callers(ops):
+    """The kernels' helper threads: a forked child, which has none of its parent's threads, still
+    finishes its loops; Python threads running loops at once all get the right answer."""
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 256), torch.randn(1024, 256)
+    packed = ops.pack_linear_weight(w)
+    expected = F.linear(x, w)
+    close(ops.linear(x, packed, 1024, None), expected)  # the parent's helpers have started
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        close(torch.tensor(pool.apply_async(linear_in_a_child, (x, packed, 1024)).get(timeout=120)), expected)
+    with ThreadPoolExecutor(4) as threads:
+        for result in threads.map(lambda _: ops.linear(x, packed, 1024, None), range(32)):
+            close(result, expected)
 
 
 def test_linear_rejects_a_mismatched_input(ops):

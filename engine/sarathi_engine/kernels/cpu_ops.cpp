@@ -5,9 +5,9 @@
 // cache are widened in registers as they are read. The exception is a CPU with AMX, where bfloat16
 // linear layers and prefill attention run on its tiles through oneDNN's brgemm (below).
 //
-// Parallel loops hand out small work items from an atomic counter on torch's own thread pool
-// (at::parallel_for), so a thread that loses its core to another process takes fewer items
-// instead of holding every other thread at the end of the loop.
+// Parallel loops hand out small work items from an atomic counter to the calling thread and the
+// kernels' helper threads (for_each_item), so a thread that loses its core to another process
+// takes fewer items instead of holding every other thread at the end of the loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -15,9 +15,20 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <mutex>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -66,29 +77,213 @@ template <typename T>
 inline T from_float(float x) { return static_cast<T>(x); }  // BFloat16: round to nearest even
 
 // ---- dynamic work sharing --------------------------------------------------------------------
+//
+// for_each_item(n, f, done) runs f(i) for i in [0, n) on the calling thread and the kernels'
+// helper threads, each taking the next item when it is done, then done() once on every thread
+// that ran.
+//
+// The helpers are the kernels' own rather than torch's OpenMP pool because of how they wait. A
+// batch-1 decode step runs some 150 parallel loops of 20-100 us. Under OMP_WAIT_POLICY=PASSIVE
+// (which torch's own ops keep, see sarathi_engine/__init__.py) each loop woke a sleeping thread
+// through the kernel and slept the caller at its end: 25 ms a step here, where spinning OpenMP
+// waiters (GOMP_SPINCOUNT=3000) took 17 ms but made it 2.4x slower beside one busy process, whose
+// core they took. So a helper spins between loops (for at most kSpinNs after the last) only while
+// its core has no other taker. The kernel accounts each thread's time spent runnable but waiting
+// for a core; a spinning helper that waited more than kBusyShare of a window sleeps on a futex
+// between loops instead, for a backoff. A helper joins a loop only while the loop is open, so the
+// caller never waits for a helper that has not woken up, only for items already taken. With them
+// a batch-1 step took 15 ms here, and beside a busy process slowed less than vLLM-CPU's did.
 
-// Runs f(i) for i in [0, n) on torch's threads, each taking the next item when it is done, then
-// done() once on every thread that ran.
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+constexpr int64_t kSpinNs = 2'000'000;
+constexpr int64_t kWindowNs = 10'000'000;
+constexpr double kBusyShare = 0.1;
+constexpr int64_t kBackoffNs = 50'000'000, kMaxBackoffNs = 2'000'000'000;
+
+// This thread's run-queue wait in ns (/proc/thread-self/schedstat: time run, time waited, slices),
+// or -1 where the kernel does not say.
+class RunQueueWait {
+ public:
+  RunQueueWait() : fd_(open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC)) {}
+  ~RunQueueWait() {
+    if (fd_ >= 0) close(fd_);
+  }
+  int64_t read() const {
+    char text[96];
+    const ssize_t n = fd_ < 0 ? -1 : pread(fd_, text, sizeof(text) - 1, 0);
+    if (n <= 0) return -1;
+    text[n] = 0;
+    unsigned long long run = 0, waited = 0;
+    return std::sscanf(text, "%llu %llu", &run, &waited) == 2 ? int64_t(waited) : -1;
+  }
+
+ private:
+  int fd_;
+};
+
+void futex_wait(std::atomic<uint32_t>& word, uint32_t expected) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, expected, nullptr, nullptr, 0);
+}
+
+void futex_wake_all(std::atomic<uint32_t>& word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+}
+
+thread_local bool in_helper = false;
+
+class Helpers {
+ public:
+  // The process's helpers; a forked child starts its own (threads do not survive fork).
+  static Helpers& get() {
+    static std::once_flag registered;
+    std::call_once(registered, [] { pthread_atfork(nullptr, nullptr, [] { current() = nullptr; }); });
+    Helpers*& helpers = current();
+    if (!helpers) helpers = new Helpers();  // never deleted: helpers outlive static destructors
+    return *helpers;
+  }
+
+  // Runs body(ctx) on this thread and on up to `helpers` helpers that wake while it runs; returns
+  // once every one that joined is done. A second caller meanwhile runs its loop alone.
+  void run(int64_t helpers, void (*body)(void*), void* ctx) {
+    if (busy_.test_and_set(std::memory_order_acquire)) return body(ctx);
+    start(helpers);
+    body_ = body;
+    ctx_ = ctx;
+    const uint32_t generation = bell_.load(std::memory_order_relaxed) + 1;
+    state_.store(uint64_t(generation) << 32 | kOpen, std::memory_order_release);
+    bell_.store(generation, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) futex_wake_all(bell_);
+    body(ctx);
+    state_.fetch_and(~kOpen, std::memory_order_acq_rel);
+    for (int64_t spins = 0; (state_.load(std::memory_order_acquire) & kInside) != 0; ++spins)
+      spins < 4096 ? _mm_pause() : void(sched_yield());
+    busy_.clear(std::memory_order_release);
+  }
+
+ private:
+  static constexpr uint64_t kOpen = uint64_t(1) << 31, kInside = kOpen - 1;
+
+  static Helpers*& current() {
+    static Helpers* helpers = nullptr;
+    return helpers;
+  }
+
+  void start(int64_t helpers) {
+    while (started_ < helpers) {
+      std::thread([this] { serve(); }).detach();
+      ++started_;
+    }
+  }
+
+  void serve() {
+    pthread_setname_np(pthread_self(), "sarathi-helper");
+    in_helper = true;
+    Spinning spinning;
+    uint32_t seen = bell_.load(std::memory_order_acquire);
+    for (;;) {
+      await_bell(seen, spinning);
+      seen = bell_.load(std::memory_order_acquire);
+      uint64_t state = state_.load(std::memory_order_acquire);
+      while (state & kOpen)
+        if (state_.compare_exchange_weak(state, state + 1, std::memory_order_acq_rel)) {
+          body_(ctx_);
+          state_.fetch_sub(1, std::memory_order_release);
+          break;
+        }
+    }
+  }
+
+  // A helper's own record of whether spinning costs another task its core: a window in which it
+  // waited for its core more than kBusyShare of the time stops spinning for a backoff that doubles
+  // while the windows after it find the same (a neighbour that stays) and resets after a free one.
+  struct Spinning {
+    RunQueueWait wait;
+    int64_t window_start = 0, window_wait = 0;  // the current window of spinning, 0: none
+    int64_t allowed_from = 0, backoff = kBackoffNs;
+
+    // Whether to spin on at time t; ends a window that has run kWindowNs.
+    bool allowed(int64_t t) {
+      if (t < allowed_from) return false;
+      if (window_start == 0) {
+        window_start = t;
+        window_wait = wait.read();
+        if (window_wait < 0) allowed_from = INT64_MAX;
+      } else if (t - window_start >= kWindowNs) {
+        const int64_t waited = wait.read();
+        if (waited < 0) {
+          allowed_from = INT64_MAX;
+        } else if (double(waited - window_wait) > kBusyShare * double(t - window_start)) {
+          allowed_from = t + backoff;
+          backoff = std::min(2 * backoff, kMaxBackoffNs);
+        } else {
+          backoff = kBackoffNs;
+        }
+        window_start = 0;
+      }
+      return t >= allowed_from;
+    }
+  };
+
+  // Returns once the bell has rung past `seen`: spinning while allowed, else asleep.
+  void await_bell(uint32_t seen, Spinning& spinning) {
+    const int64_t since = now_ns();
+    while (bell_.load(std::memory_order_acquire) == seen) {
+      const int64_t t = now_ns();
+      if (t - since < kSpinNs && spinning.allowed(t)) {
+        _mm_pause();
+        continue;
+      }
+      spinning.window_start = 0;  // a window measures spinning only
+      sleepers_.fetch_add(1, std::memory_order_seq_cst);
+      while (bell_.load(std::memory_order_seq_cst) == seen) futex_wait(bell_, seen);
+      sleepers_.fetch_sub(1, std::memory_order_relaxed);
+    }
+  }
+
+  std::atomic<uint32_t> bell_{0};   // the latest loop's generation; sleeping helpers wait on it
+  std::atomic<uint64_t> state_{0};  // the latest loop's generation << 32 | open | helpers inside it
+  std::atomic<int> sleepers_{0};
+  std::atomic_flag busy_ = ATOMIC_FLAG_INIT;
+  void (*body_)(void*) = nullptr;  // the open loop's, written only while no helper is inside
+  void* ctx_ = nullptr;
+  int64_t started_ = 0;  // only the caller holding busy_ starts helpers
+};
+
+template <typename F, typename Done>
+struct Loop {
+  const F& f;
+  const Done& done;
+  const int64_t n;
+  std::atomic<int64_t> next{0};
+
+  static void body(void* self) {
+    Loop& loop = *static_cast<Loop*>(self);
+    for (int64_t i; (i = loop.next.fetch_add(1, std::memory_order_relaxed)) < loop.n;) loop.f(i);
+    loop.done();
+  }
+};
+
 inline void nothing() {}
 
+// f and done must not throw: a helper has nowhere to send an exception.
 template <typename F, typename Done = void (*)()>
 void for_each_item(int64_t n, const F& f, const Done& done = nothing) {
-  int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
-  if (threads <= 1 || at::in_parallel_region()) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || in_helper || at::in_parallel_region()) {
     for (int64_t i = 0; i < n; ++i) f(i);
     done();
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) f(i);
-    done();
-  });
+  Loop<F, Done> loop{f, done, n};
+  Helpers::get().run(threads - 1, &Loop<F, Done>::body, &loop);
 }
 
 // Rows per work item of an elementwise loop over rows of `width` values: enough that a decode
-// step's few rows run on the calling thread. Waking the pool's sleeping threads (OMP_WAIT_POLICY
-// is PASSIVE, see sarathi_engine/__init__.py) costs more than such a loop.
+// step's few rows run on the calling thread. Waking a sleeping helper costs more than such a loop.
 constexpr int64_t kItemValues = 1 << 16;
 int64_t rows_per_item(int64_t width) { return std::max<int64_t>(8, kItemValues / std::max<int64_t>(1, width)); }
 
