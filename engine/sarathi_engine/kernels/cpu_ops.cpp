@@ -102,7 +102,7 @@ int64_t now_ns() {
 constexpr int64_t kSpinNs = 2'000'000;
 constexpr int64_t kWindowNs = 10'000'000;
 constexpr double kBusyShare = 0.1;
-constexpr int64_t kBackoffNs = 50'000'000, kMaxBackoffNs = 2'000'000'000;
+constexpr int64_t kBackoffNs = 50'000'000, kMaxBackoffNs = 200'000'000;
 
 // This thread's run-queue wait in ns (/proc/thread-self/schedstat: time run, time waited, slices),
 // or -1 where the kernel does not say.
@@ -200,6 +200,8 @@ class Helpers {
   // A helper's own record of whether spinning costs another task its core: a window in which it
   // waited for its core more than kBusyShare of the time stops spinning for a backoff that doubles
   // while the windows after it find the same (a neighbour that stays) and resets after a free one.
+  // Its cap bounds what a passing burst (loading a model, torch's own threads) costs: a backoff of
+  // up to 2 s left batch-1 decode steps sleeping between loops (25 ms) well after one.
   struct Spinning {
     RunQueueWait wait;
     int64_t window_start = 0, window_wait = 0;  // the current window of spinning, 0: none
