@@ -201,9 +201,11 @@ class Helpers {
   // A helper's own record of whether spinning costs another task its core: a window in which it
   // waited for its core more than kBusyShare of the time stops spinning for a backoff that doubles
   // while the windows after it find the same (a neighbour that stays) and resets after a free one.
-  // Its cap bounds what a passing burst (loading a model, torch's own threads) costs: with a cap of
-  // 2 s one full benchmark run's batch-1 and batch-8 steps took 25-33 ms, as without the helpers;
-  // with 200 ms the next took 14.6-23.5.
+  // The cap weighs two costs: after a passing burst (loading a model, torch's own threads busy) a
+  // helper sleeps between loops for up to the cap (a batch-1 step ~20 ms instead of ~15), and
+  // beside a neighbour that stays it spins one window per cap (10 ms in 210 at a 200 ms cap, ~5%
+  // of the time). One full benchmark run with a 2 s cap measured batch-1 and batch-8 steps of
+  // 25-33 ms, as without the helpers (another, of three cells, did not).
   struct Spinning {
     RunQueueWait wait;
     int64_t window_start = 0, window_wait = 0;  // the current window of spinning, 0: none
