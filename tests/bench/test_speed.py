@@ -2,11 +2,16 @@
 report. (The figures themselves live in docs/benchmarks.md, not in tests.)"""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
 from sarathi_engine import LLM
 from sarathi_engine.bench import speed
-from sarathi_engine.bench.speed_protocol import run_cells
+from sarathi_engine.bench.speed_protocol import run_cells, tree_cpu_seconds
 from sarathi_engine.config import ModelConfig
 
 
@@ -16,8 +21,10 @@ def test_the_protocol_drives_our_engine_through_every_kind_of_cell(tiny_models):
              {"kind": "prefill", "prompts": 2, "prompt_len": 100, "budget": 64},
              {"kind": "mixed", "decodes": 4, "context": 10, "prompt_len": 150, "budget": 64}]
     results = run_cells(speed.OursAdapter(llm.engine), cells, repeats=2, progress=lambda _: None)
-    assert [{k: v for k, v in r.items() if k != "figures"} for r in results] == cells
+    assert [{k: v for k, v in r.items() if k not in ("figures", "cores")} for r in results] == cells
     assert all(len(r["figures"]) == 2 and min(r["figures"]) > 0 for r in results)
+    # The engine ran on this process's threads, and no more cores than the machine has.
+    assert all(len(r["cores"]) == 2 and all(0 < c <= os.cpu_count() + 0.1 for c in r["cores"]) for r in results)
     # Every request was finished or aborted: the engine is idle and every block is free again.
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
@@ -59,12 +66,29 @@ def test_the_table_and_the_contention_table():
     text = speed.table(quiet)
     assert "| decode step, batch 1, context 256 | ms | 21.0 (20.0-25.0) | 42.0 (40.0-44.0) | 2.00x | 10.0 | 2.10x |" in text
     assert "| prefill 4 x 512, chunk 128 | tokens/s | 300.0 (290.0-310.0) | 95.0 (90.0-100.0) | 3.16x | 400.0 | 1.33x |" in text
+    quiet["engines"][0]["results"][0]["cores"] = [2.0, 1.9, 1.8]
     loaded = {"cells": cells, "engines": [
-        {"name": "ours", "results": [{"figures": [42.0]}, {"figures": [150.0]}]},
+        {"name": "ours", "results": [{"figures": [42.0], "cores": [1.25]}, {"figures": [150.0], "cores": [None]}]},
         {"name": "peer", "results": [{"figures": [126.0]}, {"figures": [19.0]}]}]}
     text = speed.contention_table(quiet, loaded)
-    assert "| decode step, batch 1, context 256 | 2.00x | 3.00x |" in text
-    assert "| prefill 4 x 512, chunk 128 | 2.00x | 5.00x |" in text
+    assert "| decode step, batch 1, context 256 | 2.00x | 1.90 -> 1.25 | 3.00x | - |" in text
+    assert "| prefill 4 x 512, chunk 128 | 2.00x | - | 5.00x | - |" in text
+
+
+def test_cpu_time_of_a_process_tree_counts_its_children():
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # the child is running
+        before = tree_cpu_seconds()
+        time.sleep(0.5)  # this process sleeps: only the child can burn CPU meanwhile
+        burnt = tree_cpu_seconds() - before
+        alone = tree_cpu_seconds(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert burnt > 0.05
+    assert alone is not None and alone > 0.05
+    assert tree_cpu_seconds(2**22 + 1) is None  # no such process
 
 
 def test_cpu_lists():

@@ -246,7 +246,8 @@ def run_engine(engine: Engine, model_dir: Path, dtype: str, cells: list[dict], r
             raise RuntimeError(f"{engine.name} printed no results at budget {budget}")
         results += json.loads(line[len(RESULTS_MARK):])["results"]
     order = {json.dumps(c, sort_keys=True): i for i, c in enumerate(cells)}
-    return sorted(results, key=lambda r: order[json.dumps({k: v for k, v in r.items() if k != "figures"},
+    measured = ("figures", "cores")
+    return sorted(results, key=lambda r: order[json.dumps({k: v for k, v in r.items() if k not in measured},
                                                           sort_keys=True)])
 
 
@@ -446,15 +447,24 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def median_cores(result: dict) -> float | None:
+    cores = [c for c in result.get("cores", []) if c is not None]
+    return statistics.median(cores) if cores else None
+
+
 def contention_table(quiet: dict, loaded: dict) -> str:
-    """Each engine's slowdown per cell beside one CPU-bound process: loaded time / quiet time."""
+    """Each engine's slowdown per cell beside one CPU-bound process (loaded time / quiet time), and
+    the cores it kept busy, quiet and loaded."""
     names = [e["name"] for e in quiet["engines"]]
-    lines = ["| work | " + " | ".join(f"{n} slowdown" for n in names) + " |", "|---|" + "---|" * len(names)]
+    lines = ["| work | " + " | ".join(f"{n} slowdown | {n} cores busy, quiet -> loaded" for n in names) + " |",
+             "|---|" + "---|---|" * len(names)]
     for i, cell in enumerate(quiet["cells"]):
         row = [cell_name(cell)]
         for q, c in zip(quiet["engines"], loaded["engines"]):
             qm, cm = (statistics.median(e["results"][i]["figures"]) for e in (q, c))
             row.append(f"{(qm / cm if higher_is_better(cell) else cm / qm):.2f}x")
+            qc, cc = (median_cores(e["results"][i]) for e in (q, c))
+            row.append("-" if qc is None or cc is None else f"{qc:.2f} -> {cc:.2f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

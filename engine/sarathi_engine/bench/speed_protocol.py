@@ -14,10 +14,16 @@ vLLM's own environment (sarathi_engine.bench.speed_vllm).
 - mixed: `decodes` requests at `context` decode while a prompt of `prompt_len` tokens is
   prefilled in budget-sized chunks beside them: the median gap between the decodes' tokens
   while that prompt is in flight, milliseconds per mixed iteration.
+
+Beside each repeat's figure a cell records the cores the engine kept busy over it: CPU time of
+the measuring process and every process under it (vLLM's engine core runs in a child) over wall
+time, from the kernel's process CPU-time clocks. Beside a busy process it says how much of the
+machine an engine got, which with the slowdown tells a lost share from lost efficiency.
 """
 from __future__ import annotations
 
 import inspect
+import os
 import random
 import statistics
 import time
@@ -36,6 +42,57 @@ class Adapter(Protocol):
     def abort(self, request_ids: list[str]) -> None: ...
 
     def has_unfinished(self) -> bool: ...
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """A process's CPU time, all its threads, up to now (Linux's process CPU-time clock, which,
+    unlike /proc's counters, includes a running thread's current slice)."""
+    return time.clock_gettime((~pid << 3) | 2)  # the clock id clock_getcpuclockid(pid) gives
+
+
+def tree_cpu_seconds(root: int | None = None) -> float | None:
+    """CPU time of `root` (this process by default) and of every process under it; None where the
+    kernel does not say."""
+    root = os.getpid() if root is None else root
+    children: dict[int, list[int]] = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            total += process_cpu_seconds(pid)
+        except OSError:
+            if pid == root:
+                return None
+    return total
+
+
+class Span:
+    """Wall time from its start to end(), and the cores kept busy meanwhile. The cores' window
+    also holds the two readings of the process tree, so that they never exceed the machine's."""
+
+    def __init__(self) -> None:
+        self.window = time.perf_counter()
+        self.cpu = tree_cpu_seconds()
+        self.start = time.perf_counter()
+
+    def end(self) -> tuple[float, float | None]:
+        """(seconds, cores busy on average); the cores None where they cannot be read."""
+        wall = time.perf_counter() - self.start
+        cpu = tree_cpu_seconds()
+        window = time.perf_counter() - self.window
+        return wall, (None if cpu is None or self.cpu is None else (cpu - self.cpu) / window)
 
 
 class Driver:
@@ -94,26 +151,29 @@ def decode_cell(d: Driver, batch: int, context: int, steps: int, budget: int, re
     # iteration), so each needs tokens for those iterations as well as for the timed ones.
     ids = [d.add(context, batch * context // budget + steps * (repeats + 2) + 8) for _ in range(batch)]
     d.step_until(lambda: min(d.counts[r] for r in ids) >= 3)
-    figures = []
+    figures, cores = [], []
     for _ in range(repeats):
         base = {r: d.counts[r] for r in ids}
-        start = time.perf_counter()
+        span = Span()
         d.step_until(lambda: min(d.counts[r] - base[r] for r in ids) >= steps)
-        gained = min(d.counts[r] - base[r] for r in ids)
-        figures.append((time.perf_counter() - start) / gained * 1e3)
+        wall, busy = span.end()
+        figures.append(wall / min(d.counts[r] - base[r] for r in ids) * 1e3)
+        cores.append(busy)
     d.drain(ids)
-    return figures
+    return figures, cores
 
 
 def prefill_cell(d: Driver, prompts: int, prompt_len: int, repeats: int) -> list[float]:
-    figures = []
+    figures, cores = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        span = Span()
         ids = [d.add(prompt_len, 1) for _ in range(prompts)]
         d.step_until(lambda: all(r in d.finished for r in ids))
-        figures.append(prompts * prompt_len / (time.perf_counter() - start))
+        wall, busy = span.end()
+        figures.append(prompts * prompt_len / wall)
+        cores.append(busy)
         d.drain(ids)
-    return figures
+    return figures, cores
 
 
 def mixed_cell(d: Driver, decodes: int, context: int, prompt_len: int, repeats: int) -> list[float]:
@@ -121,19 +181,20 @@ def mixed_cell(d: Driver, decodes: int, context: int, prompt_len: int, repeats: 
     # answered the first step).
     ids = [d.add(context, 256 + 8 * repeats) for _ in range(decodes)]
     d.step_until(lambda: min(d.counts[r] for r in ids) >= 3)
-    figures = []
+    figures, cores = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        span = Span()
         long = d.add(prompt_len, 1)
         d.step_until(lambda: long in d.finished)
+        cores.append(span.end()[1])
         end = d.times[long][0]
-        gaps = [b - a for r in ids for a, b in zip(d.times[r], d.times[r][1:]) if a >= start and b <= end]
+        gaps = [b - a for r in ids for a, b in zip(d.times[r], d.times[r][1:]) if a >= span.start and b <= end]
         figures.append(statistics.median(gaps) * 1e3)
         d.drain([long])
         base = {r: d.counts[r] for r in ids}
         d.step_until(lambda: min(d.counts[r] - base[r] for r in ids) >= 2)  # decode-only again
     d.drain(ids)
-    return figures
+    return figures, cores
 
 
 RESULTS_MARK = "speed-results: "  # the line a worker prints its results on, whatever else the engine prints
@@ -142,13 +203,14 @@ CELLS = {"decode": decode_cell, "prefill": prefill_cell, "mixed": mixed_cell}
 
 
 def run_cells(adapter: Adapter, cells: list[dict], repeats: int, seed: int = 0, progress=print) -> list[dict]:
-    """Each cell's figures (one per repeat), in order; a cell is {"kind": ..., its arguments}."""
+    """Each cell's figures and cores busy (one each per repeat), in order; a cell is
+    {"kind": ..., its arguments}."""
     driver = Driver(adapter, seed)
     results = []
     for cell in cells:
         measure = CELLS[cell["kind"]]
         wanted = inspect.signature(measure).parameters  # a cell also names its engine's token budget
-        figures = measure(driver, repeats=repeats, **{k: v for k, v in cell.items() if k in wanted})
+        figures, cores = measure(driver, repeats=repeats, **{k: v for k, v in cell.items() if k in wanted})
         progress(f"{cell}: {', '.join(f'{f:.1f}' for f in figures)}")
-        results.append({**cell, "figures": figures})
+        results.append({**cell, "figures": figures, "cores": cores})
     return results
