@@ -23,7 +23,7 @@ def test_the_protocol_drives_our_engine_through_every_kind_of_cell(tiny_models):
     results = run_cells(speed.OursAdapter(llm.engine), cells, repeats=2, progress=lambda _: None)
     assert [{k: v for k, v in r.items() if k not in ("figures", "cores")} for r in results] == cells
     assert all(len(r["figures"]) == 2 and min(r["figures"]) > 0 for r in results)
-    # The engine ran on this process's threads, and no more cores than the machine has.
+    # Every repeat kept some cores busy, never more than the machine has.
     assert all(len(r["cores"]) == 2 and all(0 < c <= os.cpu_count() + 0.1 for c in r["cores"]) for r in results)
     # Every request was finished or aborted: the engine is idle and every block is free again.
     assert not llm.engine.has_unfinished_requests()

@@ -146,7 +146,10 @@ class Driver:
             self.step()
 
 
-def decode_cell(d: Driver, batch: int, context: int, steps: int, budget: int, repeats: int) -> list[float]:
+Figures = tuple[list[float], list[float | None]]  # a cell's figure and cores busy, one each per repeat
+
+
+def decode_cell(d: Driver, batch: int, context: int, steps: int, budget: int, repeats: int) -> Figures:
     # The first requests decode while the later ones prefill (one budget of prompt tokens per
     # iteration), so each needs tokens for those iterations as well as for the timed ones.
     ids = [d.add(context, batch * context // budget + steps * (repeats + 2) + 8) for _ in range(batch)]
@@ -163,7 +166,7 @@ def decode_cell(d: Driver, batch: int, context: int, steps: int, budget: int, re
     return figures, cores
 
 
-def prefill_cell(d: Driver, prompts: int, prompt_len: int, repeats: int) -> list[float]:
+def prefill_cell(d: Driver, prompts: int, prompt_len: int, repeats: int) -> Figures:
     figures, cores = [], []
     for _ in range(repeats):
         span = Span()
@@ -176,7 +179,7 @@ def prefill_cell(d: Driver, prompts: int, prompt_len: int, repeats: int) -> list
     return figures, cores
 
 
-def mixed_cell(d: Driver, decodes: int, context: int, prompt_len: int, repeats: int) -> list[float]:
+def mixed_cell(d: Driver, decodes: int, context: int, prompt_len: int, repeats: int) -> Figures:
     # Enough output tokens for the cell, and far from max_model_len (with 10,000, vLLM never
     # answered the first step).
     ids = [d.add(context, 256 + 8 * repeats) for _ in range(decodes)]
