@@ -7,7 +7,8 @@ environment (installed into .cache/vllm-venv when absent, pinned to 0.32.0). Eac
 median of the repeats with their range. The floors come from the read bandwidth and GEMM rate
 measured here at the start: a decode step cannot beat (weights + KV read) / bandwidth nor its
 FLOPs / GEMM rate, a prefill cannot beat its FLOPs / GEMM rate. `--contention` runs every cell
-again beside one CPU-bound process and reports each engine's slowdown.
+again beside one CPU-bound process and reports each engine's slowdown and the cores it kept
+busy, quiet and loaded (speed_protocol).
 """
 from __future__ import annotations
 
@@ -518,7 +519,8 @@ def render_section(results: dict, figure: str, contention: str | None) -> str:
         table(results),
     ]
     if contention:
-        lines += ["", "Beside one CPU-bound process (`--contention`), each figure's slowdown:", "", contention]
+        lines += ["", "Beside one CPU-bound process (`--contention`), each figure's slowdown and the cores each "
+                  "engine kept busy:", "", contention]
     if results.get("serving"):
         lines += ["", serving_line(results["serving"])]
     lines += ["", startup_line(results["startup"])] if results.get("startup") else []
