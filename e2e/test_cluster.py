@@ -142,8 +142,7 @@ def widget(name: str, **spec) -> str:
 def test_crd_custom_resource_round_trip_and_server_side_validation(kube_cluster, namespace):
     kube_cluster.kubectl_run("apply", "-f", "-", input=json.dumps(WIDGET_CRD))
     try:
-        kube_cluster.kubectl_run("wait", "--for=condition=Established", "--timeout=60s",
-                                 "crd/widgets.e2e.sarathi.dev")
+        kube_cluster.wait_established("widgets.e2e.sarathi.dev")
         kube_cluster.kubectl_run("apply", "-n", namespace, "-f", "-", input=widget("good", model="smollm2", replicas=2))
         with kube_cluster.api_client() as api:
             got = client.CustomObjectsApi(api).get_namespaced_custom_object(
@@ -168,6 +167,14 @@ def port_open(port: int) -> bool:
 
 
 @pytest.mark.localcluster
+def test_a_crd_is_established_only_once_its_condition_says_so():
+    assert not cluster.established({"metadata": {"name": "new"}})
+    assert not cluster.established({"status": {"conditions": None}})  # just created
+    assert not cluster.established({"status": {"conditions": [{"type": "NamesAccepted", "status": "True"},
+                                                              {"type": "Established", "status": "False"}]}})
+    assert cluster.established({"status": {"conditions": [{"type": "Established", "status": "True"}]}})
+
+
 def test_down_leaves_no_cluster_process(tmp_path):
     # A second cluster on its own ports and state, so the session's cluster stays up.
     layout = Layout(tmp_path / "state", base_port=default_base_port() + 100, gpu_nodes=1)

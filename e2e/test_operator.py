@@ -176,7 +176,7 @@ def k(kube_cluster) -> Cluster:
 @pytest.fixture(scope="module")
 def crd(k):
     k.run("apply", "-f", str(CRD))
-    k.run("wait", "--for", "condition=Established", "--timeout=60s", "crd/sarathideployments.serving.sarathi.dev")
+    k.kube.wait_established("sarathideployments.serving.sarathi.dev")
     wait_until("the CRD in discovery", lambda: k.run("explain", "sdep", check=False).returncode == 0, timeout=30)
 
 
@@ -466,7 +466,7 @@ def test_an_inference_pool_follows_the_spec_once_the_cluster_serves_the_api(k, n
 
     k.run("apply", "-f", str(INFERENCE_POOL_CRD))
     try:
-        k.run("wait", "--for", "condition=Established", "--timeout=60s", "crd/inferencepools.inference.networking.k8s.io")
+        k.kube.wait_established("inferencepools.inference.networking.k8s.io")
         pool = wait_until("the InferencePool", lambda: k.get("inferencepool", namespace, "gw"), timeout=60)
         assert pool["spec"]["selector"]["matchLabels"] == {OWNER_LABEL: "gw", "app.kubernetes.io/component": "engine"}
         assert pool["spec"]["targetPorts"] == [{"number": 8000}]

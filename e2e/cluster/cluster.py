@@ -71,6 +71,31 @@ def wait_for(what: str, check, timeout: float, component: Proc, layout: Layout) 
     raise _failure(component, layout, f"did not bring about '{what}' within {timeout:.0f}s")
 
 
+def established(crd: dict) -> bool:
+    """Whether a CustomResourceDefinition's API is served (its Established condition is True). A
+    CRD just created has null conditions, on which `kubectl wait --for=condition=Established` can
+    exit at once with an error instead of waiting (seen in CI, and knative/operator#2338)."""
+    return any(c.get("type") == "Established" and c.get("status") == "True"
+               for c in (crd.get("status") or {}).get("conditions") or [])
+
+
+def wait_established(kubectl, names, timeout: float) -> None:
+    """Polls `kubectl get crd NAMES -o json` until every one of them is established; `kubectl`
+    runs kubectl with those arguments and returns the CompletedProcess, failed or not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = kubectl("get", "crd", *names, "-o", "json")
+        if result.returncode == 0:
+            got = json.loads(result.stdout)
+            crds = got["items"] if got.get("kind") == "List" else [got]
+            if len(crds) == len(names) and all(established(c) for c in crds):
+                return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"CRDs not established after {timeout:.0f}s: {', '.join(names)} "
+                               f"({result.stderr.strip() or 'conditions not yet True'})")
+        time.sleep(0.25)
+
+
 def api_client(kubeconfig):
     from kubernetes import config
 

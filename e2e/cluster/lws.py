@@ -94,8 +94,7 @@ def install(layout: Layout, timeout: float = 120) -> None:
     lws = build.lws_dir()
     with step(f"LeaderWorkerSet {build.versions.LWS} CRDs", every=10):
         _checked(_kubectl(layout, "apply", "--server-side", *(f"-f={lws / f}" for f in CRD_FILES)))
-        _checked(_kubectl(layout, "wait", "--for=condition=Established", f"--timeout={timeout:.0f}s",
-                          *(f"crd/{c}" for c in CRDS)))
+        cluster.wait_established(lambda *args: _kubectl(layout, *args), CRDS, timeout)
     folder = state_dir(layout)
     certs = folder / "certs"
     certs.mkdir(parents=True, exist_ok=True)

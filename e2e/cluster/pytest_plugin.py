@@ -52,6 +52,10 @@ class KubeCluster:
     def kubectl_run(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return self.run("kubectl", *args, **kw)
 
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Returns once these CustomResourceDefinitions' APIs are served."""
+        cluster.wait_established(lambda *args: self.kubectl_run(*args, check=False), crds, timeout)
+
 
 def _tool(name: str) -> str:
     """The pinned binary from the build cache, else one on PATH (e.g. when testing against kind)."""
