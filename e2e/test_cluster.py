@@ -166,7 +166,6 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.localcluster
 def test_a_crd_is_established_only_once_its_condition_says_so():
     assert not cluster.established({"metadata": {"name": "new"}})
     assert not cluster.established({"status": {"conditions": None}})  # just created
@@ -175,6 +174,7 @@ def test_a_crd_is_established_only_once_its_condition_says_so():
     assert cluster.established({"status": {"conditions": [{"type": "Established", "status": "True"}]}})
 
 
+@pytest.mark.localcluster
 def test_down_leaves_no_cluster_process(tmp_path):
     # A second cluster on its own ports and state, so the session's cluster stays up.
     layout = Layout(tmp_path / "state", base_port=default_base_port() + 100, gpu_nodes=1)

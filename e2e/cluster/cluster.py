@@ -74,7 +74,8 @@ def wait_for(what: str, check, timeout: float, component: Proc, layout: Layout) 
 def established(crd: dict) -> bool:
     """Whether a CustomResourceDefinition's API is served (its Established condition is True). A
     CRD just created has null conditions, on which `kubectl wait --for=condition=Established` can
-    exit at once with an error instead of waiting (seen in CI, and knative/operator#2338)."""
+    exit at once with an error instead of waiting (knative/operator#2338; a fresh-clone CI run
+    here failed so, within a second of the apply)."""
     return any(c.get("type") == "Established" and c.get("status") == "True"
                for c in (crd.get("status") or {}).get("conditions") or [])
 
