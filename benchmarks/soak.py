@@ -36,6 +36,7 @@ from sarathi_engine.bench.arrivals import arrival_times
 from sarathi_engine.bench.compare import machine
 from sarathi_engine.bench.docs import write_section
 from sarathi_engine.bench.speed import cpu_list
+from sarathi_engine.bench.speed_protocol import descendants
 from sarathi_engine.bench.workloads import WORKLOADS, prompt_token_ids, sample_lengths, scale_and_clip
 from sarathi_engine.server.launcher import ServerProcess
 
@@ -133,7 +134,7 @@ async def capacity(args, url: str, model: str, requests: Requests) -> dict:
 def resident_bytes(pid: int) -> int:
     """Resident memory of a process and its children."""
     total = 0
-    for p in [pid, *_children(pid)]:
+    for p in [pid, *descendants(pid)]:
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -141,16 +142,6 @@ def resident_bytes(pid: int) -> int:
         except FileNotFoundError:
             pass
     return total
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except FileNotFoundError:
-            pass
-    return found + [g for c in found for g in _children(c)]
 
 
 GAUGES = ("sarathi_num_requests_running", "sarathi_num_requests_waiting", "sarathi_kv_cache_usage_ratio",

@@ -27,6 +27,7 @@ import os
 import random
 import statistics
 import time
+from pathlib import Path
 from typing import Protocol
 
 
@@ -50,31 +51,30 @@ def process_cpu_seconds(pid: int) -> float:
     return time.clock_gettime((~pid << 3) | 2)  # the clock id clock_getcpuclockid(pid) gives
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid`: the children each of its threads started, and theirs."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            pass
+    return found + [g for c in found for g in descendants(c)]
+
+
 def tree_cpu_seconds(root: int | None = None) -> float | None:
     """CPU time of `root` (this process by default) and of every process under it; None where the
     kernel does not say."""
     root = os.getpid() if root is None else root
-    children: dict[int, list[int]] = {}
     try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        total = process_cpu_seconds(root)
     except OSError:
         return None
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        children.setdefault(parent, []).append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
+    for pid in descendants(root):
         try:
             total += process_cpu_seconds(pid)
         except OSError:
-            if pid == root:
-                return None
+            continue  # gone meanwhile
     return total
 
 
