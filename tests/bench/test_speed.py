@@ -11,7 +11,7 @@ import pytest
 
 from sarathi_engine import LLM
 from sarathi_engine.bench import speed
-from sarathi_engine.bench.speed_protocol import run_cells, tree_cpu_seconds
+from sarathi_engine.bench.speed_protocol import Span, run_cells, tree_cpu_seconds
 from sarathi_engine.config import ModelConfig
 
 
@@ -23,8 +23,10 @@ def test_the_protocol_drives_our_engine_through_every_kind_of_cell(tiny_models):
     results = run_cells(speed.OursAdapter(llm.engine), cells, repeats=2, progress=lambda _: None)
     assert [{k: v for k, v in r.items() if k not in ("figures", "cores")} for r in results] == cells
     assert all(len(r["figures"]) == 2 and min(r["figures"]) > 0 for r in results)
-    # Every repeat kept some cores busy, never more than the machine has.
-    assert all(len(r["cores"]) == 2 and all(0 < c <= os.cpu_count() + 0.1 for c in r["cores"]) for r in results)
+    # Every repeat kept some cores busy. (These repeats last milliseconds, too short to bound the
+    # cores by the machine's: see Span; the test below bounds them over half a second.)
+    cores = [r["cores"] for r in results]
+    assert all(len(c) == 2 and min(c) > 0 for c in cores), cores
     # Every request was finished or aborted: the engine is idle and every block is free again.
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
@@ -79,14 +81,16 @@ def test_cpu_time_of_a_process_tree_counts_its_children():
     child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)  # the child is running
-        before = tree_cpu_seconds()
+        before, span = tree_cpu_seconds(), Span()
         time.sleep(0.5)  # this process sleeps: only the child can burn CPU meanwhile
         burnt = tree_cpu_seconds() - before
+        _, cores = span.end()
         alone = tree_cpu_seconds(child.pid)
     finally:
         child.kill()
         child.wait()
     assert burnt > 0.05
+    assert 0.1 < cores <= os.cpu_count() + 0.1
     assert alone is not None and alone > 0.05
     assert tree_cpu_seconds(2**22 + 1) is None  # no such process
 

@@ -80,7 +80,10 @@ def tree_cpu_seconds(root: int | None = None) -> float | None:
 
 class Span:
     """Wall time from its start to end(), and the cores kept busy meanwhile. The cores' window
-    also holds the two readings of the process tree, so that they never exceed the machine's."""
+    also holds the two readings of the process tree. A thread running on another core is read as
+    of its last scheduler tick, so each reading may lag by a tick per such thread: over a window
+    of a few milliseconds the cores can read above the machine's, over the harness's repeats
+    (tenths of a second and more) by under a percent."""
 
     def __init__(self) -> None:
         self.window = time.perf_counter()
