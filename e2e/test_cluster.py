@@ -3,6 +3,7 @@
 import ipaddress
 import json
 import socket
+import subprocess
 import time
 import uuid
 
@@ -172,6 +173,13 @@ def test_a_crd_is_established_only_once_its_condition_says_so():
     assert not cluster.established({"status": {"conditions": [{"type": "NamesAccepted", "status": "True"},
                                                               {"type": "Established", "status": "False"}]}})
     assert cluster.established({"status": {"conditions": [{"type": "Established", "status": "True"}]}})
+
+
+def test_a_failing_kubectl_says_why_in_the_report(kube_cluster):
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        kube_cluster.kubectl_run("get", "nosuchkind")
+    stderr = failure.value.stderr.strip()
+    assert "nosuchkind" in stderr and stderr in str(failure.value)  # the report shows why, not only the exit status
 
 
 @pytest.mark.localcluster

@@ -45,9 +45,13 @@ class KubeCluster:
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
 
     def run(self, tool: str, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        """Run kubectl or helm against this cluster; output captured as text."""
-        return subprocess.run([_tool(tool), *args], input=input, env=self.env, capture_output=True,
-                              text=True, check=check, timeout=120)
+        """Run kubectl or helm against this cluster; output captured as text. With `check`, a
+        failure raises with the tool's stderr in the message, where the test report shows it."""
+        result = subprocess.run([_tool(tool), *args], input=input, env=self.env, capture_output=True,
+                                text=True, timeout=120)
+        if check and result.returncode:
+            raise ToolFailed(result.returncode, result.args, result.stdout, result.stderr)
+        return result
 
     def kubectl_run(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return self.run("kubectl", *args, **kw)
@@ -55,6 +59,13 @@ class KubeCluster:
     def wait_established(self, *crds: str, timeout: float = 60) -> None:
         """Returns once these CustomResourceDefinitions' APIs are served."""
         cluster.wait_established(lambda *args: self.kubectl_run(*args, check=False), crds, timeout)
+
+
+class ToolFailed(subprocess.CalledProcessError):
+    """A CalledProcessError whose message ends with the tool's stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.stderr.strip()}"
 
 
 def _tool(name: str) -> str:
