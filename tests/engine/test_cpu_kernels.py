@@ -65,6 +65,28 @@ def test_parallel_loops_serve_a_forked_child_and_concurrent_callers(ops):
             close(result, expected)
 
 
+def spins(ops, readings: list[tuple[float, float]]) -> list[int]:
+    """The helpers' spin policy over (time, run-queue wait so far) readings in milliseconds."""
+    return ops.helper_spins([int(t * 1e6) for t, _ in readings], [int(w * 1e6) for _, w in readings])
+
+
+def test_a_helper_spins_between_loops_only_while_its_core_has_no_other_taker(ops):
+    # Quiet: windows of 10 ms with no wait for the core, so it spins throughout.
+    assert spins(ops, [(1, 0), (5, 0), (11, 0), (12, 0), (30, 0)]) == [1] * 5
+    # A window spun waiting 3 ms of 10 for its core: it backs off (50 ms, to 61 ms)...
+    busy = [(1, 0), (11, 3)]
+    assert spins(ops, busy) == [1, 0]
+    # ...and a later window without spinning in which it still waited 3 ms of 11 (the neighbour
+    # stays) extends the backoff by the doubled 100 ms, to 126 ms: at 70 it sleeps, where it would
+    # have spun to find out, and at 130 it spins again.
+    assert spins(ops, busy + [(15, 3), (26, 6), (70, 6), (130, 6)]) == [1, 0, 0, 0, 0, 1]
+    # Were the neighbour gone, a backed-off window with little wait (0.5 ms of 11) proves less: the
+    # backoff runs out at 61 and a quiet window spun resets it to 50 ms, so the next busy window
+    # backs off to 85 + 50 = 135, not 85 + 100.
+    assert spins(ops, busy + [(15, 3), (26, 3.5), (60, 3.5), (62, 3.5), (73, 3.5), (74, 3.5), (85, 5.5),
+                              (134, 5.5), (136, 5.5)]) == [1, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1]
+
+
 def test_linear_rejects_a_mismatched_input(ops):
     packed = ops.pack_linear_weight(torch.randn(32, 16))
     with pytest.raises(RuntimeError, match="features"):

@@ -137,6 +137,72 @@ void futex_wake_all(std::atomic<uint32_t>& word) {
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
 }
 
+// A helper's record of whether spinning costs another task its core, kept in windows of kWindowNs.
+// A window of spinning in which the helper waited for its core more than kBusyShare of the time
+// stops spinning for a backoff that doubles while the windows after it find the same (a neighbour
+// that stays) and resets after a free one. While backed off the helper still works (a loop's bell
+// wakes it) and its windows go on: one in which it waited more than kBusyShare even so extends the
+// backoff. So beside a neighbour that stays it need not spin a window per backoff to find out;
+// those windows kept the caller waiting at loops' ends for items the preempted helper held (a
+// batch-8 step beside a busy process took 30.1-30.3 ms without them, 31.0-32.3 with). A quiet
+// window while backed off proves less (the helper slept through part of it), so only a spinning
+// window ends a backoff.
+// The cap weighs two costs: after a passing burst (loading a model, torch's own threads busy) a
+// helper sleeps between loops for up to the cap (a batch-1 step ~20 ms instead of ~15), and beside
+// a neighbour its sleeping windows miss it spins one window per cap (10 ms in 210 at a 200 ms cap,
+// ~5% of the time). One full benchmark run with a 2 s cap measured batch-1 and batch-8 steps of
+// 25-33 ms, as without the helpers (another, of three cells, did not).
+struct Spinning {
+  int64_t window_start = 0, window_wait = 0;  // the current window, 0: none
+  bool window_spun = false;                   // whether it is a window of spinning
+  int64_t allowed_from = 0, backoff = kBackoffNs;
+
+  // Whether to spin on at time t; ends a window that has run kWindowNs. read() gives the helper's
+  // run-queue wait so far (RunQueueWait), read only where a window starts or ends.
+  template <typename Read>
+  bool allowed(int64_t t, const Read& read) {
+    const bool spin = t >= allowed_from;
+    if (window_start == 0 || window_spun != spin) {  // a window measures one way of waiting
+      window_start = t;
+      window_wait = read();
+      window_spun = spin;
+      if (window_wait < 0) allowed_from = INT64_MAX;
+    } else if (t - window_start >= kWindowNs) {
+      const int64_t waited = read();
+      if (waited < 0) {
+        allowed_from = INT64_MAX;
+      } else if (double(waited - window_wait) > kBusyShare * double(t - window_start)) {
+        allowed_from = std::max(allowed_from, t + backoff);
+        if (spin) backoff = std::min(2 * backoff, kMaxBackoffNs);
+      } else if (spin) {
+        backoff = kBackoffNs;
+      }
+      window_start = 0;
+    }
+    return t >= allowed_from;
+  }
+
+  // The helper goes to sleep: a window of spinning ends (one while backed off goes on).
+  void sleeping() {
+    if (window_spun) window_start = 0;
+  }
+};
+
+// Spinning's answers to a helper that asks at times[i] (ns), its run-queue wait then waited[i],
+// and sleeps whenever told not to spin: 1 spin, 0 sleep. For the tests of the policy.
+std::vector<int64_t> helper_spins(c10::IntArrayRef times, c10::IntArrayRef waited) {
+  TORCH_CHECK(times.size() == waited.size(), "helper_spins: ", times.size(), " times but ", waited.size(),
+              " readings");
+  Spinning spinning;
+  std::vector<int64_t> answers;
+  for (size_t i = 0; i < times.size(); ++i) {
+    const bool spin = spinning.allowed(times[i], [&] { return waited[i]; });
+    if (!spin) spinning.sleeping();
+    answers.push_back(spin);
+  }
+  return answers;
+}
+
 thread_local bool in_helper = false;
 
 class Helpers {
@@ -187,9 +253,10 @@ class Helpers {
     pthread_setname_np(pthread_self(), "sarathi-helper");
     in_helper = true;
     Spinning spinning;
+    const RunQueueWait wait;
     uint32_t seen = bell_.load(std::memory_order_acquire);
     for (;;) {
-      await_bell(seen, spinning);
+      await_bell(seen, spinning, wait);
       seen = bell_.load(std::memory_order_acquire);
       uint64_t state = state_.load(std::memory_order_acquire);
       while (state & kOpen)
@@ -201,52 +268,16 @@ class Helpers {
     }
   }
 
-  // A helper's own record of whether spinning costs another task its core: a window in which it
-  // waited for its core more than kBusyShare of the time stops spinning for a backoff that doubles
-  // while the windows after it find the same (a neighbour that stays) and resets after a free one.
-  // The cap weighs two costs: after a passing burst (loading a model, torch's own threads busy) a
-  // helper sleeps between loops for up to the cap (a batch-1 step ~20 ms instead of ~15), and
-  // beside a neighbour that stays it spins one window per cap (10 ms in 210 at a 200 ms cap, ~5%
-  // of the time). One full benchmark run with a 2 s cap measured batch-1 and batch-8 steps of
-  // 25-33 ms, as without the helpers (another, of three cells, did not).
-  struct Spinning {
-    RunQueueWait wait;
-    int64_t window_start = 0, window_wait = 0;  // the current window of spinning, 0: none
-    int64_t allowed_from = 0, backoff = kBackoffNs;
-
-    // Whether to spin on at time t; ends a window that has run kWindowNs.
-    bool allowed(int64_t t) {
-      if (t < allowed_from) return false;
-      if (window_start == 0) {
-        window_start = t;
-        window_wait = wait.read();
-        if (window_wait < 0) allowed_from = INT64_MAX;
-      } else if (t - window_start >= kWindowNs) {
-        const int64_t waited = wait.read();
-        if (waited < 0) {
-          allowed_from = INT64_MAX;
-        } else if (double(waited - window_wait) > kBusyShare * double(t - window_start)) {
-          allowed_from = t + backoff;
-          backoff = std::min(2 * backoff, kMaxBackoffNs);
-        } else {
-          backoff = kBackoffNs;
-        }
-        window_start = 0;
-      }
-      return t >= allowed_from;
-    }
-  };
-
   // Returns once the bell has rung past `seen`: spinning while allowed, else asleep.
-  void await_bell(uint32_t seen, Spinning& spinning) {
+  void await_bell(uint32_t seen, Spinning& spinning, const RunQueueWait& wait) {
     const int64_t since = now_ns();
     while (bell_.load(std::memory_order_acquire) == seen) {
       const int64_t t = now_ns();
-      if (t - since < kSpinNs && spinning.allowed(t)) {
+      if (t - since < kSpinNs && spinning.allowed(t, [&] { return wait.read(); })) {
         _mm_pause();
         continue;
       }
-      spinning.window_start = 0;  // a window measures spinning only
+      spinning.sleeping();
       sleepers_.fetch_add(1, std::memory_order_seq_cst);
       while (bell_.load(std::memory_order_seq_cst) == seen) futex_wait(bell_, seen);
       sleepers_.fetch_sub(1, std::memory_order_relaxed);
@@ -1484,6 +1515,7 @@ at::Tensor paged_prefill_attention(const at::Tensor& q_in, const at::Tensor& k_c
 
 TORCH_LIBRARY(sarathi, m) {
   m.def("amx_bf16() -> bool");
+  m.def("helper_spins(int[] times, int[] waited) -> int[]");
   m.def("pack_linear_weight(Tensor w) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
@@ -1502,7 +1534,10 @@ TORCH_LIBRARY(sarathi, m) {
         "int context_len, float scale, int window) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sarathi, CatchAll, m) { m.impl("amx_bf16", &amx_bf16); }
+TORCH_LIBRARY_IMPL(sarathi, CatchAll, m) {
+  m.impl("amx_bf16", &amx_bf16);
+  m.impl("helper_spins", &helper_spins);
+}
 
 TORCH_LIBRARY_IMPL(sarathi, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);
