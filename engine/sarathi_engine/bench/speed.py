@@ -118,10 +118,17 @@ def measure_bandwidth(repeats: int = 5) -> float:
     return data.numel() * 4 / best
 
 
+# Each GEMM is run this long before it is timed. Its first calls in a process are slow (first
+# touches, oneDNN's primitives; our kernels' helper may still be backed off after torch's threads
+# ran): without it, our kernel's first rate in a process read 575 GFLOP/s, against 1487-1531 after.
+WARMUP_S = 0.3
+
+
 def measure_gemm(costs_cfg, dtype: str, repeats: int = 5) -> dict[str, float]:
     """FLOP/s of the model's own GEMM shapes at 512 rows: torch's float32 matmul (MKL), its
     bfloat16 matmul (oneDNN, on AMX tiles where the CPU has them) when `dtype` is bfloat16, and our
-    kernel on weights of `dtype` where it can run. The floor uses the best of them."""
+    kernel on weights of `dtype` where it can run, each the best of `repeats` after a warm-up. The
+    floor uses the best of them."""
     import torch
 
     from sarathi_engine import kernels
@@ -133,6 +140,10 @@ def measure_gemm(costs_cfg, dtype: str, repeats: int = 5) -> dict[str, float]:
     rates = {}
 
     def rate(fn_per_shape) -> float:
+        warm_until = time.perf_counter() + WARMUP_S
+        while time.perf_counter() < warm_until:
+            for fn in fn_per_shape:
+                fn()
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
