@@ -57,8 +57,8 @@ def descendants(pid: int) -> list[int]:
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             found += [int(c) for c in (task / "children").read_text().split()]
-        except FileNotFoundError:
-            pass
+        except OSError:
+            continue  # the thread ended meanwhile (ENOENT or ESRCH)
     return found + [g for c in found for g in descendants(c)]
 
 
