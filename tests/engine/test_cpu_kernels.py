@@ -32,7 +32,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> N
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [(1, 576, 576), (2, 70, 34), (3, 130, 576), (4, 1000, 96), (5, 33, 64), (7, 16, 8),
-                                   (13, 1000, 96), (64, 47, 130), (150, 40, 32)])
+                                   (13, 1000, 96), (64, 47, 130), (150, 40, 32), (130, 200, 64)])
 def test_linear_matches_torch(ops, dtype, m, n, k):
     torch.manual_seed(m * n + k)
     x, w, bias = torch.randn(m, k), torch.randn(n, k).to(dtype), torch.randn(n)

@@ -535,11 +535,15 @@ void round_to_bf16(const float* x, BFloat16* out, int64_t n) {
 void linear_amx(const BFloat16* x, const BFloat16* packed, const float* bias, float* out, int64_t M, int64_t N,
                 int64_t K) {
   const int64_t m_blocks = (M + kVnniRows - 1) / kVnniRows, n_blocks = num_vnni_blocks(N);
+  // Items go down the row blocks of one weight block before the next weight block, so that each
+  // weight block is read from memory once and from cache for the rest of the rows. Across the
+  // weight blocks first, a 512-row chunk streamed every weight once per 64 rows: the model's four
+  // products a layer took 2.7 ms that way and 1.8-2.0 ms this way (torch's bf16 matmul 1.5-1.6).
   for_each_item(
       m_blocks * n_blocks,
       [&](int64_t item) {
-        const int64_t m0 = (item / n_blocks) * kVnniRows, rows = std::min(kVnniRows, M - m0);
-        const int64_t n0 = (item % n_blocks) * kVnniBlock, cols = std::min(kVnniBlock, N - n0);
+        const int64_t m0 = (item % m_blocks) * kVnniRows, rows = std::min(kVnniRows, M - m0);
+        const int64_t n0 = (item / m_blocks) * kVnniBlock, cols = std::min(kVnniBlock, N - n0);
         float* o = out + m0 * N + n0;
         if (cols == kVnniBlock) {
           at::native::cpublas::brgemm(rows, cols, K, K, kVnniBlock, N, false, x + m0 * K, packed + n0 * K, o);
