@@ -87,6 +87,15 @@ def test_a_helper_spins_between_loops_only_while_its_core_has_no_other_taker(ops
                               (134, 5.5), (136, 5.5)]) == [1, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_takes_an_input_already_in_bfloat16(ops, dtype):
+    """As its float32 values: on AMX tiles, without rounding it again."""
+    torch.manual_seed(0)
+    x, w = torch.randn(70, 96).bfloat16(), torch.randn(130, 96).to(dtype)
+    packed = ops.pack_linear_weight(w)
+    assert torch.equal(ops.linear(x, packed, 130, None), ops.linear(x.float(), packed, 130, None))
+
+
 def test_linear_rejects_a_mismatched_input(ops):
     packed = ops.pack_linear_weight(torch.randn(32, 16))
     with pytest.raises(RuntimeError, match="features"):
