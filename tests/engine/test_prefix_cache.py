@@ -108,6 +108,24 @@ def test_eviction_takes_uncached_blocks_first_then_the_least_recently_freed_cach
     assert again_old.num_computed_tokens == 16  # its last block (freed first) was evicted
 
 
+def test_a_new_prompt_takes_the_lowest_free_blocks_side_by_side():
+    """Decode hands out blocks to running sequences in turn; once they are freed, the next
+    prompt's table is still one run of blocks, not every other one."""
+    blocks = BlockManager(16, BS, watermark=0.0, prefix_caching=False)
+    a, b = seq("a", list(range(10))), seq("b", list(range(20, 30)))
+    for s in (a, b):
+        blocks.admit(s, keep_watermark=False)
+    for tokens in (2 * BS, 3 * BS, 4 * BS):
+        for s in (a, b):
+            blocks.grow(s, tokens)
+    assert a.block_table == [0, 2, 4, 6] and b.block_table == [1, 3, 5, 7]
+    blocks.free(a)
+    blocks.free(b)
+    c = seq("c", list(range(4 * BS)))
+    blocks.admit(c, keep_watermark=False)
+    assert c.block_table == [0, 1, 2, 3] and blocks.num_free_blocks == 12
+
+
 def test_admission_counts_the_free_cached_blocks_it_revives_against_the_free_ones():
     blocks = BlockManager(4, BS, watermark=0.0)
     prompt = list(range(100, 133))
