@@ -580,10 +580,16 @@ void linear_amx(const BFloat16* x, const BFloat16* packed, const float* bias, fl
       [] { at::native::cpublas::brgemm_release(); });
 }
 
-at::Tensor as_float_rows(const at::Tensor& x) {
+at::Tensor as_rows(const at::Tensor& x, at::ScalarType dtype) {
   TORCH_CHECK(x.dim() == 2, "expected a 2-D tensor, got ", x.dim(), " dimensions");
-  return x.to(at::kFloat).contiguous();
+  return x.to(dtype).contiguous();
 }
+
+at::Tensor as_float_rows(const at::Tensor& x) { return as_rows(x, at::kFloat); }
+
+// The block of a weight from pack_linear_weight: kVnniBlock where it is packed for the tiles,
+// kPanel for the panels; 0 for anything else.
+int64_t packed_block(const at::Tensor& packed) { return packed.dim() == 3 ? packed.size(2) : 0; }
 
 // [N, K] -> [panels, K, 16], rows past N zero.
 at::Tensor pack_linear_weight(const at::Tensor& w_in) {
@@ -607,11 +613,10 @@ at::Tensor pack_linear_weight(const at::Tensor& w_in) {
 
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N,
                   const std::optional<at::Tensor>& bias_in) {
-  const int64_t block = packed.dim() == 3 ? packed.size(2) : 0;  // which packing: panels or VNNI blocks
+  const int64_t block = packed_block(packed);
   // The tiles take an input already in bfloat16 as it is: rounding it again would change nothing.
   const bool rounded_in = block == kVnniBlock && x_in.scalar_type() == at::kBFloat16;
-  at::Tensor x = rounded_in ? x_in.contiguous() : as_float_rows(x_in);
-  TORCH_CHECK(x.dim() == 2, "expected a 2-D tensor, got ", x.dim(), " dimensions");
+  at::Tensor x = as_rows(x_in, rounded_in ? at::kBFloat16 : at::kFloat);
   TORCH_CHECK((block == kPanel || (block == kVnniBlock && packed.scalar_type() == at::kBFloat16)) &&
                   packed.is_contiguous(),
               "linear: weight must be packed by pack_linear_weight");
@@ -827,7 +832,7 @@ at::Tensor attention_output(const at::Tensor& heads, const at::Tensor& o_packed,
                             const at::Tensor& down_packed, int64_t down_n) {
   at::Tensor x = add_rms_norm(residual, linear(heads, o_packed, o_n, std::nullopt), norm_w, eps);
   const at::Tensor gate_up = linear(x, gate_up_packed, gate_up_n, std::nullopt);
-  const bool tiles = down_packed.dim() == 3 && down_packed.size(2) == kVnniBlock;
+  const bool tiles = packed_block(down_packed) == kVnniBlock;
   return linear(tiles ? silu_mul_bf16(gate_up) : silu_mul(gate_up), down_packed, down_n, std::nullopt);
 }
 
