@@ -77,13 +77,22 @@ def observe_deployment(deployment: dict) -> tuple[int, int, bool]:
 
 def observe_leader_worker_set(lws: dict) -> tuple[int, int, bool]:
     """(replicas, ready, rolling) of multi-pod replicas as the groups of one LeaderWorkerSet. A
-    group is ready when all its pods are; during a rollout its surge group counts in `replicas`."""
+    group is ready when all its pods are.
+
+    Its counts alone cannot say when a template roll is over: between removing an old group and
+    creating its replacement LeaderWorkerSet can report as many replicas, updated and ready as
+    desired, so its own UpdateInProgress condition decides that. And it takes `replicas` from the
+    leader StatefulSet but counts `updatedReplicas` and `readyReplicas` over the leader pods it
+    lists, the surge group's among them, so no count may exceed the desired one either."""
     status = lws.get("status", {})
     desired = lws["spec"]["replicas"]
+    updating = any(c["type"] == "UpdateInProgress" and c["status"] == "True" for c in status.get("conditions", []))
     rolling = (
         not observed(lws)
-        or status.get("updatedReplicas", 0) < desired
+        or updating
         or status.get("replicas", 0) != desired
+        or status.get("updatedReplicas", 0) != desired
+        or status.get("readyReplicas", 0) > desired
     )
     return status.get("replicas", 0), status.get("readyReplicas", 0), rolling
 

@@ -3,7 +3,7 @@ import pytest
 from sarathi_operator.rollout import ReplicaGroup
 from sarathi_operator.status import (
     INFERENCE_POOL, Observation, compute_status, failed_status, inference_pool_check, merge_conditions,
-    observe_deployment, observe_statefulsets, phase, transition_event,
+    observe_deployment, observe_leader_worker_set, observe_statefulsets, phase, transition_event,
 )
 
 T0, T1 = "2025-01-01T00:00:00Z", "2025-01-01T00:01:00Z"
@@ -53,6 +53,31 @@ def test_observe_deployment():
     assert observe_deployment(deployment(total=3)) == (3, 2, True), "an old pod is still around"
     assert observe_deployment(deployment(ready=1)) == (2, 1, False)
     assert observe_deployment({"metadata": {"generation": 1}, "spec": {"replicas": 2}}) == (0, 0, True)
+
+
+def test_observe_leader_worker_set():
+    """The states LeaderWorkerSet v0.9.0 reported, in this order, as it rolled two groups of two
+    pods (watched on the e2e cluster): (replicas, updated, ready) and its conditions."""
+    def lws(replicas, updated, ready, *conditions, generation=2, observed=2):
+        return {
+            "metadata": {"generation": generation},
+            "spec": {"replicas": 2},
+            "status": {"observedGeneration": observed, "replicas": replicas, "updatedReplicas": updated,
+                       "readyReplicas": ready, "conditions": [{"type": c, "status": "True"} for c in conditions]},
+        }
+
+    rolled = [
+        lws(2, 2, 2, "Available", generation=2, observed=1),  # the template changed
+        lws(2, 1, 2, "Progressing", "UpdateInProgress"),
+        lws(3, 1, 3, "Progressing", "UpdateInProgress"),  # the surge group is up
+        lws(3, 2, 2, "Progressing", "UpdateInProgress"),
+        lws(2, 2, 2, "Progressing", "UpdateInProgress"),  # an old group gone, its replacement not yet there
+        lws(3, 3, 3, "Available"),  # every group updated, the surge group's leader still listed
+        lws(3, 2, 2, "Available"),
+    ]
+    assert [observe_leader_worker_set(w)[2] for w in rolled] == [True] * len(rolled)
+    assert observe_leader_worker_set(lws(2, 2, 2, "Available")) == (2, 2, False), "rolled"
+    assert observe_leader_worker_set(lws(2, 2, 1, "Progressing")) == (2, 1, False), "a group lost, not a roll"
 
 
 def test_observe_statefulsets():
