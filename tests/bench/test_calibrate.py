@@ -9,9 +9,17 @@ from sarathi_engine.bench.metrics import PrefillModel
 from sarathi_engine.bench.workloads import RequestSpec
 
 
-def test_decode_gaps_keep_only_the_window_where_all_decode():
+def test_decode_gaps_keep_the_tokens_that_came_once_all_decode():
     times = [[0.1, 0.2, 0.3, 0.5], [0.25, 0.35, 0.45, 0.6]]
-    assert decode_gaps(times, after=0.25, until=0.5).tolist() == pytest.approx([0.2, 0.1, 0.1])
+    assert decode_gaps(times, decoding_from=[2, 1]).tolist() == pytest.approx([0.2, 0.1, 0.15])
+
+
+def test_decode_gaps_of_a_stream_whose_clock_started_late_are_kept():
+    # The second stream was sent 5 ms after the first, so its clock reads 5 ms less; its tokens
+    # came in one burst right after the check. A window in the first stream's clock lost them
+    # all (CI: "decode calibration saw no gaps"); counting tokens keeps them.
+    times = [[0.010, 0.012, 0.014], [0.005, 0.0081, 0.0082, 0.0083]]
+    assert decode_gaps(times, decoding_from=[3, 1]).tolist() == pytest.approx([0.0001, 0.0001])
 
 
 def test_decode_time_of_a_server_with_fixed_iterations_and_streams_cancelled():

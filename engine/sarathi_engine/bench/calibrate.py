@@ -5,7 +5,6 @@ in its length, which scheduling delay is estimated against when the server does 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 
@@ -15,9 +14,11 @@ from sarathi_engine.bench.records import RequestRecord
 from sarathi_engine.bench.workloads import RequestSpec, prompt_token_ids
 
 
-def decode_gaps(token_times: list[list[float]], after: float, until: float) -> np.ndarray:
-    """Gaps between consecutive tokens of each request that both arrived within [after, until]."""
-    gaps = [np.diff([t for t in times if after <= t <= until]) for times in token_times]
+def decode_gaps(token_times: list[list[float]], decoding_from: list[int]) -> np.ndarray:
+    """Gaps between consecutive tokens of each request from its token decoding_from[i] on, the
+    first that arrived once every request was decoding. Indices, not times: each stream's times
+    count from its own send, so a window in one clock cuts the others at the wrong place."""
+    gaps = [np.diff(times[start:]) for times, start in zip(token_times, decoding_from)]
     return np.concatenate(gaps) if gaps else np.zeros(0)
 
 
@@ -25,34 +26,30 @@ async def measure_decode_time(url: str, model: str, batch: int, context: int, ma
                               num_gaps: int = 16, continuous_usage: bool = True, seed: int = 0,
                               timeout_s: float = 600) -> float:
     """Median gap while all `batch` requests decode together: streams start at once, and once every
-    one has its first token (whatever order the policy prefilled them in) each gives num_gaps more,
-    then all are cancelled, which the server sees as disconnects."""
+    one has its first token (whatever order the policy prefilled them in) each gives num_gaps more
+    gaps, then all are cancelled, which the server sees as disconnects."""
+    if num_gaps < 1:
+        raise ValueError("decode calibration needs at least one gap per request")
     prompts = prompt_token_ids([RequestSpec(context, 1)] * batch, seed)
     max_tokens = max_model_len - context
-    if max_tokens < num_gaps + 1:
-        raise ValueError(f"decode calibration needs room for {num_gaps + 1} tokens after a {context}-token prompt")
+    if max_tokens < num_gaps + 2:
+        raise ValueError(f"decode calibration needs room for {num_gaps + 2} tokens after a {context}-token prompt")
     records = [RequestRecord(i, context, max_tokens, 0.0) for i in range(batch)]
     async with client_session(timeout_s) as session:
-        start = time.perf_counter()
         tasks = [asyncio.create_task(stream_completion(session, url, completion_payload(model, p, max_tokens,
                                                                                       continuous_usage), r))
                  for p, r in zip(prompts, records)]
         try:
             while not all(r.token_times for r in records):
                 await wait_or_fail(tasks, records)
-            after = time.perf_counter() - start
             counts = [len(r.token_times) for r in records]
-            while not all(len(r.token_times) >= c + num_gaps for r, c in zip(records, counts)):
+            while not all(len(r.token_times) > c + num_gaps for r, c in zip(records, counts)):
                 await wait_or_fail(tasks, records)
-            until = min(r.token_times[-1] for r in records)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-    gaps = decode_gaps([r.token_times for r in records], after, until)
-    if gaps.size == 0:
-        raise RuntimeError("decode calibration saw no gaps with every request decoding")
-    return float(np.median(gaps))
+    return float(np.median(decode_gaps([r.token_times for r in records], counts)))
 
 
 async def wait_or_fail(tasks: list[asyncio.Task], records: list[RequestRecord]) -> None:
