@@ -37,11 +37,12 @@ def test_linear_matches_torch(ops, dtype, m, n, k):
     torch.manual_seed(m * n + k)
     x, w, bias = torch.randn(m, k), torch.randn(n, k).to(dtype), torch.randn(n)
     packed = ops.pack_linear_weight(w)
-    # On a CPU with AMX a bfloat16 weight is packed for its tiles, and the activations are rounded
-    # to bfloat16 before the product, as a bfloat16 matmul does; the rest accumulates in float32.
-    amx = dtype == torch.bfloat16 and k % 2 == 0 and ops.amx_bf16()
-    assert packed.size(2) == (64 if amx else 16)
-    multiplied = x.bfloat16().float() if amx else x
+    # Where bfloat16 is native (AMX, AVX-512 BF16) a bfloat16 weight is packed for brgemm, and the
+    # activations are rounded to bfloat16 before the product, as a bfloat16 matmul does; the rest
+    # accumulates in float32.
+    native = dtype == torch.bfloat16 and k % 2 == 0 and ops.native_bf16()
+    assert packed.size(2) == (64 if native else 16)
+    multiplied = x.bfloat16().float() if native else x
     close(ops.linear(x, packed, n, bias), F.linear(multiplied, w.float(), bias))
     close(ops.linear(x, packed, n, None), F.linear(multiplied, w.float()))
 
@@ -89,7 +90,7 @@ def test_a_helper_spins_between_loops_only_while_its_core_has_no_other_taker(ops
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_takes_an_input_already_in_bfloat16(ops, dtype):
-    """As its float32 values: on AMX tiles, without rounding it again."""
+    """As its float32 values: through brgemm, without rounding it again."""
     torch.manual_seed(0)
     x, w = torch.randn(70, 96).bfloat16(), torch.randn(130, 96).to(dtype)
     packed = ops.pack_linear_weight(w)
@@ -178,15 +179,15 @@ def test_decode_attention_reads_the_paged_cache_as_torch_does(ops, dtype, lens, 
 @pytest.mark.parametrize("dim", [32, 48, 64])
 def test_prefill_attention_reads_the_paged_cache_as_torch_does(ops, dtype, length, n, window, dim):
     """A chunk of n queries ending a context of `length` tokens, against SDPA over the gathered keys.
-    Head dims that are multiples of 32 take the AMX path where there is one; 48 does not."""
+    Head dims that are multiples of 32 take the brgemm path where bfloat16 is native; 48 does not."""
     heads, kv_heads = 6, 2
     k, v, k_cache, v_cache, slots, blocks = paged_case(dtype, [length], kv_heads, dim)
     ops.write_kv(k, v, k_cache, v_cache, slots)
     q = torch.randn(n, heads, dim)
     keys, values = (gather(cache, blocks[0])[:, :length].float() for cache in (k_cache, v_cache))
     actual = ops.paged_prefill_attention(q, k_cache, v_cache, blocks[0], length, 0.25, window or 0)
-    if dtype == torch.bfloat16 and dim % 32 == 0 and ops.amx_bf16():
-        # On AMX tiles the queries and the probabilities are rounded to bfloat16 for the products.
+    if dtype == torch.bfloat16 and dim % 32 == 0 and ops.native_bf16():
+        # Through brgemm the queries and the probabilities are rounded to bfloat16 for the products.
         # With the queries rounded alike, what is left is each probability's rounding, at most 2^-9
         # of it, so the output moves by at most 2^-9 of the largest value.
         expected = attend_chunk(q.bfloat16().float(), keys, values, 0.25, window, {})

@@ -126,7 +126,7 @@ WARMUP_S = 0.3
 
 def measure_gemm(costs_cfg, dtype: str, repeats: int = 5) -> dict[str, float]:
     """FLOP/s of the model's own GEMM shapes at 512 rows: torch's float32 matmul (MKL), its
-    bfloat16 matmul (oneDNN, on AMX tiles where the CPU has them) when `dtype` is bfloat16, and our
+    bfloat16 matmul (oneDNN, native where the CPU has AMX or AVX-512 BF16) when `dtype` is bfloat16, and our
     kernel on weights of `dtype` where it can run, each the best of `repeats` after a warm-up. The
     floor uses the best of them."""
     import torch

@@ -2,8 +2,9 @@
 //
 // Weights stay in the checkpoint's dtype (bfloat16 halves the bytes a decode step reads) and every
 // activation is float32: a bfloat16 value becomes float32 by a 16-bit shift, so weights and the KV
-// cache are widened in registers as they are read. The exception is a CPU with AMX, where bfloat16
-// linear layers and prefill attention run on its tiles through oneDNN's brgemm (below).
+// cache are widened in registers as they are read. The exception is a CPU that multiplies bfloat16
+// natively (AMX tiles, or AVX-512 BF16 dot products), where bfloat16 linear layers and prefill
+// attention run through oneDNN's brgemm (below).
 //
 // Parallel loops hand out small work items from an atomic counter to the calling thread and the
 // kernels' helper threads (for_each_item), so a thread that loses its core to another process
@@ -483,10 +484,13 @@ void linear_kernel(const float* x, const W* packed, const float* bias, float* ou
   });
 }
 
-// ---- bfloat16 weights on a CPU with AMX: oneDNN's brgemm micro-kernel ------------------------
+// ---- bfloat16 weights where the CPU multiplies bfloat16: oneDNN's brgemm micro-kernel --------
 //
-// AMX multiplies bfloat16 tiles at some ten times the float32 FMA rate, so where the CPU has it a
-// bfloat16 weight is packed for oneDNN's brgemm (through torch's cpublas) instead of into panels:
+// AMX multiplies bfloat16 tiles at some ten times the float32 FMA rate, and AVX-512 BF16's dot
+// products (vdpbf16ps: AMD Zen 4 and later, Intel Cooper Lake) two pairs a lane at twice it; on
+// an AMD EPYC with them, model-shaped products at 512 rows ran at 205 GFLOP/s on the AVX2 panels
+// and 450-485 through brgemm (torch's bf16 matmul, bf16 out: 760-870). So where the CPU has either
+// a bfloat16 weight is packed for oneDNN's brgemm (through torch's cpublas) instead of into panels:
 // blocks of 64 output rows, each [K / 2][64][2] (pairs of k side by side, the VNNI layout). The
 // activations are rounded to bfloat16 before the product, as a bfloat16 matmul does; the products
 // are exact in float32 and accumulate in float32.
@@ -495,8 +499,13 @@ void linear_kernel(const float* x, const W* packed, const float* bias, float* ou
 constexpr int64_t kVnniBlock = 64;
 constexpr int64_t kVnniRows = 64;
 
-bool amx_bf16() {
-  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+// Whether this CPU multiplies bfloat16 natively: AMX (torch packs for its tiles) or AVX-512 BF16,
+// which also has the AVX-512 the paths' vector work below needs.
+bool native_bf16() {
+  static const bool available =
+      at::native::cpublas::could_pack(at::kBFloat16) ||
+      (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"));
   return available;
 }
 
@@ -514,8 +523,8 @@ void pack_vnni(const BFloat16* w, BFloat16* packed, int64_t N, int64_t K) {
   });
 }
 
-// The AMX paths' vector work is in AVX-512 (with its bfloat16 conversions), which every CPU with
-// AMX has; only those paths call these functions.
+// The native bfloat16 paths' vector work is in AVX-512 (with its bfloat16 conversions), which
+// every CPU with AMX or AVX-512 BF16 has; only those paths call these functions.
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 // exp8's reduction and polynomial on 16 lanes, with 2^n applied by vscalefps, which saturates to
@@ -552,7 +561,7 @@ void round_to_bf16(const float* x, BFloat16* out, int64_t n) {
                 [&](int64_t item) { round_range(x, out, item * kItem, std::min(n, (item + 1) * kItem)); });
 }
 
-void linear_amx(const BFloat16* x, const BFloat16* packed, const float* bias, float* out, int64_t M, int64_t N,
+void linear_brgemm(const BFloat16* x, const BFloat16* packed, const float* bias, float* out, int64_t M, int64_t N,
                 int64_t K) {
   const int64_t m_blocks = (M + kVnniRows - 1) / kVnniRows, n_blocks = num_vnni_blocks(N);
   // Items go down the row blocks of one weight block before the next weight block, so that each
@@ -598,7 +607,7 @@ at::Tensor pack_linear_weight(const at::Tensor& w_in) {
               "pack: weight must be bfloat16 or float32");
   at::Tensor w = w_in.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
-  if (w.scalar_type() == at::kBFloat16 && K % 2 == 0 && amx_bf16()) {
+  if (w.scalar_type() == at::kBFloat16 && K % 2 == 0 && native_bf16()) {
     at::Tensor packed = at::empty({num_vnni_blocks(N), K, kVnniBlock}, w.options());
     pack_vnni(w.data_ptr<BFloat16>(), packed.data_ptr<BFloat16>(), N, K);
     return packed;
@@ -635,7 +644,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N,
   if (block == kVnniBlock) {
     at::Tensor rounded = rounded_in ? x : at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
     if (!rounded_in) round_to_bf16(x.data_ptr<float>(), rounded.data_ptr<BFloat16>(), x.numel());
-    linear_amx(rounded.data_ptr<BFloat16>(), packed.data_ptr<BFloat16>(), b, out.data_ptr<float>(), M, N, K);
+    linear_brgemm(rounded.data_ptr<BFloat16>(), packed.data_ptr<BFloat16>(), b, out.data_ptr<float>(), M, N, K);
   } else if (packed.scalar_type() == at::kBFloat16) {
     linear_kernel(x.data_ptr<float>(), packed.data_ptr<BFloat16>(), b, out.data_ptr<float>(), M, N, K);
   } else {
@@ -707,7 +716,7 @@ at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& x_in, const at::
 
 // silu(gate) * up for rows [m0, m1) of [gate | up], rounded to bfloat16: the input of a down
 // projection on the tiles, which would round it anyway, written once instead of in float32 and
-// again rounded (AVX-512, so only where there is AMX). Under perf, a 512-token prefill spent 8.9%
+// again rounded (AVX-512, so only where bfloat16 is native). Under perf, a 512-token prefill spent 8.9%
 // of its time in SwiGLU and rounding before and 6.8% after; the rest of SwiGLU is reading the
 // gate_up product (6 MB at 512 rows) back from memory.
 AVX512 void silu_mul_rows_bf16(const float* gu, int64_t m0, int64_t m1, int64_t I, BFloat16* out) {
@@ -1025,7 +1034,7 @@ inline Partial softmax_row(float* s, int64_t len, float scale) {
   return {mx, exp_range(s, 0, len, scale, mx)};
 }
 
-// The same two loops on AVX-512 lanes of 16, for a bfloat16 cache where the AMX paths run
+// The same two loops on AVX-512 lanes of 16, for a bfloat16 cache where the native bf16 paths run
 // (float32 arithmetic as above, twice the lanes per instruction).
 AVX512 inline __m512 load16(const BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -1124,7 +1133,7 @@ void score_and_weigh(const float* q, const C* k_head, const C* v_head, const Con
                      float scale, float* scores, float* out, Partial* partial) {
   const int64_t len = end - start;
   if constexpr (std::is_same_v<C, BFloat16>) {
-    if (ctx.D % 16 == 0 && amx_bf16()) {
+    if (ctx.D % 16 == 0 && native_bf16()) {
       score_rows16<G>(q, k_head, v_head, ctx, start, end, scores, len);
       for (int64_t g = 0; g < G; ++g) partial[g] = softmax_row(scores + g * len, len, scale);
       weigh_values16<G>(scores, len, v_head, ctx, start, end, out);
@@ -1386,20 +1395,20 @@ void prefill_attention_kernel(const float* q, int64_t q_stride, const C* k_cache
   });
 }
 
-// The same tiling on AMX tiles, for a bfloat16 cache on a CPU with AMX and a head_dim that is a
+// The same tiling through brgemm, for a bfloat16 cache where bfloat16 is native and a head_dim that is a
 // multiple of 32 (other head dims take the kernel above): keys are packed per head in
 // tiles of 512 tokens as [D / 2][512][2] (the scores' B in oneDNN's VNNI layout), values as
 // [tokens / 2][D][2] (the output's B), 32 tokens per work item; queries and probabilities are
 // rounded to bfloat16 for the two products, which accumulate in float32, as a bfloat16 flash
 // attention does.
 
-constexpr int64_t kAmxKeys = 32;
+constexpr int64_t kBrgemmKeys = 32;
 // Keys per tile, one score product each: 512 rather than 128 took a 512-token chunk's attention
 // from 1.69 to 1.58 ms a layer here. Query tokens per work item: 32 rather than 16 took a 512-token
 // chunk at context 4096 from 13.3 to 10.2 ms (each key tile serves more rows); 64 was slower.
 // 32 queries of a group of 3 heads hold 192 KiB of scores and 96 KiB of probabilities, in L2.
-constexpr int64_t kAmxKeyTile = 512;
-constexpr int64_t kAmxQueryBlock = 32;
+constexpr int64_t kBrgemmKeyTile = 512;
+constexpr int64_t kBrgemmQueryBlock = 32;
 
 // A 16 x 16 block of 32-bit values, transposed in registers.
 AVX512 inline void transpose16(__m512i r[16]) {
@@ -1428,36 +1437,36 @@ AVX512 inline void transpose16(__m512i r[16]) {
   }
 }
 
-// Tokens [block * kAmxKeys, +kAmxKeys) of the context (zero past it) into the packed keys and
+// Tokens [block * kBrgemmKeys, +kBrgemmKeys) of the context (zero past it) into the packed keys and
 // values below; head_dim a multiple of 32. Keys: 16 x 16 transposes of bfloat16 pairs. Values:
 // each pair of tokens' rows interleaved. In registers rather than a value at a time: 10% of a
 // 480-token chunk's attention at context 1920 before, 4.6% now.
 AVX512 void pack_keys_values_vnni(const BFloat16* k_head, const BFloat16* v_head, const int64_t* table,
                                   int64_t block_size, const Chunk& c, int64_t block, BFloat16* kp, BFloat16* vp) {
   const int64_t D = c.D;
-  const int64_t tile = block * kAmxKeys / kAmxKeyTile, column = block * kAmxKeys % kAmxKeyTile;
-  uint32_t* kdst = reinterpret_cast<uint32_t*>(kp + tile * D * kAmxKeyTile) + column;
-  const BFloat16* keys[kAmxKeys];
-  const BFloat16* values[kAmxKeys];
-  for (int64_t j = 0; j < kAmxKeys; ++j) {
-    const int64_t t = c.first + block * kAmxKeys + j;
+  const int64_t tile = block * kBrgemmKeys / kBrgemmKeyTile, column = block * kBrgemmKeys % kBrgemmKeyTile;
+  uint32_t* kdst = reinterpret_cast<uint32_t*>(kp + tile * D * kBrgemmKeyTile) + column;
+  const BFloat16* keys[kBrgemmKeys];
+  const BFloat16* values[kBrgemmKeys];
+  for (int64_t j = 0; j < kBrgemmKeys; ++j) {
+    const int64_t t = c.first + block * kBrgemmKeys + j;
     const int64_t row = t < c.L ? (table[t / block_size] * block_size + t % block_size) * D : -1;
     keys[j] = row < 0 ? nullptr : k_head + row;
     values[j] = row < 0 ? nullptr : v_head + row;
   }
-  for (int64_t j0 = 0; j0 < kAmxKeys; j0 += 16)
+  for (int64_t j0 = 0; j0 < kBrgemmKeys; j0 += 16)
     for (int64_t i0 = 0; i0 < D / 2; i0 += 16) {  // pairs [i0, i0 + 16) of tokens [j0, j0 + 16)
       __m512i r[16];
       for (int j = 0; j < 16; ++j)
         r[j] = keys[j0 + j] ? _mm512_loadu_si512(keys[j0 + j] + 2 * i0) : _mm512_setzero_si512();
       transpose16(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kdst + (i0 + i) * kAmxKeyTile + j0, r[i]);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kdst + (i0 + i) * kBrgemmKeyTile + j0, r[i]);
     }
   const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                        37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
-  for (int64_t j = 0; j < kAmxKeys; j += 2) {
-    BFloat16* vdst = vp + (block * kAmxKeys + j) * D;
+  for (int64_t j = 0; j < kBrgemmKeys; j += 2) {
+    BFloat16* vdst = vp + (block * kBrgemmKeys + j) * D;
     for (int64_t d = 0; d < D; d += 32) {
       const __m512i a = values[j] ? _mm512_loadu_si512(values[j] + d) : _mm512_setzero_si512();
       const __m512i b = values[j + 1] ? _mm512_loadu_si512(values[j + 1] + d) : _mm512_setzero_si512();
@@ -1475,7 +1484,7 @@ AVX512 void scale_to_bf16(const float* src, float scale, BFloat16* dst, int64_t 
                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + i), sc)));
 }
 
-// prefill_block's online softmax for the AMX path: the probabilities go straight to bfloat16 (zero
+// prefill_block's online softmax for the brgemm path: the probabilities go straight to bfloat16 (zero
 // where the row cannot see the key), in one pass over each row's visible scores.
 AVX512 void softmax_to_bf16(const float* scores, BFloat16* probs, int64_t stride, int64_t width, int64_t t0,
                             const Chunk& c, int64_t i0, int64_t group, int64_t R, float* row_max, float* row_sum,
@@ -1516,40 +1525,40 @@ AVX512 void softmax_to_bf16(const float* scores, BFloat16* probs, int64_t stride
   }
 }
 
-void prefill_block_amx(const float* q, int64_t q_stride, int64_t group, int64_t head, const BFloat16* kp,
+void prefill_block_brgemm(const float* q, int64_t q_stride, int64_t group, int64_t head, const BFloat16* kp,
                        const BFloat16* vp, const Chunk& c, int64_t i0, int64_t i1, float scale, float* out,
                        int64_t out_stride) {
   const int64_t R = (i1 - i0) * group, D = c.D;
   thread_local std::vector<BFloat16> qs, probs;
   thread_local std::vector<float> scores, acc, row_max, row_sum;
   qs.resize(R * D);
-  probs.resize(R * kAmxKeyTile);
-  scores.resize(R * kAmxKeyTile);
+  probs.resize(R * kBrgemmKeyTile);
+  scores.resize(R * kBrgemmKeyTile);
   acc.assign(R * D, 0.f);
   row_max.assign(R, -INFINITY);
   row_sum.assign(R, 0.f);
   for (int64_t r = 0; r < R; ++r)
     scale_to_bf16(q + (i0 + r / group) * q_stride + (head * group + r % group) * D, scale, qs.data() + r * D, D);
   const int64_t hi = c.position(i1 - 1) + 1;
-  const int64_t start = c.first + (c.lowest_key(i0) - c.first) / kAmxKeys * kAmxKeys;
-  const int64_t end = c.first + (hi - c.first + kAmxKeys - 1) / kAmxKeys * kAmxKeys;
+  const int64_t start = c.first + (c.lowest_key(i0) - c.first) / kBrgemmKeys * kBrgemmKeys;
+  const int64_t end = c.first + (hi - c.first + kBrgemmKeys - 1) / kBrgemmKeys * kBrgemmKeys;
   for (int64_t t0 = start, next; t0 < hi; t0 = next) {  // tiles end where the packed ones do
-    next = c.first + ((t0 - c.first) / kAmxKeyTile + 1) * kAmxKeyTile;
-    const int64_t width = std::min(next, end) - t0, tile = (t0 - c.first) / kAmxKeyTile;
-    at::native::cpublas::brgemm(R, width, D, D, kAmxKeyTile, kAmxKeyTile, false, qs.data(),
-                                kp + tile * D * kAmxKeyTile + (t0 - c.first) % kAmxKeyTile * 2, scores.data());
-    softmax_to_bf16(scores.data(), probs.data(), kAmxKeyTile, width, t0, c, i0, group, R, row_max.data(),
+    next = c.first + ((t0 - c.first) / kBrgemmKeyTile + 1) * kBrgemmKeyTile;
+    const int64_t width = std::min(next, end) - t0, tile = (t0 - c.first) / kBrgemmKeyTile;
+    at::native::cpublas::brgemm(R, width, D, D, kBrgemmKeyTile, kBrgemmKeyTile, false, qs.data(),
+                                kp + tile * D * kBrgemmKeyTile + (t0 - c.first) % kBrgemmKeyTile * 2, scores.data());
+    softmax_to_bf16(scores.data(), probs.data(), kBrgemmKeyTile, width, t0, c, i0, group, R, row_max.data(),
                     row_sum.data(), acc.data());
-    at::native::cpublas::brgemm(R, D, width, kAmxKeyTile, D, D, true, probs.data(), vp + (t0 - c.first) * D, acc.data());
+    at::native::cpublas::brgemm(R, D, width, kBrgemmKeyTile, D, D, true, probs.data(), vp + (t0 - c.first) * D, acc.data());
   }
   write_rows(acc.data(), row_sum.data(), R, D, group, head, i0, out, out_stride);
 }
 
-void prefill_attention_amx(const float* q, int64_t q_stride, const BFloat16* k_cache, const BFloat16* v_cache,
+void prefill_attention_brgemm(const float* q, int64_t q_stride, const BFloat16* k_cache, const BFloat16* v_cache,
                            const int64_t* table, int64_t block_size, int64_t head_stride, int64_t Hq, int64_t Hk,
                            const Chunk& c, float scale, float* out) {
-  const int64_t group = Hq / Hk, blocks = c.padded / kAmxKeys, per_head = c.padded * c.D;
-  const int64_t keys_per_head = (c.padded + kAmxKeyTile - 1) / kAmxKeyTile * kAmxKeyTile * c.D;
+  const int64_t group = Hq / Hk, blocks = c.padded / kBrgemmKeys, per_head = c.padded * c.D;
+  const int64_t keys_per_head = (c.padded + kBrgemmKeyTile - 1) / kBrgemmKeyTile * kBrgemmKeyTile * c.D;
   thread_local std::vector<BFloat16> packed;  // as in prefill_attention_kernel
   packed.resize(Hk * (keys_per_head + per_head));
   BFloat16* kp = packed.data();
@@ -1559,13 +1568,13 @@ void prefill_attention_amx(const float* q, int64_t q_stride, const BFloat16* k_c
     pack_keys_values_vnni(k_cache + h * head_stride, v_cache + h * head_stride, table, block_size, c, item % blocks,
                           kp + h * keys_per_head, vp + h * per_head);
   });
-  const int64_t query_blocks = (c.n + kAmxQueryBlock - 1) / kAmxQueryBlock;
+  const int64_t query_blocks = (c.n + kBrgemmQueryBlock - 1) / kBrgemmQueryBlock;
   for_each_item(
       Hk * query_blocks,
       [&](int64_t item) {
         const int64_t h = item % Hk, b = query_blocks - 1 - item / Hk;
-        prefill_block_amx(q, q_stride, group, h, kp + h * keys_per_head, vp + h * per_head, c, b * kAmxQueryBlock,
-                          std::min(c.n, (b + 1) * kAmxQueryBlock), scale, out, Hq * c.D);
+        prefill_block_brgemm(q, q_stride, group, h, kp + h * keys_per_head, vp + h * per_head, c, b * kBrgemmQueryBlock,
+                          std::min(c.n, (b + 1) * kBrgemmQueryBlock), scale, out, Hq * c.D);
       },
       [] { at::native::cpublas::brgemm_release(); });
 }
@@ -1589,9 +1598,9 @@ at::Tensor paged_prefill_attention(const at::Tensor& q_in, const at::Tensor& k_c
               "prefill attention: the block table must cover the context");
   const int64_t first = window > 0 ? std::max<int64_t>(0, context_len - n - window + 1) / kPanel * kPanel : 0;
   at::Tensor out = at::empty({n, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (k_cache.scalar_type() == at::kBFloat16 && D % 32 == 0 && amx_bf16()) {  // whole 16 x 16 pair blocks
-    const Chunk c{n, context_len, D, first, (context_len - first + kAmxKeys - 1) / kAmxKeys * kAmxKeys, window};
-    prefill_attention_amx(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<BFloat16>(), v_cache.data_ptr<BFloat16>(),
+  if (k_cache.scalar_type() == at::kBFloat16 && D % 32 == 0 && native_bf16()) {  // whole 16 x 16 pair blocks
+    const Chunk c{n, context_len, D, first, (context_len - first + kBrgemmKeys - 1) / kBrgemmKeys * kBrgemmKeys, window};
+    prefill_attention_brgemm(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<BFloat16>(), v_cache.data_ptr<BFloat16>(),
                           table.data_ptr<int64_t>(), block_size, k_cache.stride(0), Hq, Hk, c, float(scale),
                           out.data_ptr<float>());
     return out;
@@ -1612,7 +1621,7 @@ at::Tensor paged_prefill_attention(const at::Tensor& q_in, const at::Tensor& k_c
 }  // namespace
 
 TORCH_LIBRARY(sarathi, m) {
-  m.def("amx_bf16() -> bool");
+  m.def("native_bf16() -> bool");
   m.def("helper_spins(int[] times, int[] waited) -> int[]");
   m.def("pack_linear_weight(Tensor w) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
@@ -1633,7 +1642,7 @@ TORCH_LIBRARY(sarathi, m) {
 }
 
 TORCH_LIBRARY_IMPL(sarathi, CatchAll, m) {
-  m.impl("amx_bf16", &amx_bf16);
+  m.impl("native_bf16", &native_bf16);
   m.impl("helper_spins", &helper_spins);
 }
 
