@@ -562,7 +562,7 @@ void round_to_bf16(const float* x, BFloat16* out, int64_t n) {
 }
 
 void linear_brgemm(const BFloat16* x, const BFloat16* packed, const float* bias, float* out, int64_t M, int64_t N,
-                int64_t K) {
+                   int64_t K) {
   const int64_t m_blocks = (M + kVnniRows - 1) / kVnniRows, n_blocks = num_vnni_blocks(N);
   // Items go down the row blocks of one weight block before the next weight block, so that each
   // weight block is read from memory once and from cache for the rest of the rows. Across the
@@ -1395,8 +1395,8 @@ void prefill_attention_kernel(const float* q, int64_t q_stride, const C* k_cache
   });
 }
 
-// The same tiling through brgemm, for a bfloat16 cache where bfloat16 is native and a head_dim that is a
-// multiple of 32 (other head dims take the kernel above): keys are packed per head in
+// The same tiling through brgemm, for a bfloat16 cache where bfloat16 is native and a head_dim
+// that is a multiple of 32 (other head dims take the kernel above): keys are packed per head in
 // tiles of 512 tokens as [D / 2][512][2] (the scores' B in oneDNN's VNNI layout), values as
 // [tokens / 2][D][2] (the output's B), 32 tokens per work item; queries and probabilities are
 // rounded to bfloat16 for the two products, which accumulate in float32, as a bfloat16 flash
@@ -1526,8 +1526,8 @@ AVX512 void softmax_to_bf16(const float* scores, BFloat16* probs, int64_t stride
 }
 
 void prefill_block_brgemm(const float* q, int64_t q_stride, int64_t group, int64_t head, const BFloat16* kp,
-                       const BFloat16* vp, const Chunk& c, int64_t i0, int64_t i1, float scale, float* out,
-                       int64_t out_stride) {
+                         const BFloat16* vp, const Chunk& c, int64_t i0, int64_t i1, float scale, float* out,
+                         int64_t out_stride) {
   const int64_t R = (i1 - i0) * group, D = c.D;
   thread_local std::vector<BFloat16> qs, probs;
   thread_local std::vector<float> scores, acc, row_max, row_sum;
@@ -1549,14 +1549,15 @@ void prefill_block_brgemm(const float* q, int64_t q_stride, int64_t group, int64
                                 kp + tile * D * kBrgemmKeyTile + (t0 - c.first) % kBrgemmKeyTile * 2, scores.data());
     softmax_to_bf16(scores.data(), probs.data(), kBrgemmKeyTile, width, t0, c, i0, group, R, row_max.data(),
                     row_sum.data(), acc.data());
-    at::native::cpublas::brgemm(R, D, width, kBrgemmKeyTile, D, D, true, probs.data(), vp + (t0 - c.first) * D, acc.data());
+    at::native::cpublas::brgemm(R, D, width, kBrgemmKeyTile, D, D, true, probs.data(), vp + (t0 - c.first) * D,
+                                acc.data());
   }
   write_rows(acc.data(), row_sum.data(), R, D, group, head, i0, out, out_stride);
 }
 
 void prefill_attention_brgemm(const float* q, int64_t q_stride, const BFloat16* k_cache, const BFloat16* v_cache,
-                           const int64_t* table, int64_t block_size, int64_t head_stride, int64_t Hq, int64_t Hk,
-                           const Chunk& c, float scale, float* out) {
+                               const int64_t* table, int64_t block_size, int64_t head_stride, int64_t Hq, int64_t Hk,
+                               const Chunk& c, float scale, float* out) {
   const int64_t group = Hq / Hk, blocks = c.padded / kBrgemmKeys, per_head = c.padded * c.D;
   const int64_t keys_per_head = (c.padded + kBrgemmKeyTile - 1) / kBrgemmKeyTile * kBrgemmKeyTile * c.D;
   thread_local std::vector<BFloat16> packed;  // as in prefill_attention_kernel
@@ -1599,10 +1600,11 @@ at::Tensor paged_prefill_attention(const at::Tensor& q_in, const at::Tensor& k_c
   const int64_t first = window > 0 ? std::max<int64_t>(0, context_len - n - window + 1) / kPanel * kPanel : 0;
   at::Tensor out = at::empty({n, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (k_cache.scalar_type() == at::kBFloat16 && D % 32 == 0 && native_bf16()) {  // whole 16 x 16 pair blocks
-    const Chunk c{n, context_len, D, first, (context_len - first + kBrgemmKeys - 1) / kBrgemmKeys * kBrgemmKeys, window};
-    prefill_attention_brgemm(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<BFloat16>(), v_cache.data_ptr<BFloat16>(),
-                          table.data_ptr<int64_t>(), block_size, k_cache.stride(0), Hq, Hk, c, float(scale),
-                          out.data_ptr<float>());
+    const int64_t padded = (context_len - first + kBrgemmKeys - 1) / kBrgemmKeys * kBrgemmKeys;
+    const Chunk c{n, context_len, D, first, padded, window};
+    prefill_attention_brgemm(q.data_ptr<float>(), q.stride(0), k_cache.data_ptr<BFloat16>(),
+                             v_cache.data_ptr<BFloat16>(), table.data_ptr<int64_t>(), block_size, k_cache.stride(0),
+                             Hq, Hk, c, float(scale), out.data_ptr<float>());
     return out;
   }
   const Chunk c{n, context_len, D, first, (context_len - first + kPanel - 1) / kPanel * kPanel, window};
