@@ -37,6 +37,13 @@ def test_decode_calibration_needs_room_to_generate():
         asyncio.run(measure_decode_time("http://127.0.0.1:9", "tiny", 2, context=100, max_model_len=110))
 
 
+@pytest.mark.parametrize("batch, num_gaps", [(0, 16), (2, 0)])
+def test_decode_calibration_needs_a_request_and_a_gap(batch, num_gaps):
+    with pytest.raises(ValueError, match="at least one request and one gap"):
+        asyncio.run(measure_decode_time("http://127.0.0.1:9", "tiny", batch, context=8, max_model_len=512,
+                                        num_gaps=num_gaps))
+
+
 def test_prefill_model_from_the_fastest_ttft_per_length():
     app, seen = make_app(tokens_per_chunk=[1], gap=0.01)
     model = asyncio.run(with_server(app, lambda url: measure_prefill(url, "tiny", [10, 50], repeats=2)))

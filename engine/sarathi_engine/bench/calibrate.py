@@ -28,8 +28,9 @@ async def measure_decode_time(url: str, model: str, batch: int, context: int, ma
     """Median gap while all `batch` requests decode together: streams start at once, and once every
     one has its first token (whatever order the policy prefilled them in) each gives num_gaps more
     gaps, then all are cancelled, which the server sees as disconnects."""
-    if num_gaps < 1:
-        raise ValueError("decode calibration needs at least one gap per request")
+    if batch < 1 or num_gaps < 1:
+        raise ValueError(f"decode calibration needs at least one request and one gap each (batch {batch}, "
+                         f"num_gaps {num_gaps})")
     prompts = prompt_token_ids([RequestSpec(context, 1)] * batch, seed)
     max_tokens = max_model_len - context
     if max_tokens < num_gaps + 2:

@@ -596,7 +596,7 @@ at::Tensor as_rows(const at::Tensor& x, at::ScalarType dtype) {
 
 at::Tensor as_float_rows(const at::Tensor& x) { return as_rows(x, at::kFloat); }
 
-// The block of a weight from pack_linear_weight: kVnniBlock where it is packed for the tiles,
+// The block of a weight from pack_linear_weight: kVnniBlock where it is packed for brgemm,
 // kPanel for the panels; 0 for anything else.
 int64_t packed_block(const at::Tensor& packed) { return packed.dim() == 3 ? packed.size(2) : 0; }
 
@@ -623,7 +623,7 @@ at::Tensor pack_linear_weight(const at::Tensor& w_in) {
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t N,
                   const std::optional<at::Tensor>& bias_in) {
   const int64_t block = packed_block(packed);
-  // The tiles take an input already in bfloat16 as it is: rounding it again would change nothing.
+  // brgemm takes an input already in bfloat16 as it is: rounding it again would change nothing.
   const bool rounded_in = block == kVnniBlock && x_in.scalar_type() == at::kBFloat16;
   at::Tensor x = as_rows(x_in, rounded_in ? at::kBFloat16 : at::kFloat);
   TORCH_CHECK((block == kPanel || (block == kVnniBlock && packed.scalar_type() == at::kBFloat16)) &&
@@ -715,9 +715,9 @@ at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& x_in, const at::
 // ---- SwiGLU: [M, 2I] (gate | up) -> silu(gate) * up ------------------------------------------
 
 // silu(gate) * up for rows [m0, m1) of [gate | up], rounded to bfloat16: the input of a down
-// projection on the tiles, which would round it anyway, written once instead of in float32 and
-// again rounded (AVX-512, so only where bfloat16 is native). Under perf, a 512-token prefill spent 8.9%
-// of its time in SwiGLU and rounding before and 6.8% after; the rest of SwiGLU is reading the
+// projection through brgemm, which would round it anyway, written once instead of in float32 and
+// again rounded (AVX-512, so only where bfloat16 is native). Under perf, a 512-token prefill spent
+// 8.9% of its time in SwiGLU and rounding before and 6.8% after; the rest of SwiGLU is reading the
 // gate_up product (6 MB at 512 rows) back from memory.
 AVX512 void silu_mul_rows_bf16(const float* gu, int64_t m0, int64_t m1, int64_t I, BFloat16* out) {
   const __m512 one = _mm512_set1_ps(1.f);
@@ -841,8 +841,8 @@ at::Tensor attention_output(const at::Tensor& heads, const at::Tensor& o_packed,
                             const at::Tensor& down_packed, int64_t down_n) {
   at::Tensor x = add_rms_norm(residual, linear(heads, o_packed, o_n, std::nullopt), norm_w, eps);
   const at::Tensor gate_up = linear(x, gate_up_packed, gate_up_n, std::nullopt);
-  const bool tiles = packed_block(down_packed) == kVnniBlock;
-  return linear(tiles ? silu_mul_bf16(gate_up) : silu_mul(gate_up), down_packed, down_n, std::nullopt);
+  const bool brgemm = packed_block(down_packed) == kVnniBlock;
+  return linear(brgemm ? silu_mul_bf16(gate_up) : silu_mul(gate_up), down_packed, down_n, std::nullopt);
 }
 
 // ---- paged KV cache: [kv_heads, blocks, block_size, head_dim] --------------------------------
@@ -1574,8 +1574,8 @@ void prefill_attention_brgemm(const float* q, int64_t q_stride, const BFloat16* 
       Hk * query_blocks,
       [&](int64_t item) {
         const int64_t h = item % Hk, b = query_blocks - 1 - item / Hk;
-        prefill_block_brgemm(q, q_stride, group, h, kp + h * keys_per_head, vp + h * per_head, c, b * kBrgemmQueryBlock,
-                          std::min(c.n, (b + 1) * kBrgemmQueryBlock), scale, out, Hq * c.D);
+        prefill_block_brgemm(q, q_stride, group, h, kp + h * keys_per_head, vp + h * per_head, c,
+                             b * kBrgemmQueryBlock, std::min(c.n, (b + 1) * kBrgemmQueryBlock), scale, out, Hq * c.D);
       },
       [] { at::native::cpublas::brgemm_release(); });
 }
