@@ -145,7 +145,7 @@ class ModelRunner:
                 logits = self.logits(rows)
                 if logits is not None:
                     seqs = [Sequence("warm-up", [0], WARM_UP_SAMPLING) for _ in inputs.logit_rows]
-                    sample(logits, seqs, self.generator)
+                    sample(logits, seqs, self.generator, self.ops.argmax)
         peak = 0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -199,8 +199,8 @@ class ModelRunner:
         results = [Sampled() for _ in batch.chunks]
         finishing = [i for i, row in enumerate(batch.sample_at) if row is not None]
         if finishing:
-            drawn = sample(logits[[batch.sample_at[i] for i in finishing]],
-                           [batch.chunks[i].seq for i in finishing], self.generator)
+            drawn = sample(select_rows(logits, [batch.sample_at[i] for i in finishing]),
+                           [batch.chunks[i].seq for i in finishing], self.generator, self.ops.argmax)
             for i, result in zip(finishing, drawn):
                 results[i] = result
         for chunk, rows, result in zip(batch.chunks, batch.prompt_rows, results):
@@ -215,7 +215,7 @@ class ModelRunner:
         hidden = self.forward(batch.inputs)
         if not batch.inputs.logit_rows:
             return [Sampled() for _ in batch.chunks]
-        return self.sample(batch, self.logits(hidden[batch.inputs.logit_rows]))
+        return self.sample(batch, self.logits(select_rows(hidden, batch.inputs.logit_rows)))
 
 
 def scored_prompt_positions(seq: Sequence, start: int, end: int) -> list[int]:
@@ -249,6 +249,12 @@ def dummy_inputs(lens: list[int], block_size: int, device: torch.device) -> Batc
     return make_inputs(torch.zeros(len(positions), dtype=long), torch.tensor(positions, dtype=long),
                        torch.tensor(slots, dtype=long), lens, lens, torch.tensor(tables, dtype=long),
                        [end - 1 for end in _cumsum(lens)], device)
+
+
+def select_rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t[rows]; t itself when rows are all of its rows in order (every decode samples), which
+    spares a copy of the logits."""
+    return t if rows == list(range(t.shape[0])) else t[rows]
 
 
 def completes(chunk: ScheduledChunk) -> bool:

@@ -9,6 +9,8 @@ A request with neutral settings runs none of the adjustments, so greedy output s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 import torch
 
@@ -34,10 +36,12 @@ class Sampled:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator) -> list[Sampled]:
-    """logits: [batch, vocab] float32, one row per sequence; every step runs where they are."""
+def sample(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator,
+           argmax: Callable[[torch.Tensor], torch.Tensor] = partial(torch.argmax, dim=-1)) -> list[Sampled]:
+    """logits: [batch, vocab] float32, one row per sequence; every step runs where they are.
+    argmax: each row's first maximal index (the model's ops may bring a faster one)."""
     adjusted = adjust(logits, seqs)
-    tokens = adjusted.argmax(dim=-1)
+    tokens = argmax(adjusted)
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if rows:
         cdf = filtered_probs(adjusted[rows], [seqs[i].params for i in rows]).cumsum(dim=-1)

@@ -122,6 +122,25 @@ def test_silu_mul(ops):
     close(ops.silu_mul(gate_up), F.silu(gate) * up)
 
 
+@pytest.mark.parametrize("rows,n", [(1, 49152), (8, 49152), (3, 7), (2, 1), (5, 1003)])
+def test_argmax_rows_matches_torch(ops, rows, n):
+    torch.manual_seed(rows * n)
+    x = torch.randn(rows, n)
+    assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(ops.argmax_rows(x.bfloat16()), x.bfloat16().argmax(dim=-1))
+
+
+def test_argmax_rows_takes_the_first_maximum_and_a_nan_as_torch_does(ops):
+    x = torch.zeros(4, 50)
+    x[0, 17] = x[0, 30] = 5.0  # a tie within the vector passes
+    x[1, 3] = x[1, 49] = float("nan")  # a NaN wins, the first one
+    x[2] = -float("inf")
+    x[3, 48] = x[3, 49] = 1.0  # a tie in the tail past the last whole vector
+    assert ops.argmax_rows(x).tolist() == x.argmax(dim=-1).tolist() == [17, 3, 0, 48]
+    with pytest.raises(RuntimeError, match="empty"):
+        ops.argmax_rows(torch.zeros(2, 0))
+
+
 def test_rotary_in_place_on_strided_heads(ops):
     torch.manual_seed(1)
     heads, kv_heads, dim, tokens = 4, 2, 16, 6

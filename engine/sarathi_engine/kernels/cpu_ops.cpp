@@ -770,6 +770,51 @@ at::Tensor silu_mul(const at::Tensor& gu_in) {
   return out;
 }
 
+// ---- greedy choice: the first index of each row's maximum -----------------------------------
+//
+// torch's argmax walks a row of the vocabulary one value at a time (53 us for 49152 logits here,
+// 212 us for 8 rows, against 5.5 us for amax). Two vector passes: the row's maximum, then the
+// first lane that equals it. A NaN counts as the maximum, as in torch.
+
+int64_t argmax_row(const float* x, int64_t n) {
+  __m256 best = _mm256_set1_ps(-INFINITY);
+  __m256 nan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    best = _mm256_max_ps(best, v);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, best);
+  float top = *std::max_element(lanes, lanes + 8);
+  bool any_nan = _mm256_movemask_ps(nan) != 0;
+  for (int64_t j = i; j < n; ++j) {
+    any_nan = any_nan || std::isnan(x[j]);
+    top = std::max(top, x[j]);
+  }
+  const __m256 target = _mm256_set1_ps(top);
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 hit = any_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, target, _CMP_EQ_OQ);
+    if (const int mask = _mm256_movemask_ps(hit)) return i + __builtin_ctz(mask);
+  }
+  for (; i < n; ++i)
+    if (any_nan ? std::isnan(x[i]) : x[i] == top) return i;
+  return 0;  // an empty row
+}
+
+at::Tensor argmax_rows(const at::Tensor& x_in) {
+  const at::Tensor x = as_float_rows(x_in);
+  const int64_t M = x.size(0), n = x.size(1);
+  TORCH_CHECK(n > 0, "argmax_rows: rows are empty");
+  at::Tensor out = at::empty({M}, x.options().dtype(at::kLong));
+  const float* data = x.data_ptr<float>();
+  int64_t* index = out.data_ptr<int64_t>();
+  for_each_item(M, [&](int64_t m) { index[m] = argmax_row(data + m * n, n); });
+  return out;
+}
+
 // ---- rotary embedding (neox style: rotate the two halves), in place on strided q and k --------
 
 void rotate_heads(float* base, int64_t row_stride, int64_t heads, int64_t D, const int64_t* positions,
@@ -1630,6 +1675,7 @@ TORCH_LIBRARY(sarathi, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos, Tensor sin) -> ()");
   m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()");
   m.def("attention_input(Tensor(a!) residual, Tensor? pending, Tensor norm_w, float eps, Tensor qkv_packed, "
@@ -1654,6 +1700,7 @@ TORCH_LIBRARY_IMPL(sarathi, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("argmax_rows", &argmax_rows);
   m.impl("rotary_", &rotary_);
   m.impl("write_kv", &write_kv);
   m.impl("attention_input", &attention_input);

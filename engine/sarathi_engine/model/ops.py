@@ -45,6 +45,10 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's first maximal index: the greedy choice."""
+        return logits.argmax(dim=-1)
+
     def rotary(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Neox-style rotary embedding; cos and sin are float32 [positions, head_dim]."""
@@ -103,6 +107,9 @@ class CpuKernelOps(TorchOps):
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.ops.silu_mul(gate_up)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.ops.argmax_rows(logits)
 
     def rotary(self, positions, q, k, cos, sin):
         self.ops.rotary_(q, k, positions, cos, sin)
