@@ -56,6 +56,23 @@ def test_random_weight_models_match_transformers(tiny_models, kind, budget, ops,
     reference = hf_greedy(tiny_models[kind], prompts, MAX_NEW)
     llm = LLM(str(tiny_models[kind]), dtype="float32", token_budget=budget, kv_cache_memory="64MiB")
     assert llm.engine.runner.ops.name == ops
+    assert (llm.engine.runner.model.stack is not None) == (ops == "cpu-kernels")  # the layers in one call
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW))
+    assert [o.token_ids for o in outputs] == reference
+
+
+def test_the_kernels_layer_by_layer_match_transformers(tiny_models, monkeypatch):
+    """The kernels' per-layer calls, which run where a DecoderStack cannot (tensor parallelism,
+    an o_proj bias, a head_dim the prefill kernel does not take)."""
+    if kernels.load() is not None:
+        pytest.skip(f"CPU kernels cannot run here: {kernels.load()}")
+    from sarathi_engine.model.ops import CpuKernelOps
+
+    monkeypatch.setattr(CpuKernelOps, "decoder_stack", lambda self, layers: None)
+    prompts = random_prompts([1, 5, 40, 77, 130], seed=1)
+    reference = hf_greedy(tiny_models["qwen2-window"], prompts, MAX_NEW)  # a qkv bias, a window from layer 1
+    llm = LLM(str(tiny_models["qwen2-window"]), dtype="float32", token_budget=16, kv_cache_memory="64MiB")
+    assert llm.engine.runner.ops.name == "cpu-kernels" and llm.engine.runner.model.stack is None
     outputs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW))
     assert [o.token_ids for o in outputs] == reference
 

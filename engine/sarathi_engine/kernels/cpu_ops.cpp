@@ -11,9 +11,11 @@
 // takes fewer items instead of holding every other thread at the end of the loop.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <fcntl.h>
@@ -1667,6 +1669,109 @@ at::Tensor paged_prefill_attention(const at::Tensor& q_in, const at::Tensor& k_c
 }
 }  // namespace
 
+// ---- a stage's decoder layers in one call ----------------------------------------------------
+//
+// From Python a layer is four calls (the two halves above, the cache write and the attention) and
+// the modules around them: at batch 1 some 120 calls a step, whose argument parsing, dispatch and
+// Python took about 1 ms of a 12 ms step here. A DecoderStack holds every layer's packed weights
+// and runs the stage's layers in one call: the same kernels in the same order.
+
+struct StackLayer {
+  at::Tensor input_norm, qkv, o, post_norm, gate_up, down;
+  std::optional<at::Tensor> qkv_bias;
+  int64_t qkv_n, o_n, gate_up_n, down_n, window;
+};
+
+class DecoderStack : public torch::CustomClassHolder {
+ public:
+  DecoderStack(at::Tensor cos, at::Tensor sin, int64_t num_heads, int64_t num_kv_heads, double eps, double scale)
+      : cos_(std::move(cos)), sin_(std::move(sin)), heads_(num_heads), kv_heads_(num_kv_heads), eps_(eps),
+        scale_(scale) {}
+
+  void add_layer(at::Tensor input_norm, at::Tensor qkv, int64_t qkv_n, std::optional<at::Tensor> qkv_bias,
+                 at::Tensor o, int64_t o_n, at::Tensor post_norm, at::Tensor gate_up, int64_t gate_up_n,
+                 at::Tensor down, int64_t down_n, int64_t window) {
+    layers_.push_back({std::move(input_norm), std::move(qkv), std::move(o), std::move(post_norm), std::move(gate_up),
+                       std::move(down), std::move(qkv_bias), qkv_n, o_n, gate_up_n, down_n, window});
+  }
+
+  // residual: the stream entering the stage, updated in place; caches: each layer's key and value
+  // cache in turn. Returns the last layer's MLP output, not yet added to the residual.
+  at::Tensor forward(at::Tensor residual, const at::Tensor& positions, const std::vector<at::Tensor>& caches,
+                     const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& context_lens,
+                     const std::vector<int64_t>& query_lens, int64_t num_prefills) {
+    TORCH_CHECK(caches.size() == 2 * layers_.size(), "DecoderStack: ", caches.size(), " caches for ",
+                layers_.size(), " layers");
+    TORCH_CHECK(num_prefills >= 0 && num_prefills <= int64_t(query_lens.size()) &&
+                    int64_t(query_lens.size()) == context_lens.size(0) &&
+                    context_lens.size(0) == block_tables.size(0),
+                "DecoderStack: ", query_lens.size(), " query lengths, ", context_lens.size(0), " contexts, ",
+                block_tables.size(0), " block tables and ", num_prefills, " prefills do not agree");
+    const at::Tensor lens = context_lens.to(at::kLong);
+    const int64_t* context = lens.data_ptr<int64_t>();
+    std::optional<at::Tensor> pending;
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const StackLayer& layer = layers_[l];
+      at::Tensor& k_cache = const_cast<at::Tensor&>(caches[2 * l]);
+      at::Tensor& v_cache = const_cast<at::Tensor&>(caches[2 * l + 1]);
+      // Each part under the name of its op, so that torch.profiler's table reads as it did.
+      at::Tensor q, k, v, heads;
+      {
+        RECORD_FUNCTION("sarathi::attention_input", std::vector<c10::IValue>());
+        std::tie(q, k, v) = attention_input(residual, pending, layer.input_norm, eps_, layer.qkv, layer.qkv_n,
+                                            layer.qkv_bias, positions, cos_, sin_, heads_, kv_heads_);
+      }
+      {
+        RECORD_FUNCTION("sarathi::write_kv", std::vector<c10::IValue>());
+        write_kv(k, v, k_cache, v_cache, slots);
+      }
+      heads = attend(q, k_cache, v_cache, block_tables, context_lens, context, query_lens, num_prefills,
+                     layer.window);
+      RECORD_FUNCTION("sarathi::attention_output", std::vector<c10::IValue>());
+      pending = attention_output(heads.view({q.size(0), -1}), layer.o, layer.o_n, residual, layer.post_norm, eps_,
+                                 layer.gate_up, layer.gate_up_n, layer.down, layer.down_n);
+    }
+    TORCH_CHECK(pending.has_value(), "DecoderStack: no layers");
+    return *pending;
+  }
+
+  int64_t num_layers() const { return int64_t(layers_.size()); }
+
+ private:
+  // The prefill chunks one sequence at a time, then every decode in one call, as the attention
+  // backend does from Python.
+  at::Tensor attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& block_tables, const at::Tensor& context_lens, const int64_t* context,
+                    const std::vector<int64_t>& query_lens, int64_t num_prefills, int64_t window) const {
+    const int64_t decodes = int64_t(query_lens.size()) - num_prefills;
+    if (num_prefills == 0) {
+      RECORD_FUNCTION("sarathi::paged_decode_attention", std::vector<c10::IValue>());
+      return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale_, window);
+    }
+    at::Tensor out = at::empty(q.sizes(), q.options());
+    int64_t start = 0;
+    for (int64_t i = 0; i < num_prefills; ++i) {
+      RECORD_FUNCTION("sarathi::paged_prefill_attention", std::vector<c10::IValue>());
+      const int64_t n = query_lens[i];
+      out.narrow(0, start, n).copy_(paged_prefill_attention(q.narrow(0, start, n), k_cache, v_cache, block_tables[i],
+                                                            context[i], scale_, window));
+      start += n;
+    }
+    RECORD_FUNCTION("sarathi::paged_decode_attention", std::vector<c10::IValue>());
+    if (decodes > 0)
+      out.narrow(0, start, decodes)
+          .copy_(paged_decode_attention(q.narrow(0, start, decodes), k_cache, v_cache,
+                                        block_tables.narrow(0, num_prefills, decodes),
+                                        context_lens.narrow(0, num_prefills, decodes), scale_, window));
+    return out;
+  }
+
+  std::vector<StackLayer> layers_;
+  at::Tensor cos_, sin_;
+  int64_t heads_, kv_heads_;
+  double eps_, scale_;
+};
+
 TORCH_LIBRARY(sarathi, m) {
   m.def("native_bf16() -> bool");
   m.def("helper_spins(int[] times, int[] waited) -> int[]");
@@ -1687,6 +1792,11 @@ TORCH_LIBRARY(sarathi, m) {
         "Tensor context_lens, float scale, int window) -> Tensor");
   m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
         "int context_len, float scale, int window) -> Tensor");
+  m.class_<DecoderStack>("DecoderStack")
+      .def(torch::init<at::Tensor, at::Tensor, int64_t, int64_t, double, double>())
+      .def("add_layer", &DecoderStack::add_layer)
+      .def("forward", &DecoderStack::forward)
+      .def("num_layers", &DecoderStack::num_layers);
 }
 
 TORCH_LIBRARY_IMPL(sarathi, CatchAll, m) {

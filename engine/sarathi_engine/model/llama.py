@@ -114,21 +114,29 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.shares_weight = True
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend, ops, layer) for layer in self.layer_ids)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops) if last else None
+        self.ops = ops
+        self.stack = None  # the layers as one call, where the ops have one: set by prepare()
 
     def prepare(self) -> None:
         """Hand the loaded weights to the ops (the CPU kernels pack them)."""
         for module in self.modules():
             if isinstance(module, LinearBase):
                 module.prepare()
+        self.stack = self.ops.decoder_stack(list(self.layers))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids on the first stage, the previous stage's hidden states on the others."""
         if self.embed_tokens is not None:
             hidden = self.embed_tokens(input_ids)
-        pending = None
-        for layer in self.layers:
-            pending = layer(positions, hidden, meta, pending)
+        if self.stack is not None:
+            caches = [cache for a in self.attention_layers() for cache in (a.k_cache, a.v_cache)]
+            pending = self.stack.forward(hidden, positions, caches, meta.slot_mapping, meta.block_tables,
+                                         meta.context_lens_tensor, meta.query_lens, meta.num_prefills)
+        else:
+            pending = None
+            for layer in self.layers:
+                pending = layer(positions, hidden, meta, pending)
         if self.norm is not None:
             return self.norm(pending, residual=hidden)
         return hidden.add_(pending)  # the next stage receives the whole residual stream

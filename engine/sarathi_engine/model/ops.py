@@ -73,6 +73,11 @@ class TorchOps:
         which the next layer (or the final norm) adds to hidden."""
         return mlp(norm(o_proj(heads), residual=hidden))
 
+    def decoder_stack(self, layers) -> None:
+        """The stage's layers as one call (see CpuKernelOps), or None where the ops run them one
+        module at a time."""
+        return None
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -124,6 +129,27 @@ class CpuKernelOps(TorchOps):
             return super().attention_output(heads, o_proj, hidden, norm, mlp)
         return self.ops.attention_output(heads, *o_proj.prepared, hidden, norm.weight, norm.eps,
                                          *mlp.gate_up_proj.prepared, *mlp.down_proj.prepared)
+
+    def decoder_stack(self, layers):
+        """A torch.classes.sarathi.DecoderStack holding the layers' packed weights, whose forward
+        runs them all in one call, where the layers are the kernels' end to end: one rank (no
+        partial products to sum between them), no o_proj bias, and the kernels' attention, whose
+        prefill takes head_dim in panels of 16."""
+        attention = [layer.self_attn for layer in layers]
+        first = attention[0]
+        if (self.tp_size > 1 or first.backend.name != "cpu-kernels" or first.head_dim % 16
+                or any(a.o_proj.bias is not None for a in attention)):
+            return None
+        eps = {norm.eps for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)}
+        if len(eps) > 1:
+            return None
+        stack = torch.classes.sarathi.DecoderStack(first.rotary.cos, first.rotary.sin, first.num_heads,
+                                                   first.num_kv_heads, eps.pop(), first.scale)
+        for layer, a in zip(layers, attention):
+            stack.add_layer(layer.input_layernorm.weight, *a.qkv_proj.prepared, a.qkv_proj.bias, *a.o_proj.prepared,
+                            layer.post_attention_layernorm.weight, *layer.mlp.gate_up_proj.prepared,
+                            *layer.mlp.down_proj.prepared, a.sliding_window or 0)
+        return stack
 
 
 def select_ops(device: torch.device, dtype: torch.dtype, head_dim: int) -> TorchOps:
