@@ -53,6 +53,20 @@ def test_floors_are_the_slower_of_bandwidth_and_compute():
     assert speed.floor_figure(prefill, costs, bandwidth=1e12, gemm=1e12) == pytest.approx(1000.0)
 
 
+def test_floors_come_from_the_best_reading_of_each_limit():
+    start = {"bandwidth": 40e9, "gemm": {"torch": 400e9, "ours": 450e9}}
+    end = {"bandwidth": 53e9, "gemm": {"torch": 800e9, "ours": 700e9}}
+    assert speed.best_limits([start, end]) == {"bandwidth": 53e9, "gemm": {"torch": 800e9, "ours": 700e9}}
+    costs = speed.ModelCosts(weight_bytes=1e9, flops_per_token=1e9, lm_head_flops=0.0, kv_bytes_per_token=0.0,
+                             attention_flops_per_key=0.0)
+    results = {"limit_readings": [start, end]}
+    speed.with_floors(results, [{"kind": "decode", "batch": 1, "context": 10, "budget": 16}], costs)
+    assert results["cells"][0]["floor"] == pytest.approx(1e9 / 53e9 * 1e3)  # ms at the higher bandwidth
+    line = speed.limits_line(results)
+    assert "read bandwidth 53.0 GB/s" in line and "the floors use 800" in line
+    assert "40.0, 53.0 GB/s; 450, 800 GFLOP/s" in line
+
+
 def test_ratios_say_how_many_times_faster_ours_is():
     decode, prefill = {"kind": "decode"}, {"kind": "prefill"}
     assert speed.speed_ratio(decode, ours=20.0, peer=40.0) == 2.0  # ms: less is faster

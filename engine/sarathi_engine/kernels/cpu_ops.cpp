@@ -862,7 +862,9 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& positions_in, const
 //
 // Between them sits the attention over the cache (its backend's). Each is a chain of the kernels
 // above; fusing them into one call saves a dozen Python-level dispatches per layer, which at
-// batch 1 cost as much as a third of the layer's weight streaming.
+// batch 1 cost as much as a third of the layer's weight streaming. A DecoderStack (below) runs
+// them and the attention for every layer of a stage in one call; called from Python they are the
+// path where a stack cannot run.
 
 // (residual += pending), the input norm, the qkv projection and rotary: q, k, v as views of one
 // [tokens, (heads + 2 kv_heads) * head_dim] tensor.
