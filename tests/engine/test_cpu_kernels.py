@@ -141,6 +141,16 @@ def test_argmax_rows_takes_the_first_maximum_and_a_nan_as_torch_does(ops):
         ops.argmax_rows(torch.zeros(2, 0))
 
 
+def test_a_decoder_stack_rejects_a_batch_whose_parts_disagree(ops):
+    stack = torch.classes.sarathi.DecoderStack(torch.ones(8, 16), torch.zeros(8, 16), 4, 2, 1e-6, 0.25)
+    residual, positions, tables = torch.zeros(3, 64), torch.arange(3), torch.zeros(2, 1, dtype=torch.int32)
+    lens = torch.tensor([2, 1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="4 tokens.* do not agree"):  # 3 rows, 2 + 2 new tokens
+        stack.forward(residual, positions, [], torch.arange(3), tables, lens, [2, 2], 1)
+    with pytest.raises(RuntimeError, match="caches for 0 layers"):
+        stack.forward(residual, positions, [torch.zeros(1)] * 2, torch.arange(3), tables, lens, [2, 1], 1)
+
+
 def test_rotary_in_place_on_strided_heads(ops):
     torch.manual_seed(1)
     heads, kv_heads, dim, tokens = 4, 2, 16, 6

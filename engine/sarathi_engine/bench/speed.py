@@ -7,9 +7,8 @@ environment (installed into .cache/vllm-venv when absent, pinned to 0.32.0). Eac
 median of the repeats with their range. The floors come from the read bandwidth and GEMM rate
 measured here before and after the runs, the higher of each: a decode step cannot beat
 (weights + KV read) / bandwidth nor its FLOPs / GEMM rate, a prefill cannot beat its FLOPs / GEMM
-rate. `--contention` runs every cell
-again beside one CPU-bound process and reports each engine's slowdown and the cores it kept
-busy, quiet and loaded (speed_protocol).
+rate. `--contention` runs every cell again beside one CPU-bound process and reports each engine's
+slowdown and the cores it kept busy, quiet and loaded (speed_protocol).
 """
 from __future__ import annotations
 

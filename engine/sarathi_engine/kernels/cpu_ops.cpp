@@ -1704,18 +1704,20 @@ class DecoderStack : public torch::CustomClassHolder {
                      const std::vector<int64_t>& query_lens, int64_t num_prefills) {
     TORCH_CHECK(caches.size() == 2 * layers_.size(), "DecoderStack: ", caches.size(), " caches for ",
                 layers_.size(), " layers");
+    int64_t tokens = 0;
+    for (const int64_t n : query_lens) tokens += n;
     TORCH_CHECK(num_prefills >= 0 && num_prefills <= int64_t(query_lens.size()) &&
                     int64_t(query_lens.size()) == context_lens.size(0) &&
-                    context_lens.size(0) == block_tables.size(0),
-                "DecoderStack: ", query_lens.size(), " query lengths, ", context_lens.size(0), " contexts, ",
-                block_tables.size(0), " block tables and ", num_prefills, " prefills do not agree");
+                    context_lens.size(0) == block_tables.size(0) && tokens == residual.size(0),
+                "DecoderStack: ", residual.size(0), " tokens, ", query_lens.size(), " query lengths (", tokens,
+                " tokens), ", context_lens.size(0), " contexts, ", block_tables.size(0), " block tables and ",
+                num_prefills, " prefills do not agree");
     const at::Tensor lens = context_lens.to(at::kLong);
     const int64_t* context = lens.data_ptr<int64_t>();
     std::optional<at::Tensor> pending;
     for (size_t l = 0; l < layers_.size(); ++l) {
       const StackLayer& layer = layers_[l];
-      at::Tensor& k_cache = const_cast<at::Tensor&>(caches[2 * l]);
-      at::Tensor& v_cache = const_cast<at::Tensor&>(caches[2 * l + 1]);
+      at::Tensor k_cache = caches[2 * l], v_cache = caches[2 * l + 1];
       // Each part under the name of its op, so that torch.profiler's table reads as it did.
       at::Tensor q, k, v, heads;
       {
@@ -1736,8 +1738,6 @@ class DecoderStack : public torch::CustomClassHolder {
     TORCH_CHECK(pending.has_value(), "DecoderStack: no layers");
     return *pending;
   }
-
-  int64_t num_layers() const { return int64_t(layers_.size()); }
 
  private:
   // The prefill chunks one sequence at a time, then every decode in one call, as the attention
@@ -1797,8 +1797,7 @@ TORCH_LIBRARY(sarathi, m) {
   m.class_<DecoderStack>("DecoderStack")
       .def(torch::init<at::Tensor, at::Tensor, int64_t, int64_t, double, double>())
       .def("add_layer", &DecoderStack::add_layer)
-      .def("forward", &DecoderStack::forward)
-      .def("num_layers", &DecoderStack::num_layers);
+      .def("forward", &DecoderStack::forward);
 }
 
 TORCH_LIBRARY_IMPL(sarathi, CatchAll, m) {
