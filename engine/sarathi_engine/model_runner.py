@@ -100,12 +100,7 @@ class ModelRunner:
         # Every rank must hold as many blocks as rank 0 hands out, whatever its share of the model.
         self.num_blocks = agree_min(self.size_cache(cache, block_bytes, peak))
         self.kv_cache = allocate_kv_cache(cfg, len(attention), layer_shape(self.num_blocks), device)
-        self._bind(self.kv_cache)
-
-    def _bind(self, kv_cache: torch.Tensor | None) -> None:
-        """Point every attention layer at its slice of this cache (None: at nothing)."""
-        for layer, module in enumerate(self.model.attention_layers()):
-            module.k_cache, module.v_cache = (torch.empty(0),) * 2 if kv_cache is None else kv_cache[layer]
+        self.model.bind_caches(self.kv_cache)
 
     def size_cache(self, cache: CacheConfig, block_bytes: int, peak: int) -> int:
         if self.device.type != "cuda":
@@ -129,7 +124,7 @@ class ModelRunner:
         excluded), 0 elsewhere. Every rank runs the same batches, so collectives pair up."""
         blocks = max(sum(-(-n // self.block_size) for n in lens) for lens in batches)
         scratch = allocate_kv_cache(self.cfg, len(self.model.attention_layers()), layer_shape(blocks), self.device)
-        self._bind(scratch)
+        self.model.bind_caches(scratch)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         for lens in batches:
@@ -150,7 +145,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
-        self._bind(None)
+        self.model.bind_caches(None)
         del scratch
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -66,8 +66,13 @@ class CpuKernelAttentionBackend(TorchAttentionBackend):
     def write(self, k, v, k_cache, v_cache, slots) -> None:
         torch.ops.sarathi.write_kv(k, v, k_cache, v_cache, slots)
 
+    @staticmethod
+    def prefills_in_place(head_dim: int) -> bool:
+        """Whether the kernel's prefill takes this head_dim: its key panels are 16 lanes wide."""
+        return head_dim % 16 == 0
+
     def attend_prefill(self, q, k, v, k_cache, v_cache, meta, i, scale, window):
-        if q.shape[-1] % 16:  # the kernel's key panels are 16 lanes of head_dim wide
+        if not self.prefills_in_place(q.shape[-1]):
             return super().attend_prefill(q, k, v, k_cache, v_cache, meta, i, scale, window)
         return torch.ops.sarathi.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables[i],
                                                          meta.context_lens[i], scale, window or 0)

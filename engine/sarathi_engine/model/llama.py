@@ -116,6 +116,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops) if last else None
         self.ops = ops
         self.stack = None  # the layers as one call, where the ops have one: set by prepare()
+        self.caches: list[torch.Tensor] = []  # every layer's key and value cache in turn: bind_caches()
 
     def prepare(self) -> None:
         """Hand the loaded weights to the ops (the CPU kernels pack them)."""
@@ -130,8 +131,7 @@ class LlamaForCausalLM(nn.Module):
         if self.embed_tokens is not None:
             hidden = self.embed_tokens(input_ids)
         if self.stack is not None:
-            caches = [cache for a in self.attention_layers() for cache in (a.k_cache, a.v_cache)]
-            pending = self.stack.forward(hidden, positions, caches, meta.slot_mapping, meta.block_tables,
+            pending = self.stack.forward(hidden, positions, self.caches, meta.slot_mapping, meta.block_tables,
                                          meta.context_lens_tensor, meta.query_lens, meta.num_prefills)
         else:
             pending = None
@@ -146,6 +146,13 @@ class LlamaForCausalLM(nn.Module):
         stage (None on the other ranks, which only contribute their vocabulary shard)."""
         logits = self.lm_head(hidden)
         return None if logits is None else logits.float()
+
+    def bind_caches(self, kv_cache: torch.Tensor | None) -> None:
+        """Point every attention layer at its slice of this [layers, 2, ...] cache (None: at
+        nothing)."""
+        for layer, module in enumerate(self.attention_layers()):
+            module.k_cache, module.v_cache = (torch.empty(0),) * 2 if kv_cache is None else kv_cache[layer]
+        self.caches = [cache for a in self.attention_layers() for cache in (a.k_cache, a.v_cache)]
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.layers]

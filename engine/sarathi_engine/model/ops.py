@@ -124,21 +124,25 @@ class CpuKernelOps(TorchOps):
         return self.ops.attention_input(hidden, pending, norm.weight, norm.eps, *qkv.prepared, qkv.bias, positions,
                                         rotary.cos, rotary.sin, num_heads, num_kv_heads)
 
+    def fuses_output(self, o_proj) -> bool:
+        """Whether attention_output runs as one kernel call: not where tensor parallelism sums
+        partial products after o_proj, nor with an o_proj bias."""
+        return self.tp_size == 1 and o_proj.bias is None
+
     def attention_output(self, heads, o_proj, hidden, norm, mlp):
-        if self.tp_size > 1 or o_proj.bias is not None:  # the partial products are summed between them
+        if not self.fuses_output(o_proj):
             return super().attention_output(heads, o_proj, hidden, norm, mlp)
         return self.ops.attention_output(heads, *o_proj.prepared, hidden, norm.weight, norm.eps,
                                          *mlp.gate_up_proj.prepared, *mlp.down_proj.prepared)
 
     def decoder_stack(self, layers):
         """A torch.classes.sarathi.DecoderStack holding the layers' packed weights, whose forward
-        runs them all in one call, where the layers are the kernels' end to end: one rank (no
-        partial products to sum between them), no o_proj bias, and the kernels' attention, whose
-        prefill takes head_dim in panels of 16."""
+        runs them all in one call, where the layers are the kernels' end to end: fused
+        attention_output calls and the kernels' attention, prefill included."""
         attention = [layer.self_attn for layer in layers]
         first = attention[0]
-        if (self.tp_size > 1 or first.backend.name != "cpu-kernels" or first.head_dim % 16
-                or any(a.o_proj.bias is not None for a in attention)):
+        if (first.backend.name != "cpu-kernels" or not first.backend.prefills_in_place(first.head_dim)
+                or not all(self.fuses_output(a.o_proj) for a in attention)):
             return None
         eps = {norm.eps for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)}
         if len(eps) > 1:
