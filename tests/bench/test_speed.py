@@ -11,7 +11,7 @@ import pytest
 
 from sarathi_engine import LLM
 from sarathi_engine.bench import speed
-from sarathi_engine.bench.speed_protocol import Span, run_cells, tree_cpu_seconds
+from sarathi_engine.bench.speed_protocol import LOADED, QUIET, Beside, Span, conditions, run_cells, tree_cpu_seconds
 from sarathi_engine.config import ModelConfig
 
 
@@ -82,13 +82,41 @@ def test_the_table_and_the_contention_table():
     text = speed.table(quiet)
     assert "| decode step, batch 1, context 256 | ms | 21.0 (20.0-25.0) | 42.0 (40.0-44.0) | 2.00x | 10.0 | 2.10x |" in text
     assert "| prefill 4 x 512, chunk 128 | tokens/s | 300.0 (290.0-310.0) | 95.0 (90.0-100.0) | 3.16x | 400.0 | 1.33x |" in text
-    quiet["engines"][0]["results"][0]["cores"] = [2.0, 1.9, 1.8]
-    loaded = {"cells": cells, "engines": [
-        {"name": "ours", "results": [{"figures": [42.0], "cores": [1.25]}, {"figures": [150.0], "cores": [None]}]},
-        {"name": "peer", "results": [{"figures": [126.0]}, {"figures": [19.0]}]}]}
-    text = speed.contention_table(quiet, loaded)
-    assert "| decode step, batch 1, context 256 | 2.00x | 1.90 -> 1.25 | 3.00x | - |" in text
-    assert "| prefill 4 x 512, chunk 128 | 2.00x | - | 5.00x | - |" in text
+    # Each repeat's slowdown is its loaded span against its own quiet span, not medians against medians.
+    paired = [
+        {"name": "ours", "results": [
+            {"figures": [20.0, 25.0, 30.0], "cores": [2.0, 1.9, 1.8], "loaded": {"figures": [24.0, 25.0, 45.0],
+                                                                          "cores": [1.3, 1.25, 1.2]}},
+            {"figures": [300.0, 310.0], "cores": [None, None], "loaded": {"figures": [150.0, 310.0], "cores": [1.0, 1.0]}}]},
+        {"name": "peer", "results": [
+            {"figures": [40.0, 40.0, 40.0], "loaded": {"figures": [120.0, 80.0, 100.0]}},
+            {"figures": [100.0, 90.0], "loaded": {"figures": [20.0, 18.0]}}]}]
+    text = speed.contention_table(cells, paired)
+    assert "| decode step, batch 1, context 256 | 1.20x (1.00-1.50) | 1.90 -> 1.25 | 2.50x (2.00-3.00) | - |" in text
+    assert "| prefill 4 x 512, chunk 128 | 1.50x (1.00-2.00) | - | 5.00x (5.00-5.00) | - |" in text
+
+
+def test_contention_pairs_alternate_their_order():
+    assert conditions(3, contention=False) == [QUIET] * 3
+    assert conditions(3, contention=True) == [QUIET, LOADED, LOADED, QUIET, QUIET, LOADED]
+
+
+def test_contention_measures_each_repeat_quiet_and_beside_a_busy_process(tiny_models, monkeypatch):
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", token_budget=64, kv_cache_memory="64MiB")
+    cell = {"kind": "decode", "batch": 2, "context": 20, "steps": 40, "budget": 64}
+    hogs = []
+    enter = Beside.enter
+    monkeypatch.setattr(Beside, "enter", lambda self, condition: (enter(self, condition), hogs.append(self.hog)))
+    [result] = run_cells(speed.OursAdapter(llm.engine), [cell], repeats=2, progress=lambda _: None, contention=True)
+    assert len(result["figures"]) == len(result["loaded"]["figures"]) == 2
+    assert min(result["figures"] + result["loaded"]["figures"]) > 0
+    # The loaded spans had a hog beside them and the quiet ones none; it is gone once the cell is done.
+    assert [h is not None for h in hogs[:4]] == [False, True, True, False]
+    assert all(h.poll() is not None for h in hogs if h is not None)
+    # The hog's CPU time is not the engine's: one engine thread on a tiny model keeps about one core
+    # busy, and with the hog counted a loaded span would read nearly two.
+    assert all(c < 1.6 for c in result["loaded"]["cores"]), result["loaded"]["cores"]
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_cpu_time_of_a_process_tree_counts_its_children():

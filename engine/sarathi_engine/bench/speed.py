@@ -7,8 +7,9 @@ environment (installed into .cache/vllm-venv when absent, pinned to 0.32.0). Eac
 median of the repeats with their range. The floors come from the read bandwidth and GEMM rate
 measured here before and after the runs, the higher of each: a decode step cannot beat
 (weights + KV read) / bandwidth nor its FLOPs / GEMM rate, a prefill cannot beat its FLOPs / GEMM
-rate. `--contention` runs every cell again beside one CPU-bound process and reports each engine's
-slowdown and the cores it kept busy, quiet and loaded (speed_protocol).
+rate. `--contention` runs every cell again, each repeat a quiet span and one beside a CPU-bound
+process, and reports each engine's slowdown and the cores it kept busy, quiet and loaded
+(speed_protocol).
 """
 from __future__ import annotations
 
@@ -275,14 +276,16 @@ def cpu_list(text: str) -> list[int]:
     return cpus
 
 
-def run_engine(engine: Engine, model_dir: Path, dtype: str, cells: list[dict], repeats: int, say=print) -> list[dict]:
-    """Every cell on a fresh engine per token budget, in the cells' order."""
+def run_engine(engine: Engine, model_dir: Path, dtype: str, cells: list[dict], repeats: int, say=print,
+               contention: bool = False) -> list[dict]:
+    """Every cell on a fresh engine per token budget, in the cells' order; with contention, each
+    repeat quiet and beside a CPU-bound process (speed_protocol)."""
     results = []
     for budget, group in by_budget(cells).items():
         spec = {"model": str(model_dir), "dtype": dtype, "max_model_len": 4096, "max_num_seqs": 64,
-                "budget": budget, "cells": group, "repeats": repeats}
+                "budget": budget, "cells": group, "repeats": repeats, "contention": contention}
         argv, env = engine.command(spec)
-        say(f"{engine.name}: {len(group)} cells at token budget {budget}")
+        say(f"{engine.name}: {len(group)} cells at token budget {budget}" + (", quiet and loaded" if contention else ""))
         proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{engine.name} failed at budget {budget} (exit {proc.returncode})")
@@ -291,21 +294,9 @@ def run_engine(engine: Engine, model_dir: Path, dtype: str, cells: list[dict], r
             raise RuntimeError(f"{engine.name} printed no results at budget {budget}")
         results += json.loads(line[len(RESULTS_MARK):])["results"]
     order = {json.dumps(c, sort_keys=True): i for i, c in enumerate(cells)}
-    measured = ("figures", "cores")
+    measured = ("figures", "cores", "loaded")
     return sorted(results, key=lambda r: order[json.dumps({k: v for k, v in r.items() if k not in measured},
                                                           sort_keys=True)])
-
-
-class Hog:
-    """One CPU-bound process beside the engine, for --contention."""
-
-    def __enter__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        return self
-
-    def __exit__(self, *exc):
-        self.proc.kill()
-        self.proc.wait()
 
 
 # --- our engine's worker -------------------------------------------------------------------------
@@ -339,7 +330,8 @@ def worker(spec: dict) -> None:
     llm = LLM(spec["model"], dtype=spec["dtype"], token_budget=spec["budget"], max_model_len=spec["max_model_len"],
               max_num_seqs=spec["max_num_seqs"], kv_cache_memory="4GiB", prefix_caching=False)
     results = run_cells(OursAdapter(llm.engine), spec["cells"], spec["repeats"],
-                        progress=lambda line: print(line, file=sys.stderr, flush=True))
+                        progress=lambda line: print(line, file=sys.stderr, flush=True),
+                        contention=spec.get("contention", False))
     print(RESULTS_MARK + json.dumps({"results": results}), flush=True)
 
 
@@ -497,18 +489,26 @@ def median_cores(result: dict) -> float | None:
     return statistics.median(cores) if cores else None
 
 
-def contention_table(quiet: dict, loaded: dict) -> str:
-    """Each engine's slowdown per cell beside one CPU-bound process (loaded time / quiet time), and
-    the cores it kept busy, quiet and loaded."""
-    names = [e["name"] for e in quiet["engines"]]
+def slowdowns(cell: dict, result: dict) -> list[float]:
+    """Each repeat's slowdown beside the CPU-bound process: its loaded time over its paired quiet
+    time (for tokens/s, quiet over loaded)."""
+    pairs = zip(result["figures"], result["loaded"]["figures"])
+    return [quiet / loaded if higher_is_better(cell) else loaded / quiet for quiet, loaded in pairs]
+
+
+def contention_table(cells: list[dict], engines: list[dict]) -> str:
+    """Each engine's slowdown per cell beside one CPU-bound process (the median of the repeats'
+    paired slowdowns, and their range), and the cores it kept busy, quiet and loaded."""
+    names = [e["name"] for e in engines]
     lines = ["| work | " + " | ".join(f"{n} slowdown | {n} cores busy, quiet -> loaded" for n in names) + " |",
              "|---|" + "---|---|" * len(names)]
-    for i, cell in enumerate(quiet["cells"]):
+    for i, cell in enumerate(cells):
         row = [cell_name(cell)]
-        for q, c in zip(quiet["engines"], loaded["engines"]):
-            qm, cm = (statistics.median(e["results"][i]["figures"]) for e in (q, c))
-            row.append(f"{(qm / cm if higher_is_better(cell) else cm / qm):.2f}x")
-            qc, cc = (median_cores(e["results"][i]) for e in (q, c))
+        for engine in engines:
+            result = engine["results"][i]
+            s = summary(slowdowns(cell, result))
+            row.append(f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})")
+            qc, cc = median_cores(result), median_cores(result["loaded"])
             row.append("-" if qc is None or cc is None else f"{qc:.2f} -> {cc:.2f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -561,7 +561,8 @@ def render_section(results: dict, figure: str, contention: str | None) -> str:
         table(results),
     ]
     if contention:
-        lines += ["", "Beside one CPU-bound process (`--contention`), each figure's slowdown and the cores each "
+        lines += ["", "Beside one CPU-bound process (`--contention`; each repeat a quiet and a loaded span in one "
+                  "process), each figure's slowdown, the median of the repeats' (their range), and the cores each "
                   "engine kept busy:", "", contention]
     if results.get("serving"):
         lines += ["", serving_line(results["serving"])]
@@ -590,7 +591,7 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=32,
                         help="decode steps per repeat (at 8, vLLM-CPU's batch-8 step beside a busy process "
                              "spread 63-84 ms over 3 repeats)")
-    parser.add_argument("--contention", action="store_true", help="also run beside one CPU-bound process")
+    parser.add_argument("--contention", action="store_true", help="also run each cell quiet and beside one CPU-bound process, in pairs")
     parser.add_argument("--no-peer", action="store_true", help="our engine alone")
     parser.add_argument("--no-startup", action="store_true", help="skip the time-to-ready measurement")
     parser.add_argument("--serving-requests", type=int, default=48,
@@ -650,14 +651,11 @@ def cmd_speed(args: argparse.Namespace) -> int:
         partial.write_text(json.dumps(results, indent=1))
     contention = None
     if args.contention:
-        loaded = dict(results)
-        loaded["engines"] = []
-        for e in engines:
-            with Hog():
-                loaded["engines"].append({"name": e.name, "setting": e.setting,
-                                          "results": run_engine(e, model_dir, args.dtype, cells, args.repeats, say)})
-        results["contention"] = loaded["engines"]
-        contention = contention_table(results, loaded)
+        results["contention"] = [{"name": e.name, "setting": e.setting,
+                                  "results": run_engine(e, model_dir, args.dtype, cells, args.repeats, say,
+                                                        contention=True)} for e in engines]
+        partial.write_text(json.dumps(results, indent=1))
+        contention = contention_table(results["cells"], results["contention"])
     results["startup"] = None if args.no_startup else measure_startup(model_dir, args.dtype, args.repeats, say)
     partial.write_text(json.dumps(results, indent=1))
     serving = None

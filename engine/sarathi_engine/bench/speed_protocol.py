@@ -6,9 +6,10 @@ This module imports nothing outside the standard library: the vLLM side loads it
 vLLM's own environment (sarathi_engine.bench.speed_vllm).
 
 - decode: `batch` requests of `context` random prompt tokens decode together; once every one has
-  its first token and two more, each repeat is the time for every request to gain `steps` tokens,
-  divided by the tokens gained: milliseconds per decode step. The first requests decode while the
-  others prefill, so contexts reach up to context + batch * context / budget + steps * repeats.
+  its first token and two more, each span is the time for every request to gain `steps` tokens
+  after two untimed ones, divided by the tokens gained: milliseconds per decode step. The first
+  requests decode while the others prefill, so contexts reach up to
+  context + batch * context / budget + (steps + 2) * spans.
 - prefill: `prompts` prompts of `prompt_len` tokens, one output token each, at a token budget of
   `chunk`: prompt tokens per second from adding them to the last one finishing.
 - mixed: `decodes` requests at `context` decode while a prompt of `prompt_len` tokens is
@@ -19,6 +20,13 @@ Beside each repeat's figure a cell records the cores the engine kept busy over i
 the measuring process and every process under it (vLLM's engine core runs in a child) over wall
 time, from the kernel's process CPU-time clocks. Beside a busy process it says how much of the
 machine an engine got, which with the slowdown tells a lost share from lost efficiency.
+
+With contention, every repeat is a pair of spans in one engine process, one quiet and one beside
+a CPU-bound process (the hog), in the order quiet, loaded, loaded, quiet, quiet, loaded...: a
+slowdown is the median of the pairs' ratios, each from two spans seconds apart. Measured in two
+passes minutes apart instead, the machine's own drift went into the ratio: one run read a
+slowdown of 0.99x. Each switch waits a quarter of a second before the next span, so that neither
+condition's start (the hog's interpreter, an engine's threads adapting) falls inside a span.
 """
 from __future__ import annotations
 
@@ -26,6 +34,8 @@ import inspect
 import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Protocol
@@ -62,15 +72,17 @@ def descendants(pid: int) -> list[int]:
     return found + [g for c in found for g in descendants(c)]
 
 
-def tree_cpu_seconds(root: int | None = None) -> float | None:
-    """CPU time of `root` (this process by default) and of every process under it; None where the
-    kernel does not say."""
+def tree_cpu_seconds(root: int | None = None, beside: frozenset[int] = frozenset()) -> float | None:
+    """CPU time of `root` (this process by default) and of every process under it but those in
+    `beside` (the hog, which is not the engine's); None where the kernel does not say."""
     root = os.getpid() if root is None else root
     try:
         total = process_cpu_seconds(root)
     except OSError:
         return None
     for pid in descendants(root):
+        if pid in beside:
+            continue
         try:
             total += process_cpu_seconds(pid)
         except OSError:
@@ -85,17 +97,58 @@ class Span:
     of a few milliseconds the cores can read above the machine's, over the harness's repeats
     (tenths of a second and more) by under a percent."""
 
-    def __init__(self) -> None:
+    def __init__(self, beside: frozenset[int] = frozenset()) -> None:
+        self.beside = beside
         self.window = time.perf_counter()
-        self.cpu = tree_cpu_seconds()
+        self.cpu = tree_cpu_seconds(beside=beside)
         self.start = time.perf_counter()
 
     def end(self) -> tuple[float, float | None]:
         """(seconds, cores busy on average); the cores None where they cannot be read."""
         wall = time.perf_counter() - self.start
-        cpu = tree_cpu_seconds()
+        cpu = tree_cpu_seconds(beside=self.beside)
         window = time.perf_counter() - self.window
         return wall, (None if cpu is None or self.cpu is None else (cpu - self.cpu) / window)
+
+
+QUIET, LOADED = "quiet", "loaded"
+
+
+def conditions(repeats: int, contention: bool) -> list[str]:
+    """What runs beside the engine in each measured span: nothing, or with contention a quiet and
+    a loaded span per repeat, in pairs that alternate their order so that a steady drift of the
+    machine's speed weighs on both conditions alike."""
+    if not contention:
+        return [QUIET] * repeats
+    return [c for i in range(repeats) for c in ((QUIET, LOADED) if i % 2 == 0 else (LOADED, QUIET))]
+
+
+class Beside:
+    """The process beside the engine: none while quiet, one CPU-bound process (the hog) while
+    loaded. Spans it starts leave the hog's CPU time out of the engine's cores."""
+
+    SETTLE_S = 0.25
+
+    def __init__(self) -> None:
+        self.hog: subprocess.Popen | None = None
+
+    def enter(self, condition: str) -> None:
+        if (condition == LOADED) == (self.hog is not None):
+            return
+        if condition == LOADED:
+            self.hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        else:
+            self.close()
+        time.sleep(self.SETTLE_S)
+
+    def span(self) -> Span:
+        return Span(frozenset({self.hog.pid}) if self.hog else frozenset())
+
+    def close(self) -> None:
+        if self.hog is not None:
+            self.hog.kill()
+            self.hog.wait()
+            self.hog = None
 
 
 class Driver:
@@ -149,18 +202,23 @@ class Driver:
             self.step()
 
 
-Figures = tuple[list[float], list[float | None]]  # a cell's figure and cores busy, one each per repeat
+Figures = tuple[list[float], list[float | None]]  # a cell's figure and cores busy, one each per span
 
 
-def decode_cell(d: Driver, batch: int, context: int, steps: int, budget: int, repeats: int) -> Figures:
+def decode_cell(d: Driver, batch: int, context: int, steps: int, budget: int, spans: list[str],
+                beside: Beside) -> Figures:
     # The first requests decode while the later ones prefill (one budget of prompt tokens per
-    # iteration), so each needs tokens for those iterations as well as for the timed ones.
-    ids = [d.add(context, batch * context // budget + steps * (repeats + 2) + 8) for _ in range(batch)]
+    # iteration), so each needs tokens for those iterations as well as for the timed ones and the
+    # two untimed ones before each span.
+    ids = [d.add(context, batch * context // budget + (steps + 2) * (len(spans) + 2) + 8) for _ in range(batch)]
     d.step_until(lambda: min(d.counts[r] for r in ids) >= 3)
     figures, cores = [], []
-    for _ in range(repeats):
+    for condition in spans:
+        beside.enter(condition)
         base = {r: d.counts[r] for r in ids}
-        span = Span()
+        d.step_until(lambda: min(d.counts[r] - base[r] for r in ids) >= 2)  # the engine back to a steady step
+        base = {r: d.counts[r] for r in ids}
+        span = beside.span()
         d.step_until(lambda: min(d.counts[r] - base[r] for r in ids) >= steps)
         wall, busy = span.end()
         figures.append(wall / min(d.counts[r] - base[r] for r in ids) * 1e3)
@@ -169,10 +227,11 @@ def decode_cell(d: Driver, batch: int, context: int, steps: int, budget: int, re
     return figures, cores
 
 
-def prefill_cell(d: Driver, prompts: int, prompt_len: int, repeats: int) -> Figures:
+def prefill_cell(d: Driver, prompts: int, prompt_len: int, spans: list[str], beside: Beside) -> Figures:
     figures, cores = [], []
-    for _ in range(repeats):
-        span = Span()
+    for condition in spans:
+        beside.enter(condition)
+        span = beside.span()
         ids = [d.add(prompt_len, 1) for _ in range(prompts)]
         d.step_until(lambda: all(r in d.finished for r in ids))
         wall, busy = span.end()
@@ -182,14 +241,15 @@ def prefill_cell(d: Driver, prompts: int, prompt_len: int, repeats: int) -> Figu
     return figures, cores
 
 
-def mixed_cell(d: Driver, decodes: int, context: int, prompt_len: int, repeats: int) -> Figures:
+def mixed_cell(d: Driver, decodes: int, context: int, prompt_len: int, spans: list[str], beside: Beside) -> Figures:
     # Enough output tokens for the cell, and far from max_model_len (with 10,000, vLLM never
     # answered the first step).
-    ids = [d.add(context, 256 + 8 * repeats) for _ in range(decodes)]
+    ids = [d.add(context, 256 + 8 * len(spans)) for _ in range(decodes)]
     d.step_until(lambda: min(d.counts[r] for r in ids) >= 3)
     figures, cores = [], []
-    for _ in range(repeats):
-        span = Span()
+    for condition in spans:
+        beside.enter(condition)
+        span = beside.span()
         long = d.add(prompt_len, 1)
         d.step_until(lambda: long in d.finished)
         cores.append(span.end()[1])
@@ -208,15 +268,29 @@ RESULTS_MARK = "speed-results: "  # the line a worker prints its results on, wha
 CELLS = {"decode": decode_cell, "prefill": prefill_cell, "mixed": mixed_cell}
 
 
-def run_cells(adapter: Adapter, cells: list[dict], repeats: int, seed: int = 0, progress=print) -> list[dict]:
+def run_cells(adapter: Adapter, cells: list[dict], repeats: int, seed: int = 0, progress=print,
+              contention: bool = False) -> list[dict]:
     """Each cell's figures and cores busy (one each per repeat), in order; a cell is
-    {"kind": ..., its arguments}."""
+    {"kind": ..., its arguments}. With contention a cell also has "loaded": the figures and cores
+    beside the hog, the i-th paired with the i-th quiet one."""
     driver = Driver(adapter, seed)
+    spans = conditions(repeats, contention)
+    beside = Beside()
     results = []
-    for cell in cells:
-        measure = CELLS[cell["kind"]]
-        wanted = inspect.signature(measure).parameters  # a cell also names its engine's token budget
-        figures, cores = measure(driver, repeats=repeats, **{k: v for k, v in cell.items() if k in wanted})
-        progress(f"{cell}: {', '.join(f'{f:.1f}' for f in figures)}")
-        results.append({**cell, "figures": figures, "cores": cores})
+    try:
+        for cell in cells:
+            measure = CELLS[cell["kind"]]
+            wanted = inspect.signature(measure).parameters  # a cell also names its engine's token budget
+            figures, cores = measure(driver, spans=spans, beside=beside,
+                                     **{k: v for k, v in cell.items() if k in wanted})
+            beside.enter(QUIET)
+            progress(f"{cell}: {', '.join(f'{c} {f:.1f}' for c, f in zip(spans, figures))}")
+            by = {c: ([f for s, f in zip(spans, figures) if s == c], [k for s, k in zip(spans, cores) if s == c])
+                  for c in (QUIET, LOADED)}
+            result = {**cell, "figures": by[QUIET][0], "cores": by[QUIET][1]}
+            if contention:
+                result["loaded"] = {"figures": by[LOADED][0], "cores": by[LOADED][1]}
+            results.append(result)
+    finally:
+        beside.close()
     return results
