@@ -1,11 +1,16 @@
-"""Reading pod state from pod objects as the API server returns them."""
+"""Reading pod state from pod objects as the API server returns them, and any object's status
+conditions."""
 
 from .names import CONTAINER
 
 
+def condition_true(obj: dict, kind: str) -> bool:
+    """Whether the object's status has condition `kind` with status True."""
+    return any(c["type"] == kind and c["status"] == "True" for c in obj.get("status", {}).get("conditions", []))
+
+
 def is_ready(pod: dict) -> bool:
-    conditions = pod.get("status", {}).get("conditions", [])
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+    return condition_true(pod, "Ready")
 
 
 def is_terminating(pod: dict) -> bool:

@@ -13,6 +13,7 @@ Phases:
 
 from dataclasses import dataclass, field
 
+from . import pods
 from .rollout import ReplicaGroup, observed
 
 MAX_POD_PROBLEMS = 3
@@ -86,10 +87,9 @@ def observe_leader_worker_set(lws: dict) -> tuple[int, int, bool]:
     lists, the surge group's among them, so no count may exceed the desired one either."""
     status = lws.get("status", {})
     desired = lws["spec"]["replicas"]
-    updating = any(c["type"] == "UpdateInProgress" and c["status"] == "True" for c in status.get("conditions", []))
     rolling = (
         not observed(lws)
-        or updating
+        or pods.condition_true(lws, "UpdateInProgress")
         or status.get("replicas", 0) != desired
         or status.get("updatedReplicas", 0) != desired
         or status.get("readyReplicas", 0) > desired
