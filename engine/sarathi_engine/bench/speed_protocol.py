@@ -284,7 +284,8 @@ def run_cells(adapter: Adapter, cells: list[dict], repeats: int, seed: int = 0, 
             figures, cores = measure(driver, spans=spans, beside=beside,
                                      **{k: v for k, v in cell.items() if k in wanted})
             beside.enter(QUIET)
-            progress(f"{cell}: {', '.join(f'{c} {f:.1f}' for c, f in zip(spans, figures))}")
+            said = [f"{c} {f:.1f}" if contention else f"{f:.1f}" for c, f in zip(spans, figures)]
+            progress(f"{cell}: {', '.join(said)}")
             by = {c: ([f for s, f in zip(spans, figures) if s == c], [k for s, k in zip(spans, cores) if s == c])
                   for c in (QUIET, LOADED)}
             result = {**cell, "figures": by[QUIET][0], "cores": by[QUIET][1]}
