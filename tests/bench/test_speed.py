@@ -85,9 +85,10 @@ def test_the_table_and_the_contention_table():
     # Each repeat's slowdown is its loaded span against its own quiet span, not medians against medians.
     paired = [
         {"name": "ours", "results": [
-            {"figures": [20.0, 25.0, 30.0], "cores": [2.0, 1.9, 1.8], "loaded": {"figures": [24.0, 25.0, 45.0],
-                                                                          "cores": [1.3, 1.25, 1.2]}},
-            {"figures": [300.0, 310.0], "cores": [None, None], "loaded": {"figures": [150.0, 310.0], "cores": [1.0, 1.0]}}]},
+            {"figures": [20.0, 25.0, 30.0], "cores": [2.0, 1.9, 1.8],
+             "loaded": {"figures": [24.0, 25.0, 45.0], "cores": [1.3, 1.25, 1.2]}},
+            {"figures": [300.0, 310.0], "cores": [None, None],
+             "loaded": {"figures": [150.0, 310.0], "cores": [1.0, 1.0]}}]},
         {"name": "peer", "results": [
             {"figures": [40.0, 40.0, 40.0], "loaded": {"figures": [120.0, 80.0, 100.0]}},
             {"figures": [100.0, 90.0], "loaded": {"figures": [20.0, 18.0]}}]}]

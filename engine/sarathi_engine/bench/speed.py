@@ -285,7 +285,7 @@ def run_engine(engine: Engine, model_dir: Path, dtype: str, cells: list[dict], r
         spec = {"model": str(model_dir), "dtype": dtype, "max_model_len": 4096, "max_num_seqs": 64,
                 "budget": budget, "cells": group, "repeats": repeats, "contention": contention}
         argv, env = engine.command(spec)
-        say(f"{engine.name}: {len(group)} cells at token budget {budget}" + (", quiet and loaded" if contention else ""))
+        say(f"{engine.name}: {len(group)} cells at token budget {budget}{', quiet and loaded' if contention else ''}")
         proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=None, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{engine.name} failed at budget {budget} (exit {proc.returncode})")
@@ -591,7 +591,8 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=32,
                         help="decode steps per repeat (at 8, vLLM-CPU's batch-8 step beside a busy process "
                              "spread 63-84 ms over 3 repeats)")
-    parser.add_argument("--contention", action="store_true", help="also run each cell quiet and beside one CPU-bound process, in pairs")
+    parser.add_argument("--contention", action="store_true",
+                        help="also run each cell quiet and beside one CPU-bound process, in pairs")
     parser.add_argument("--no-peer", action="store_true", help="our engine alone")
     parser.add_argument("--no-startup", action="store_true", help="skip the time-to-ready measurement")
     parser.add_argument("--serving-requests", type=int, default=48,
