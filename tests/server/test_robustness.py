@@ -158,18 +158,27 @@ def test_a_full_waiting_queue_answers_429_and_the_server_stays_up(tiny_server):
 def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_server):
     server = tiny_server("--max-num-seqs", "8", "--grace-period", "60")
 
+    # Long enough that every request is still streaming when the probes below arrive: with 400
+    # tokens, the tiny model on a fast machine finished all eight within the second this test
+    # used to wait, and the server had drained and exited before the probes.
+    max_tokens = 1600
+
     async def load_then_terminate():
         async with aiohttp.ClientSession() as session:
+            streaming = [asyncio.Event() for _ in range(8)]
+
             async def one(i):
-                body = {"prompt": f"request {i}", "max_tokens": 400, "ignore_eos": True, "stream": True}
+                body = {"prompt": f"request {i}", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
                 tokens, last = 0, b""
                 async with session.post(server.url + "/v1/completions", json=body) as response:
                     async for line in response.content:
                         tokens += line.startswith(b"data: {")
                         last = line.strip() or last
+                        if tokens:
+                            streaming[i].set()
                     return tokens, last
             tasks = [asyncio.ensure_future(one(i)) for i in range(8)]
-            await asyncio.sleep(1.0)
+            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in streaming)), 60)
             server.process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.2)
             async with session.get(server.url + "/ready") as ready:
@@ -179,7 +188,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(tiny_server):
             return await asyncio.gather(*tasks), ready_status, late_status
 
     results, ready_status, late_status = asyncio.run(load_then_terminate())
-    assert [tokens for tokens, _ in results] == [400] * 8
+    assert [tokens for tokens, _ in results] == [max_tokens] * 8
     assert all(last == b"data: [DONE]" for _, last in results)
     assert (ready_status, late_status) == (503, 503)
     assert server.process.wait(30) == 0
