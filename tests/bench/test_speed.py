@@ -114,8 +114,8 @@ def test_contention_measures_each_repeat_quiet_and_beside_a_busy_process(tiny_mo
     # The loaded spans had a hog beside them and the quiet ones none; it is gone once the cell is done.
     assert [h is not None for h in hogs[:4]] == [False, True, True, False]
     assert all(h.poll() is not None for h in hogs if h is not None)
-    # The hog's CPU time is not the engine's: one engine thread on a tiny model keeps about one core
-    # busy, and with the hog counted a loaded span would read nearly two.
+    # The hog's CPU time is not the engine's: beside it the engine on the tiny model kept about one
+    # core busy (0.97-0.99 here), and with the hog counted a loaded span would read nearly two.
     assert all(c < 1.6 for c in result["loaded"]["cores"]), result["loaded"]["cores"]
     assert not llm.engine.has_unfinished_requests()
 
