@@ -107,7 +107,13 @@ def test_contention_measures_each_repeat_quiet_and_beside_a_busy_process(tiny_mo
     cell = {"kind": "decode", "batch": 2, "context": 20, "steps": 40, "budget": 64}
     hogs = []
     enter = Beside.enter
-    monkeypatch.setattr(Beside, "enter", lambda self, condition: (enter(self, condition), hogs.append(self.hog)))
+
+    def recording(self, condition):
+        switched = enter(self, condition)
+        hogs.append(self.hog)
+        return switched
+
+    monkeypatch.setattr(Beside, "enter", recording)
     [result] = run_cells(speed.OursAdapter(llm.engine), [cell], repeats=2, progress=lambda _: None, contention=True)
     assert len(result["figures"]) == len(result["loaded"]["figures"]) == 2
     assert min(result["figures"] + result["loaded"]["figures"]) > 0

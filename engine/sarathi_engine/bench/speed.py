@@ -331,7 +331,7 @@ def worker(spec: dict) -> None:
               max_num_seqs=spec["max_num_seqs"], kv_cache_memory="4GiB", prefix_caching=False)
     results = run_cells(OursAdapter(llm.engine), spec["cells"], spec["repeats"],
                         progress=lambda line: print(line, file=sys.stderr, flush=True),
-                        contention=spec.get("contention", False))
+                        contention=spec["contention"])
     print(RESULTS_MARK + json.dumps({"results": results}), flush=True)
 
 

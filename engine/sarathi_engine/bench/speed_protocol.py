@@ -9,7 +9,8 @@ vLLM's own environment (sarathi_engine.bench.speed_vllm).
   its first token and two more, each span is the time for every request to gain `steps` tokens
   after two untimed ones, divided by the tokens gained: milliseconds per decode step. The first
   requests decode while the others prefill, so contexts reach up to
-  context + batch * context / budget + (steps + 2) * spans.
+  context + batch * context / budget + (steps + 2) * spans, and up to SETTLE_TOKENS more after
+  each switch of condition.
 - prefill: `prompts` prompts of `prompt_len` tokens, one output token each, at a token budget of
   `chunk`: prompt tokens per second from adding them to the last one finishing.
 - mixed: `decodes` requests at `context` decode while a prompt of `prompt_len` tokens is
@@ -25,8 +26,9 @@ With contention, every repeat is a pair of spans in one engine process, one quie
 a CPU-bound process (the hog), in the order quiet, loaded, loaded, quiet, quiet, loaded...: a
 slowdown is the median of the pairs' ratios, each from two spans seconds apart. Measured in two
 passes minutes apart instead, the machine's own drift went into the ratio: one run read a
-slowdown of 0.99x. Each switch waits a quarter of a second before the next span, so that neither
-condition's start (the hog's interpreter, an engine's threads adapting) falls inside a span.
+slowdown of 0.99x. After each switch the engine runs a quarter of a second before the next span
+(Driver.settle), so that neither condition's start (the hog's interpreter, an engine's threads
+adapting) falls inside a span.
 """
 from __future__ import annotations
 
@@ -112,6 +114,7 @@ class Span:
 
 
 QUIET, LOADED = "quiet", "loaded"
+SETTLE_S, SETTLE_TOKENS = 0.25, 40
 
 
 def conditions(repeats: int, contention: bool) -> list[str]:
@@ -127,19 +130,18 @@ class Beside:
     """The process beside the engine: none while quiet, one CPU-bound process (the hog) while
     loaded. Spans it starts leave the hog's CPU time out of the engine's cores."""
 
-    SETTLE_S = 0.25
-
     def __init__(self) -> None:
         self.hog: subprocess.Popen | None = None
 
-    def enter(self, condition: str) -> None:
+    def enter(self, condition: str) -> bool:
+        """Switch to `condition`; whether that changed anything (then settle before a span)."""
         if (condition == LOADED) == (self.hog is not None):
-            return
+            return False
         if condition == LOADED:
             self.hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         else:
             self.close()
-        time.sleep(self.SETTLE_S)
+        return True
 
     def span(self) -> Span:
         return Span(frozenset({self.hog.pid}) if self.hog else frozenset())
@@ -190,6 +192,19 @@ class Driver:
                 raise RuntimeError("the engine has nothing left to run, but the cell is not done")
             self.step()
 
+    def settle(self, request_ids: list[str]) -> None:
+        """After a switch of condition: SETTLE_S of running before the next span (at most
+        SETTLE_TOKENS more tokens for any of `request_ids`). Requests in flight keep decoding
+        rather than wait: vLLM's engine core runs on in its own process while its client sleeps,
+        and the tokens it made meanwhile would all arrive inside the next span."""
+        end = time.perf_counter() + SETTLE_S
+        if not request_ids:
+            time.sleep(SETTLE_S)
+            return
+        base = {r: self.counts[r] for r in request_ids}
+        self.step_until(lambda: time.perf_counter() >= end
+                        or max(self.counts[r] - base[r] for r in request_ids) >= SETTLE_TOKENS)
+
     def drain(self, request_ids: list[str]) -> None:
         """Abort those still running and forget them; once none is left, step until the engine is
         idle, so that the next cell starts on an empty engine."""
@@ -208,13 +223,15 @@ Figures = tuple[list[float], list[float | None]]  # a cell's figure and cores bu
 def decode_cell(d: Driver, batch: int, context: int, steps: int, budget: int, spans: list[str],
                 beside: Beside) -> Figures:
     # The first requests decode while the later ones prefill (one budget of prompt tokens per
-    # iteration), so each needs tokens for those iterations as well as for the timed ones and the
-    # two untimed ones before each span.
-    ids = [d.add(context, batch * context // budget + (steps + 2) * (len(spans) + 2) + 8) for _ in range(batch)]
+    # iteration), so each needs tokens for those iterations as well as for the timed ones, the
+    # two untimed ones before each span and a settle's after a switch.
+    ids = [d.add(context, batch * context // budget + (steps + 2 + SETTLE_TOKENS) * (len(spans) + 2) + 8)
+           for _ in range(batch)]
     d.step_until(lambda: min(d.counts[r] for r in ids) >= 3)
     figures, cores = [], []
     for condition in spans:
-        beside.enter(condition)
+        if beside.enter(condition):
+            d.settle(ids)
         base = {r: d.counts[r] for r in ids}
         d.step_until(lambda: min(d.counts[r] - base[r] for r in ids) >= 2)  # the engine back to a steady step
         base = {r: d.counts[r] for r in ids}
@@ -230,7 +247,8 @@ def decode_cell(d: Driver, batch: int, context: int, steps: int, budget: int, sp
 def prefill_cell(d: Driver, prompts: int, prompt_len: int, spans: list[str], beside: Beside) -> Figures:
     figures, cores = [], []
     for condition in spans:
-        beside.enter(condition)
+        if beside.enter(condition):
+            d.settle([])
         span = beside.span()
         ids = [d.add(prompt_len, 1) for _ in range(prompts)]
         d.step_until(lambda: all(r in d.finished for r in ids))
@@ -244,11 +262,12 @@ def prefill_cell(d: Driver, prompts: int, prompt_len: int, spans: list[str], bes
 def mixed_cell(d: Driver, decodes: int, context: int, prompt_len: int, spans: list[str], beside: Beside) -> Figures:
     # Enough output tokens for the cell, and far from max_model_len (with 10,000, vLLM never
     # answered the first step).
-    ids = [d.add(context, 256 + 8 * len(spans)) for _ in range(decodes)]
+    ids = [d.add(context, 256 + (8 + SETTLE_TOKENS) * len(spans)) for _ in range(decodes)]
     d.step_until(lambda: min(d.counts[r] for r in ids) >= 3)
     figures, cores = [], []
     for condition in spans:
-        beside.enter(condition)
+        if beside.enter(condition):
+            d.settle(ids)
         span = beside.span()
         long = d.add(prompt_len, 1)
         d.step_until(lambda: long in d.finished)
@@ -283,7 +302,8 @@ def run_cells(adapter: Adapter, cells: list[dict], repeats: int, seed: int = 0, 
             wanted = inspect.signature(measure).parameters  # a cell also names its engine's token budget
             figures, cores = measure(driver, spans=spans, beside=beside,
                                      **{k: v for k, v in cell.items() if k in wanted})
-            beside.enter(QUIET)
+            if beside.enter(QUIET):
+                driver.settle([])  # the cell's requests are done: the next cell starts quiet
             said = [f"{c} {f:.1f}" if contention else f"{f:.1f}" for c, f in zip(spans, figures)]
             progress(f"{cell}: {', '.join(said)}")
             by = {c: ([f for s, f in zip(spans, figures) if s == c], [k for s, k in zip(spans, cores) if s == c])

@@ -56,7 +56,7 @@ def main() -> None:
     vocab = llm.llm_engine.model_config.get_vocab_size()
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     results = protocol.run_cells(VllmAdapter(llm.llm_engine, vocab), spec["cells"], spec["repeats"], progress=log,
-                                 contention=spec.get("contention", False))
+                                 contention=spec["contention"])
     print(protocol.RESULTS_MARK + json.dumps({"results": results}), flush=True)
 
 
